@@ -1,0 +1,127 @@
+"""The `mmkit` command line."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from mmkit.errors import MMKitError
+
+
+class _Group(click.Group):
+    """Prints MMKitError as one line per problem (a traceback only with --debug)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except MMKitError as error:
+            if ctx.params.get("debug"):
+                raise
+            for line in str(error).splitlines():
+                click.echo(f"mmkit: error: {line}", err=True)
+            ctx.exit(2)
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="mmkit")
+@click.option("--debug", is_flag=True, help="Show full tracebacks.")
+def cli(debug: bool) -> None:
+    """mmkit: multimodal training from TOML recipes and plugins."""
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.argument("overrides", nargs=-1)
+@click.option("--resume", is_flag=True, help="Continue the run folder from its last checkpoint.")
+def run(recipe: str, overrides: tuple[str, ...], resume: bool) -> None:
+    """Train and evaluate RECIPE; OVERRIDES are dotted KEY=VALUE pairs (train.lr=3e-4)."""
+    from mmkit.engine.run import Run
+    from mmkit.recipe import load_recipe
+
+    job = Run(load_recipe(recipe, overrides), resume=resume)
+    summary = job.fit()
+    if summary:
+        click.echo(f"run folder: {job.paths.folder}")
+        for key, value in summary["metrics"].items():
+            chance = summary["chance"].get(key)
+            suffix = f"  (chance {chance:.4g})" if chance is not None else ""
+            click.echo(f"  {key}: {value:.4g}{suffix}")
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.argument("overrides", nargs=-1)
+def validate(recipe: str, overrides: tuple[str, ...]) -> None:
+    """Check RECIPE (with OVERRIDES) without building anything."""
+    from mmkit.plugins import get_registry
+    from mmkit.recipe import check_recipe, load_recipe
+
+    check_recipe(load_recipe(recipe, overrides), get_registry())
+    click.echo(f"{recipe}: ok")
+
+
+@cli.command(name="list")
+@click.argument("kind", required=False)
+@click.argument("pattern", default="*")
+def list_components(kind: str | None, pattern: str) -> None:
+    """List components, all or of one KIND, optionally filtered by a glob PATTERN."""
+    from mmkit.plugins import get_registry
+    from mmkit.registry import KINDS
+
+    registry = get_registry()
+    kinds = [kind] if kind else list(KINDS)
+    for name in kinds:
+        components = registry.components(name, pattern)
+        if kind is None and not components:
+            continue
+        click.echo(f"{components[0].kind if components else name}:")
+        for component in components:
+            click.echo(f"  {component.name:<20} {component.summary}  [{component.plugin}]")
+
+
+@cli.command()
+@click.argument("kind")
+@click.argument("name")
+def info(kind: str, name: str) -> None:
+    """Show a component's parameters (types, defaults) and documentation."""
+    from mmkit.plugins import get_registry
+    from mmkit.registry import KINDS
+
+    component = get_registry().get(kind, name)
+    click.echo(f'{KINDS[component.kind]} "{component.name}" from plugin {component.plugin}\n')
+    click.echo(component.doc.split("\n\nArgs:")[0].strip() + "\n")
+    click.echo("parameters:" if component.params else "parameters: none")
+    for param in component.params.values():
+        default = "required" if param.required else f"default {param.default!r}"
+        click.echo(f"  {param.name}: {param.type_name}  ({default})")
+        if param.doc:
+            click.echo(f"      {param.doc}")
+
+
+@cli.command()
+def plugins() -> None:
+    """List loaded plugins with their versions and what each registers."""
+    from mmkit.plugins import load_plugins
+
+    loaded = load_plugins()
+    for info in loaded.infos.values():
+        click.echo(f"{info.name} {info.version}")
+        for kind, names in info.registers.items():
+            click.echo(f"  {kind}: {', '.join(names)}")
+    for problem in loaded.problems:
+        click.echo(f"problem: {problem}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `mmkit` script: adds plugins' commands, then runs."""
+    from mmkit.plugins import loaded_manager
+
+    manager = loaded_manager()[0]
+    manager.hook.register_commands(cli=cli)
+    try:
+        cli.main(args=argv, prog_name="mmkit")
+    except KeyboardInterrupt:
+        click.echo("mmkit: interrupted", err=True)
+        sys.exit(130)

@@ -1,0 +1,58 @@
+"""A small text transformer trained from scratch, tokenised with open_clip's BPE vocabulary."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mmkit.encoders.base import Encoded, Encoder
+
+
+class Tokenize:
+    """Text -> fixed-length token ids with open_clip's byte-pair tokenizer (its vocabulary
+    ships inside the package, so this works offline). Padding id is 0."""
+
+    def __init__(self, context_length: int):
+        from open_clip.tokenizer import SimpleTokenizer
+
+        self.tokenizer = SimpleTokenizer()
+        self.context_length = context_length
+        self.vocab_size = len(self.tokenizer.encoder)
+
+    def __call__(self, text: str) -> torch.Tensor:
+        return self.tokenizer([text], context_length=self.context_length)[0]
+
+
+class TransformerTextEncoder(Encoder):
+    """A small bidirectional transformer over BPE tokens, trained from scratch.
+
+    Args:
+        width: feature width of every token.
+        layers: transformer blocks.
+        heads: attention heads per block.
+        context_length: tokens per text; longer texts are truncated.
+        dropout: dropout inside the blocks.
+    """
+
+    def __init__(self, width: int = 256, layers: int = 4, heads: int = 4,
+                 context_length: int = 32, dropout: float = 0.0):
+        super().__init__()
+        self.preprocess = Tokenize(context_length)
+        self.dim = width
+        self.token_embedding = nn.Embedding(self.preprocess.vocab_size, width)
+        self.position_embedding = nn.Parameter(torch.randn(context_length, width) * 0.01)
+        block = nn.TransformerEncoderLayer(
+            width, heads, dim_feedforward=4 * width, dropout=dropout,
+            activation="gelu", batch_first=True, norm_first=True,
+        )
+        self.blocks = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+
+    def forward(self, ids: torch.Tensor) -> Encoded:
+        mask = ids != 0
+        x = self.token_embedding(ids) + self.position_embedding[: ids.shape[1]]
+        tokens = self.norm(self.blocks(x, src_key_padding_mask=~mask))
+        weights = mask.unsqueeze(-1).to(tokens.dtype)
+        pooled = (tokens * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        return Encoded(tokens=tokens, pooled=pooled, mask=mask)

@@ -1,0 +1,126 @@
+"""Resumable checkpoints in safetensors + JSON: nothing in them is ever unpickled.
+
+A checkpoint is a folder ``step_00000100`` holding the model, the optimizer's tensors and
+each process's RNG state as safetensors, and the schedule, step and the rest as JSON. It
+is written under a temporary name and renamed, so a crash never leaves half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, load_model, save_file, save_model
+from torch import nn
+
+PREFIX = "step_"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{PREFIX}{step:08d}"
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The newest complete checkpoint in ``folder`` (temporary folders are not complete)."""
+    found = sorted(p for p in folder.glob(f"{PREFIX}*") if p.is_dir() and p.name[len(PREFIX):].isdigit())
+    return found[-1] if found else None
+
+
+def save_checkpoint(folder: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: Any, accelerator: Any, keep: int) -> Path:
+    """Write a checkpoint atomically: every process adds its RNG state, the main one the rest."""
+    final = folder / checkpoint_name(step)
+    partial = folder / f".partial-{checkpoint_name(step)}"
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        write_atomic_model(model, partial / "model.safetensors")
+        tensors, meta = _flatten_optimizer(optimizer.state_dict())
+        save_file(tensors, partial / "optimizer.safetensors")
+        state = {"step": step, "optimizer": meta, "scheduler": scheduler.state_dict()}
+        (partial / "trainer.json").write_text(json.dumps(state))
+    accelerator.wait_for_everyone()
+    _save_rng(partial, accelerator.process_index)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _fsync_dir(partial)
+        os.replace(partial, final)
+        for old in sorted(folder.glob(f"{PREFIX}*"))[:-keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                    process_index: int) -> int:
+    """Restore model, optimizer, schedule and this process's RNG; return the step reached."""
+    state = json.loads((path / "trainer.json").read_text())
+    load_model(model, path / "model.safetensors", strict=True)
+    optimizer.load_state_dict(_unflatten_optimizer(load_file(path / "optimizer.safetensors"), state["optimizer"]))
+    scheduler.load_state_dict(state["scheduler"])
+    _load_rng(path, process_index)
+    return int(state["step"])
+
+
+def write_atomic_model(model: nn.Module, path: Path) -> None:
+    """Save a model's weights as safetensors under a temporary name, then rename."""
+    partial = path.with_name(f".partial-{path.name}")
+    save_model(model, str(partial))
+    os.chmod(partial, 0o644)
+    os.replace(partial, path)
+
+
+def _flatten_optimizer(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors, plain = {}, {}
+    for index, values in state_dict["state"].items():
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                plain[f"{index}.{key}"] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "plain": plain}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for flat, value in [*tensors.items(), *meta["plain"].items()]:
+        index, key = flat.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _save_rng(folder: Path, rank: int) -> None:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["cuda"] = torch.cuda.get_rng_state()
+    save_file(tensors, folder / f"rng_{rank}.safetensors")
+    numpy_state = np.random.get_state()
+    plain = {
+        "python": random.getstate(),
+        "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+    }
+    (folder / f"rng_{rank}.json").write_text(json.dumps(plain))
+
+
+def _load_rng(folder: Path, rank: int) -> None:
+    tensors = load_file(folder / f"rng_{rank}.safetensors")
+    torch.set_rng_state(tensors["torch"])
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["cuda"])
+    plain = json.loads((folder / f"rng_{rank}.json").read_text())
+    version, internal, gauss = plain["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = plain["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def _fsync_dir(folder: Path) -> None:
+    for path in folder.iterdir():
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())

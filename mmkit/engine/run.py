@@ -1,0 +1,186 @@
+"""A run: recipe in, run folder out (resolved recipe, logs, checkpoints, weights, report)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from mmkit.errors import MMKitError
+from mmkit.plugins import load_plugins
+from mmkit.recipe import Recipe, check_recipe, resolved_tree, write_recipe
+
+PACKAGES = ("mmkit", "torch", "torchvision", "torchaudio", "timm", "transformers", "open_clip_torch", "accelerate")
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where a run keeps each of its files."""
+
+    folder: Path
+
+    @property
+    def recipe(self) -> Path:
+        return self.folder / "recipe.toml"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.folder / "checkpoints"
+
+    @property
+    def weights(self) -> Path:
+        return self.folder / "model.safetensors"
+
+    @property
+    def summary(self) -> Path:
+        return self.folder / "summary.json"
+
+
+class Run:
+    """One run of a recipe: check it, build its parts, train, evaluate, report.
+
+    ``Run(load_recipe("recipes/clip_retrieval.toml")).fit()`` returns the summary dict
+    that is also written to ``summary.json``.
+    """
+
+    def __init__(self, recipe: Recipe, resume: bool = False):
+        plugins = load_plugins()
+        check_recipe(recipe, plugins.registry)
+        self.recipe = recipe
+        self.resume = resume
+        self.registry = plugins.registry
+        self.versions = _versions({name: info.version for name, info in plugins.infos.items()})
+        self.spec = recipe.spec("run")
+        self.train = recipe.spec("train")
+        self.evaluation = recipe.spec("eval")
+        self.paths: RunPaths | None = None
+
+    def fit(self) -> dict[str, Any]:
+        import torch
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        from mmkit.build import build_parts
+        from mmkit.data.loader import EpochBatches, Preprocessed, eval_loader, train_loader
+        from mmkit.engine.checkpoint import latest_checkpoint, write_atomic_model
+        from mmkit.engine.loop import evaluate, fit
+        from mmkit.engine.tracking import Tracker
+
+        if self.spec.device == "cuda" and not torch.cuda.is_available():
+            raise MMKitError('run.device = "cuda" but no CUDA device is visible; use "auto" or "cpu"')
+        precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[self.spec.precision]
+        accelerator = Accelerator(cpu=self.spec.device == "cpu", mixed_precision=precision)
+        self.paths = paths = RunPaths(self._folder(accelerator))
+        resume_from = latest_checkpoint(paths.checkpoints) if self.resume else None
+        if self.resume and resume_from is None:
+            raise MMKitError(f"nothing to resume in {paths.folder}: it has no checkpoint "
+                             "(set train.checkpoint_every); run without --resume to start over")
+        if accelerator.is_main_process:
+            paths.checkpoints.mkdir(parents=True, exist_ok=True)
+            tree = resolved_tree(self.recipe, self.registry, self.versions)
+            tree["run"]["name"] = paths.folder.name
+            write_recipe(tree, paths.recipe)
+
+        set_seed(self.spec.seed)
+        parts = build_parts(self.recipe, self.registry)
+        pin = accelerator.device.type == "cuda"
+        train_set = Preprocessed(parts.train_set, parts.transforms)
+        sampler = EpochBatches(len(train_set), self.train.batch_size, self.spec.seed,
+                               accelerator.process_index, accelerator.num_processes)
+        loader = train_loader(train_set, sampler, self.train.num_workers, pin)
+        val_loader = None
+        if parts.val_set is not None:
+            val_loader = eval_loader(Preprocessed(parts.val_set, parts.transforms),
+                                     self.evaluation.batch_size or self.train.batch_size,
+                                     self.train.num_workers, pin)
+        tracker = Tracker(paths.folder, accelerator.is_main_process,
+                          resume_step=_step_of(resume_from))
+        result = fit(parts.task, loader, sampler, val_loader, self.train, self.evaluation,
+                     accelerator, tracker, paths.checkpoints, resume_from)
+        metrics = evaluate(parts.task, val_loader, accelerator) if val_loader else {}
+        summary: dict[str, Any] = {}
+        if accelerator.is_main_process:
+            tracker.log(result.steps, metrics)
+            write_atomic_model(parts.task, paths.weights)
+            summary = self._summary(result, metrics, accelerator)
+            _write_json(paths.summary, summary)
+            self._report(parts, tracker, summary, accelerator)
+        tracker.close()
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        return summary
+
+    def _folder(self, accelerator: Any) -> Path:
+        """runs/<name>; a new run never overwrites one: it takes <name>-2, <name>-3, ..."""
+        from accelerate.utils import broadcast_object_list
+
+        base = Path(self.spec.output_dir) / self.spec.name
+        chosen = [base]
+        if accelerator.is_main_process and not self.resume:
+            n = 2
+            while chosen[0].exists() and any(chosen[0].iterdir()):
+                chosen[0] = base.with_name(f"{base.name}-{n}")
+                n += 1
+            chosen[0].mkdir(parents=True, exist_ok=True)
+        if accelerator.num_processes > 1:
+            broadcast_object_list(chosen)
+        if self.resume and not base.is_dir():
+            raise MMKitError(f"nothing to resume: {base} does not exist")
+        return chosen[0]
+
+    def _summary(self, result: Any, metrics: dict[str, float], accelerator: Any) -> dict[str, Any]:
+        held_out = {k.removeprefix("val/"): v for k, v in metrics.items() if not k.startswith("val/chance/")}
+        chance = {k.removeprefix("val/chance/"): v for k, v in metrics.items() if k.startswith("val/chance/")}
+        return {
+            "name": self.paths.folder.name,
+            "recipe": str(self.recipe.source),
+            "task": self.recipe.table("task")["name"],
+            "steps": result.steps,
+            "epochs": round(result.epochs, 3),
+            "train_seconds": round(result.seconds, 2),
+            "samples_per_second": round(result.samples_per_second, 2),
+            "device": str(accelerator.device),
+            "processes": accelerator.num_processes,
+            "precision": self.spec.precision,
+            "metrics": held_out,
+            "chance": chance,
+            "versions": self.versions,
+        }
+
+    def _report(self, parts: Any, tracker: Any, summary: dict[str, Any], accelerator: Any) -> None:
+        from mmkit.data.loader import Preprocessed, eval_loader
+        from mmkit.engine.loop import on_device
+        from mmkit.report import training_curves, write_report
+
+        figures = {"training_curves": training_curves(tracker.records())}
+        if parts.val_set is not None:
+            loader = eval_loader(Preprocessed(parts.val_set, parts.transforms),
+                                 self.evaluation.batch_size or self.train.batch_size, 0, False)
+            parts.task.eval()
+            with accelerator.autocast():
+                figures |= parts.task.figures(parts.val_set, on_device(loader, accelerator.device))
+        write_report(self.paths.folder, summary, figures)
+
+
+def _step_of(checkpoint: Path | None) -> int | None:
+    return int(checkpoint.name.split("_")[1]) if checkpoint else None
+
+
+def _versions(plugins: dict[str, str]) -> dict[str, Any]:
+    versions: dict[str, Any] = {}
+    for package in PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    versions["plugins"] = plugins
+    return versions
+
+
+def _write_json(path: Path, value: Any) -> None:
+    partial = path.with_name(f".partial-{path.name}")
+    partial.write_text(json.dumps(value, indent=2) + "\n")
+    os.replace(partial, path)

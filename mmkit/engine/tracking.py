@@ -1,0 +1,48 @@
+"""Metric logging: one JSON line per log step or evaluation, mirrored to TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+
+class Tracker:
+    """Appends to ``metrics.jsonl`` and TensorBoard events; silent on non-main processes.
+
+    On resume, records after the checkpoint's step are dropped from both, so the logs read
+    as one uninterrupted run.
+    """
+
+    def __init__(self, folder: Path, enabled: bool, resume_step: int | None = None):
+        self.path = folder / "metrics.jsonl"
+        self.enabled = enabled
+        self.writer = None
+        if not enabled:
+            return
+        if resume_step is not None and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line and json.loads(line)["step"] <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(folder / "tensorboard"), purge_step=resume_step)
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **values, "time": time.time()}
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        for key, value in values.items():
+            self.writer.add_scalar(key, value, step)
+
+    def records(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line]
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

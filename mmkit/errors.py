@@ -1,0 +1,13 @@
+"""Errors meant for people: the CLI prints them in one line, without a traceback."""
+
+
+class MMKitError(Exception):
+    """A problem the user can fix: bad recipe, unknown component, missing file or download."""
+
+
+class RecipeError(MMKitError):
+    """A recipe that does not validate; holds every problem found, one per line."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))

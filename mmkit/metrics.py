@@ -1,0 +1,31 @@
+"""Evaluation metrics, with the chance level of each where a reader needs it for scale."""
+
+from __future__ import annotations
+
+import torch
+
+
+def retrieval_metrics(similarity: torch.Tensor, relevant: torch.Tensor,
+                      ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
+    """Recall@k (share of queries with a relevant item in the top k) and mean/median rank
+    of the first relevant item (1 is best). ``similarity`` and ``relevant`` are [queries, items]."""
+    best_relevant = similarity.masked_fill(~relevant, float("-inf")).max(dim=1).values
+    ranks = (similarity > best_relevant.unsqueeze(1)).sum(dim=1) + 1
+    metrics = {f"R@{k}": (ranks <= k).float().mean().item() for k in ks}
+    metrics["mean_rank"] = ranks.float().mean().item()
+    metrics["median_rank"] = ranks.float().median().item()
+    return metrics
+
+
+def chance_retrieval_metrics(relevant: torch.Tensor, ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
+    """What a random ranking scores on average: for g relevant among n items,
+    P(hit in top k) = 1 - prod_{t<k} (n-g-t)/(n-t), and E[first relevant rank] = (n+1)/(g+1)."""
+    n = relevant.shape[1]
+    g = relevant.sum(dim=1).double()
+    metrics = {}
+    for k in ks:
+        t = torch.arange(min(k, n), dtype=torch.float64)
+        miss = ((n - g.unsqueeze(1) - t) / (n - t)).clamp(min=0).prod(dim=1)
+        metrics[f"R@{k}"] = (1 - miss).mean().item()
+    metrics["mean_rank"] = ((n + 1) / (g + 1)).mean().item()
+    return metrics

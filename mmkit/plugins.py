@@ -1,0 +1,132 @@
+"""Plugin loading: mmkit's builtin plugins and entry points of group "mmkit", errors isolated."""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import sys
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any
+
+import pluggy
+
+from mmkit import hookspecs
+from mmkit.errors import MMKitError
+from mmkit.registry import KINDS, Registry
+
+# mmkit's own components, registered through the same hooks a third party uses.
+BUILTIN_PLUGINS = ("mmkit.encoders", "mmkit.data", "mmkit.tasks")
+
+
+@dataclass
+class PluginInfo:
+    """What `mmkit plugins` shows about one loaded plugin."""
+
+    name: str
+    version: str
+    registers: dict[str, list[str]] = field(default_factory=dict)
+
+
+@dataclass
+class Plugins:
+    """The loaded plugin manager, the registry it filled and the problems met filling it."""
+
+    manager: pluggy.PluginManager
+    registry: Registry
+    infos: dict[str, PluginInfo]
+    problems: list[str]
+
+
+def _names_from_env(variable: str) -> set[str] | None:
+    value = os.environ.get(variable)
+    if value is None:
+        return None
+    return {n.strip() for n in value.split(",") if n.strip()}
+
+
+def plugin_manager(problems: list[str]) -> tuple[pluggy.PluginManager, dict[str, str]]:
+    """Register builtins and entry points; return the manager and each plugin's version.
+
+    ``MMKIT_PLUGINS=a,b`` loads only those entry-point plugins (empty: none);
+    ``MMKIT_DISABLE_PLUGINS=x`` skips plugins by name, builtins included.
+    """
+    manager = pluggy.PluginManager("mmkit")
+    manager.add_hookspecs(hookspecs)
+    wanted = _names_from_env("MMKIT_PLUGINS")
+    disabled = _names_from_env("MMKIT_DISABLE_PLUGINS") or set()
+    versions = {}
+    own_version = metadata.version("mmkit")
+    for name in BUILTIN_PLUGINS:
+        if name not in disabled:
+            manager.register(importlib.import_module(name), name=name)
+            versions[name] = own_version
+    for entry in sorted(metadata.entry_points(group="mmkit"), key=lambda e: e.name):
+        if entry.name in disabled or (wanted is not None and entry.name not in wanted):
+            continue
+        if manager.has_plugin(entry.name):
+            continue  # the same distribution seen twice on sys.path
+        try:
+            manager.register(entry.load(), name=entry.name)
+        except Exception as error:  # a broken plugin must not take mmkit down
+            problems.append(f'error importing plugin "{entry.name}": {_one_line(error)}')
+            continue
+        versions[entry.name] = entry.dist.version if entry.dist else "?"
+    return manager, versions
+
+
+def collect(manager: pluggy.PluginManager, versions: dict[str, str], problems: list[str]) -> tuple[Registry, dict[str, PluginInfo]]:
+    """Call every plugin's register hooks one by one, so each component knows its plugin."""
+    registry = Registry()
+    infos = {name: PluginInfo(name, versions.get(name, "?")) for name in versions}
+    for kind in KINDS:
+        for impl in getattr(manager.hook, f"register_{kind}").get_hookimpls():  # builtins first
+            plugin = manager.get_name(impl.plugin)
+
+            def register(name: str, factory: Any, kind: str = kind, plugin: str = plugin) -> None:
+                try:
+                    registry.add(kind, name, factory, plugin)
+                except MMKitError as error:
+                    problems.append(str(error))
+                    return
+                infos[plugin].registers.setdefault(kind, []).append(name)
+
+            try:
+                impl.function(register)
+            except Exception as error:
+                problems.append(f'plugin "{plugin}" failed in register_{kind}: {_one_line(error)}')
+    return registry, infos
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+@functools.cache
+def loaded_manager() -> tuple[pluggy.PluginManager, dict[str, str], list[str]]:
+    """Import every plugin once per process, printing each import problem in one line."""
+    problems: list[str] = []
+    manager, versions = plugin_manager(problems)
+    _report(problems)
+    return manager, versions, problems
+
+
+@functools.cache
+def load_plugins() -> Plugins:
+    """Load the plugins and fill the registry, once per process."""
+    manager, versions, import_problems = loaded_manager()
+    problems: list[str] = []
+    registry, infos = collect(manager, versions, problems)
+    _report(problems)
+    return Plugins(manager, registry, infos, import_problems + problems)
+
+
+def _report(problems: list[str]) -> None:
+    for problem in problems:
+        print(f"mmkit: {problem}", file=sys.stderr)
+
+
+def get_registry() -> Registry:
+    return load_plugins().registry

@@ -1,0 +1,220 @@
+"""TOML recipes: loading with `extends`, dotted overrides, validation and the resolved form."""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from mmkit.errors import MMKitError, RecipeError
+from mmkit.registry import Param, Registry, check_type, read_params
+from mmkit.specs import EvalSpec, RunSpec, TrainSpec
+
+SPECS = {"run": RunSpec, "train": TrainSpec, "eval": EvalSpec}
+MODALITIES = {"image": "image_encoders", "text": "text_encoders", "audio": "audio_encoders"}
+TABLES = ("run", "data", "model", "task", "train", "eval", "versions")
+
+
+@dataclass
+class Recipe:
+    """A loaded recipe: its nested tables and the file they came from."""
+
+    source: Path
+    tree: dict[str, Any]
+
+    def table(self, *keys: str) -> dict[str, Any]:
+        node = self.tree
+        for key in keys:
+            node = node.get(key, {})
+        return node
+
+    @property
+    def modalities(self) -> list[str]:
+        return [m for m in MODALITIES if m in self.table("model")]
+
+    def spec(self, table: str) -> Any:
+        values = dict(self.table(table))
+        if table == "run" and not values.get("name"):
+            values["name"] = self.source.stem
+        return SPECS[table](**values)
+
+
+def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> Recipe:
+    """Read a recipe file, merge what it extends, then apply ``a.b=value`` overrides."""
+    path = Path(path)
+    tree = _load_tree(path, seen=())
+    for override in overrides:
+        keys, value = parse_override(override)
+        for key in reversed(keys):
+            value = {key: value}
+        tree = merge(tree, value)
+    return Recipe(path, tree)
+
+
+def _load_tree(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+    resolved = path.resolve()
+    if resolved in seen:
+        raise MMKitError(f"{path}: `extends` loops back to itself")
+    try:
+        tree = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise MMKitError(f"recipe not found: {path}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise MMKitError(f"{path}: not valid TOML: {error}") from None
+    tree.pop("versions", None)  # written by runs for people to read; never an input
+    parent = tree.pop("extends", None)
+    if parent is None:
+        return tree
+    if not isinstance(parent, str):
+        raise MMKitError(f"{path}: extends: expected a path string, got {parent!r}")
+    return merge(_load_tree(path.parent / parent, seen + (resolved,)), tree)
+
+
+def merge(base: dict[str, Any], top: dict[str, Any], path: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Deep-merge two tables; ``top`` wins, and naming another component drops the old params."""
+    out = copy.deepcopy(base)
+    if path and path[0] != "run" and "name" in top and top["name"] != base.get("name"):
+        out = {}
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value, path + (key,))
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``train.lr=3e-4`` -> (["train", "lr"], 3e-4); bare words are strings."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise MMKitError(f"override {text!r}: expected KEY=VALUE, e.g. train.lr=3e-4")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def check_recipe(recipe: Recipe, registry: Registry) -> None:
+    """Raise RecipeError listing every problem (file, dotted key, what was expected)."""
+    problems = _Problems(recipe.source)
+    tree = recipe.tree
+    _unknown_keys(problems, "", tree, TABLES)
+    for table, spec in SPECS.items():
+        _check_table(problems, table, tree.get(table, {}), read_params("", spec))
+    _check_component(problems, registry, "data", tree.get("data"), "datasets", nested=("val",))
+    data = tree.get("data")
+    if isinstance(data, dict) and isinstance(data.get("val"), dict) and registry.has("datasets", data.get("name")):
+        params = registry.get("datasets", data["name"]).params
+        _check_table(problems, "data.val", data["val"], params, required=False)
+    _check_component(problems, registry, "task", tree.get("task"), "tasks")
+    model = tree.get("model", {})
+    if not isinstance(model, dict) or not (set(model) & set(MODALITIES)):
+        problems.add("model", f"expected at least one of {', '.join(f'[model.{m}]' for m in MODALITIES)}")
+    else:
+        _unknown_keys(problems, "model", model, (*MODALITIES, "fusion"))
+        for modality, kind in MODALITIES.items():
+            if modality in model:
+                _check_component(problems, registry, f"model.{modality}", model[modality], kind)
+        if "fusion" in model:
+            _check_component(problems, registry, "model.fusion", model["fusion"], "fusion_heads")
+    run = tree.get("run", {})
+    if not problems and run.get("precision") == "fp16" and run.get("device") == "cpu":
+        problems.add("run.precision", 'fp16 needs CUDA; use "bf16" or "fp32" on the CPU')
+    if problems:
+        raise RecipeError(problems.lines)
+
+
+class _Problems:
+    def __init__(self, source: Path):
+        self.source = source
+        self.lines: list[str] = []
+
+    def add(self, key: str, message: str) -> None:
+        self.lines.append(f"{self.source}: {key}: {message}")
+
+    def __bool__(self) -> bool:
+        return bool(self.lines)
+
+
+def _unknown_keys(problems: _Problems, prefix: str, table: dict, known: Iterable[str]) -> None:
+    known = list(known)
+    for key in table:
+        if key not in known:
+            hint = difflib.get_close_matches(key, known, n=1)
+            where = f"{prefix}.{key}" if prefix else key
+            what = "table" if not prefix else "key"
+            suggestion = f"; did you mean {hint[0]!r}?" if hint else f"; expected one of {', '.join(known)}"
+            problems.add(where, f"unknown {what}{suggestion}")
+
+
+def _check_table(problems: _Problems, prefix: str, table: Any, params: dict[str, Param],
+                 required: bool = True, ignore: tuple[str, ...] = ()) -> None:
+    if not isinstance(table, dict):
+        problems.add(prefix, f"expected a table, got {table!r}")
+        return
+    _unknown_keys(problems, prefix, {k: v for k, v in table.items() if k not in ignore}, params)
+    for name, param in params.items():
+        if name in table:
+            if not check_type(table[name], param.annotation):
+                problems.add(f"{prefix}.{name}", f"expected {param.type_name}, got {table[name]!r}")
+        elif required and param.required:
+            problems.add(f"{prefix}.{name}", f"missing; expected {param.type_name}")
+
+
+def _check_component(problems: _Problems, registry: Registry, prefix: str, table: Any, kind: str,
+                     nested: tuple[str, ...] = ()) -> None:
+    if not isinstance(table, dict):
+        problems.add(prefix, "missing table" if table is None else f"expected a table, got {table!r}")
+        return
+    name = table.get("name")
+    if not isinstance(name, str):
+        problems.add(f"{prefix}.name", f"missing; name a component, see `mmkit list {kind}`")
+        return
+    if not registry.has(kind, name):
+        problems.add(f"{prefix}.name", registry.unknown_message(kind, name))
+        return
+    params = registry.get(kind, name).params
+    _check_table(problems, prefix, table, params, ignore=("name", *nested))
+
+
+def resolved_tree(recipe: Recipe, registry: Registry, versions: dict[str, str]) -> dict[str, Any]:
+    """The recipe with every default written out, so re-running it reproduces the run."""
+    tree: dict[str, Any] = {}
+    for table, spec in SPECS.items():
+        tree[table] = _with_defaults(read_params("", spec), recipe.table(table))
+    tree["run"]["name"] = recipe.spec("run").name
+    tree["data"] = _component_with_defaults(registry, "datasets", recipe.table("data"))
+    if "val" in recipe.table("data"):
+        tree["data"]["val"] = dict(recipe.table("data", "val"))
+    tree["model"] = {
+        key: _component_with_defaults(registry, MODALITIES.get(key, "fusion_heads"), table)
+        for key, table in recipe.table("model").items()
+    }
+    tree["task"] = _component_with_defaults(registry, "tasks", recipe.table("task"))
+    tree["versions"] = versions
+    return tree
+
+
+def _component_with_defaults(registry: Registry, kind: str, table: dict[str, Any]) -> dict[str, Any]:
+    values = {k: v for k, v in table.items() if k != "val"}
+    return {"name": table["name"], **_with_defaults(registry.get(kind, table["name"]).params, values)}
+
+
+def _with_defaults(params: dict[str, Param], table: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for name, param in params.items():
+        value = table.get(name, None if param.required else param.default)
+        if value is not None:  # TOML has no null: an absent key means None
+            out[name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def write_recipe(tree: dict[str, Any], path: Path) -> None:
+    import tomli_w
+
+    path.write_text(tomli_w.dumps(tree))
+

@@ -1,0 +1,73 @@
+"""The recipe tables that are not components: [run], [train] and [eval]."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Where a run goes and how it is executed.
+
+    Args:
+        name: folder name under output_dir; defaults to the recipe file's stem.
+        seed: seeds Python, NumPy and torch, and the data order.
+        output_dir: parent folder of run folders.
+        device: "auto" picks CUDA when available.
+        precision: "bf16" and "fp16" use autocast; fp16 needs CUDA.
+    """
+
+    name: str = ""
+    seed: int = 0
+    output_dir: str = "runs"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """How the task is optimised (AdamW, linear warmup then cosine decay).
+
+    Args:
+        epochs: passes over the training set; used when max_steps is not set.
+        max_steps: optimizer steps to run; wins over epochs.
+        batch_size: samples per micro-batch on each process.
+        lr: peak learning rate.
+        weight_decay: AdamW decay, applied to matrices only (not biases, norms, scales).
+        warmup: optimizer steps of linear warmup.
+        grad_accum: micro-batches accumulated per optimizer step.
+        clip_grad: clip the global gradient norm to this value.
+        checkpoint_every: save a resumable checkpoint every N steps (0: never).
+        keep_checkpoints: how many recent checkpoints to keep.
+        log_every: log training metrics every N steps.
+        num_workers: DataLoader worker processes.
+        compile: wrap the model in torch.compile.
+    """
+
+    epochs: int | None = None
+    max_steps: int | None = None
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup: int = 0
+    grad_accum: int = 1
+    clip_grad: float | None = None
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    num_workers: int = 0
+    compile: bool = False
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """When and how the held-out split is evaluated.
+
+    Args:
+        every: evaluate every N optimizer steps (0: only at the end).
+        batch_size: evaluation batch size; defaults to train.batch_size.
+    """
+
+    every: int = 0
+    batch_size: int | None = None

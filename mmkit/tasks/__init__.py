@@ -1,0 +1,10 @@
+"""Builtin tasks, registered as the plugin ``mmkit.tasks``."""
+
+from mmkit.hookspecs import hookimpl
+
+
+@hookimpl
+def register_tasks(register):
+    from mmkit.tasks.clip_retrieval import ClipRetrieval
+
+    register("clip_retrieval", ClipRetrieval)

@@ -1,0 +1,103 @@
+"""clip_retrieval: contrastive alignment of two modalities, evaluated by cross-modal retrieval."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from mmkit.encoders.base import Encoder
+from mmkit.errors import MMKitError
+from mmkit.metrics import chance_retrieval_metrics, retrieval_metrics
+from mmkit.tasks.base import Task
+
+
+class ClipRetrieval(Task):
+    """CLIP-style training: symmetric InfoNCE between two modalities with a learnable temperature.
+
+    Evaluation ranks every held-out item of one modality against all items of the other, in
+    both directions, and reports recall@1/5/10 and mean rank. Items with identical captions
+    cannot be told apart, so any of them counts as a correct match.
+
+    Args:
+        modalities: the two modalities to align, e.g. ["image", "text"]; default: the recipe's two.
+        embed_dim: width of the shared embedding space.
+        temperature: initial softmax temperature.
+        learn_temperature: train the temperature (as CLIP does), clamped at 1/100.
+    """
+
+    def __init__(self, encoders: dict[str, Encoder], modalities: list[str] | None = None,
+                 embed_dim: int = 256, temperature: float = 0.07, learn_temperature: bool = True):
+        super().__init__()
+        modalities = list(modalities or encoders)
+        if len(modalities) != 2 or not set(modalities) <= set(encoders):
+            raise MMKitError(f"task.modalities: clip_retrieval aligns two of the recipe's encoders "
+                             f"({', '.join(encoders)}), got {modalities}")
+        self.modalities = modalities
+        self.encoders = nn.ModuleDict({m: encoders[m] for m in modalities})
+        self.projections = nn.ModuleDict(
+            {m: nn.Linear(encoders[m].dim, embed_dim, bias=False) for m in modalities}
+        )
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / temperature)),
+                                        requires_grad=learn_temperature)
+
+    def embed(self, batch: dict[str, Any], modality: str) -> torch.Tensor:
+        """Unit-length embeddings of one modality of a batch."""
+        encoded = self.encoders[modality](batch[modality])
+        return F.normalize(self.projections[modality](encoded.pooled).float(), dim=-1)
+
+    def training_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        a, b = (self.embed(batch, m) for m in self.modalities)
+        scale = self.logit_scale.clamp(max=math.log(100)).exp()
+        logits = scale * a @ b.T
+        labels = torch.arange(len(a), device=a.device)
+        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        return {"loss": loss, "temperature": (1 / scale).detach()}
+
+    @torch.no_grad()
+    def embed_all(self, batches: Iterable[dict[str, Any]]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Embeddings of every held-out item and the [N, N] matrix of which pairs match."""
+        embeddings: dict[str, list[torch.Tensor]] = {m: [] for m in self.modalities}
+        texts = []
+        for batch in batches:
+            for m in self.modalities:
+                embeddings[m].append(self.embed(batch, m).cpu())
+            if "text" in self.modalities:
+                texts.append(batch["text"].cpu())
+        out = {m: torch.cat(e) for m, e in embeddings.items()}
+        n = len(next(iter(out.values())))
+        if texts:  # identical token ids: the same caption
+            groups = torch.unique(torch.cat(texts), dim=0, return_inverse=True)[1]
+        else:
+            groups = torch.arange(n)
+        return out, groups.unsqueeze(0) == groups.unsqueeze(1)
+
+    @torch.no_grad()
+    def evaluate(self, batches: Iterable[dict[str, Any]]) -> dict[str, float]:
+        embeddings, relevant = self.embed_all(batches)
+        a, b = self.modalities
+        similarity = embeddings[a] @ embeddings[b].T
+        metrics = {}
+        for direction, sim in ((f"{a}_to_{b}", similarity), (f"{b}_to_{a}", similarity.T)):
+            for name, value in retrieval_metrics(sim, relevant).items():
+                metrics[f"{direction}/{name}"] = value
+            for name, value in chance_retrieval_metrics(relevant).items():
+                metrics[f"chance/{direction}/{name}"] = value
+        return metrics
+
+    @torch.no_grad()
+    def figures(self, dataset: Dataset, batches: Iterable[dict[str, Any]]) -> dict[str, Any]:
+        from mmkit.report import retrieval_grid, similarity_heatmap
+
+        embeddings, relevant = self.embed_all(batches)
+        query, gallery = ("text", next(m for m in self.modalities if m != "text")) \
+            if "text" in self.modalities else tuple(self.modalities)
+        similarity = embeddings[query] @ embeddings[gallery].T
+        return {
+            "retrieval_examples": retrieval_grid(dataset, similarity, relevant, query, gallery),
+            "similarity": similarity_heatmap(similarity[:32, :32], query, gallery),
+        }

@@ -1,0 +1,92 @@
+"""Plugins as a third party ships them: installed packages with entry points, run through the CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, run_mmkit
+
+
+@pytest.fixture(scope="session")
+def gru_site(tmp_path_factory) -> Path:
+    """plugins/mmkit-gru installed with pip into its own site folder."""
+    source = tmp_path_factory.mktemp("src") / "mmkit-gru"
+    shutil.copytree(ROOT / "plugins" / "mmkit-gru", source)
+    site = tmp_path_factory.mktemp("site")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--no-index", "--target", str(site), str(source)], check=True)
+    return site
+
+
+def fake_installed(site: Path, dist: str, module: str, source: str) -> None:
+    """Lay out an installed distribution (module + dist-info with an mmkit entry point)."""
+    (site / f"{module}.py").write_text(source)
+    info = site / f"{dist.replace('-', '_')}-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(f"[mmkit]\n{dist} = {module}\n")
+
+
+def test_installed_plugin_is_listed_and_documented(gru_site):
+    env = {"PYTHONPATH": str(gru_site), "MMKIT_PLUGINS": "gru"}
+    plugins = run_mmkit("plugins", env=env)
+    assert plugins.returncode == 0, plugins.stderr
+    assert "gru 0.1.0\n  text_encoders: gru" in plugins.stdout
+    listed = run_mmkit("list", "text_encoders", env=env).stdout
+    assert "gru" in listed and "[gru]" in listed and "transformer" in listed
+    info = run_mmkit("info", "text_encoders", "gru", env=env).stdout
+    assert "width: int  (default 256)" in info and "token embedding and output feature width" in info
+
+
+def test_installed_plugin_component_trains_from_a_recipe(gru_site, tiny_recipe):
+    env = {"PYTHONPATH": str(gru_site), "MMKIT_PLUGINS": "gru"}
+    done = run_mmkit("run", tiny_recipe, "model.text.name=gru", "model.text.width=32", env=env)
+    assert done.returncode == 0, done.stderr
+    folder = tiny_recipe.parent / "runs" / "tiny"
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["versions"]["plugins"]["gru"] == "0.1.0"
+    assert 'name = "gru"' in (folder / "recipe.toml").read_text()
+
+
+def test_plugins_can_be_chosen_and_disabled(gru_site):
+    env = {"PYTHONPATH": str(gru_site)}
+    assert "gru" not in run_mmkit("list", "text_encoders", env={**env, "MMKIT_PLUGINS": ""}).stdout
+    disabled = run_mmkit("list", "text_encoders", env={**env, "MMKIT_PLUGINS": "gru", "MMKIT_DISABLE_PLUGINS": "gru"})
+    assert "gru" not in disabled.stdout
+    no_audio = run_mmkit("list", env={**env, "MMKIT_DISABLE_PLUGINS": "mmkit.encoders"}).stdout
+    assert "timm" not in no_audio and "synthetic_shapes" in no_audio
+
+
+def test_broken_plugin_is_reported_in_one_line_and_the_rest_works(tmp_path, gru_site):
+    fake_installed(tmp_path, "broken", "broken_plugin", "raise ImportError('needs the package nope')\n")
+    env = {"PYTHONPATH": f"{tmp_path}:{gru_site}", "MMKIT_PLUGINS": "broken,gru"}
+    listed = run_mmkit("list", env=env)
+    assert listed.returncode == 0
+    assert listed.stderr.strip() == 'mmkit: error importing plugin "broken": ImportError: needs the package nope'
+    assert "gru" in listed.stdout and "timm" in listed.stdout
+
+
+def test_plugin_taking_a_used_name_is_reported_and_ignored(tmp_path):
+    source = (
+        "from mmkit import hookimpl\n"
+        "def encoder(width: int = 8):\n"
+        "    'Not really an encoder.'\n"
+        "@hookimpl\n"
+        "def register_text_encoders(register):\n"
+        "    register('transformer', encoder)\n"
+        "    register('clash_free', encoder)\n"
+    )
+    fake_installed(tmp_path, "clash", "clash_plugin", source)
+    env = {"PYTHONPATH": str(tmp_path), "MMKIT_PLUGINS": "clash"}
+    listed = run_mmkit("list", "text_encoders", env=env)
+    assert listed.returncode == 0
+    assert listed.stderr.strip() == ('mmkit: plugin "clash" registers text encoder "transformer", '
+                                     'already registered by plugin "mmkit.encoders"; ignored')
+    assert "transformer" in listed.stdout and "[mmkit.encoders]" in listed.stdout
+    assert "clash_free" in listed.stdout

@@ -1,0 +1,126 @@
+"""Recipes: extends, overrides, validation messages, and the resolved recipe a run writes."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, run_mmkit
+from mmkit.errors import MMKitError, RecipeError
+from mmkit.plugins import get_registry
+from mmkit.recipe import check_recipe, load_recipe
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def problems(recipe_path: Path, *overrides: str) -> list[str]:
+    with pytest.raises(RecipeError) as caught:
+        check_recipe(load_recipe(recipe_path, overrides), get_registry())
+    return caught.value.problems
+
+
+def test_extends_merges_tables_and_overrides_win(tmp_path, tiny_recipe):
+    child = write(tmp_path / "child.toml", """
+        extends = "tiny.toml"
+        [train]
+        lr = 0.01
+        [model.text]
+        layers = 2
+    """)
+    recipe = load_recipe(child, ["train.max_steps=9", "model.image.model_args.depth=1", "run.name=x"])
+    assert recipe.table("train")["lr"] == 0.01
+    assert recipe.table("train")["batch_size"] == 16
+    assert recipe.table("train")["max_steps"] == 9
+    assert recipe.table("model", "text") == {"name": "transformer", "width": 32, "layers": 2, "heads": 2,
+                                             "context_length": 16}
+    assert recipe.table("model", "image")["model_args"] == {"depth": 1}
+    assert recipe.spec("run").name == "x"
+    check_recipe(recipe, get_registry())
+
+
+def test_naming_another_component_drops_the_old_ones_params(tiny_recipe):
+    recipe = load_recipe(tiny_recipe, ["model.text.name=transformer", "model.image.name=timm"])
+    assert recipe.table("model", "image")["model_name"] == "test_vit"  # same name: params kept
+    swapped = load_recipe(tiny_recipe, ["data.name=synthetic_audio"])
+    assert swapped.table("data") == {"name": "synthetic_audio"}
+
+
+def test_override_values_are_parsed_as_toml(tiny_recipe):
+    recipe = load_recipe(tiny_recipe, ["train.lr=3e-4", "train.clip_grad=1", "task.modalities=['text','image']",
+                                       "model.image.model_name=resnet10t"])
+    assert recipe.table("train")["lr"] == 3e-4
+    assert recipe.table("task")["modalities"] == ["text", "image"]
+    assert recipe.table("model", "image")["model_name"] == "resnet10t"
+    with pytest.raises(MMKitError, match="expected KEY=VALUE"):
+        load_recipe(tiny_recipe, ["train.lr"])
+
+
+def test_every_problem_is_reported_with_file_and_key(tiny_recipe):
+    found = problems(tiny_recipe, "train.lrr=1", "train.batch_size=big", "model.image.name=tim",
+                     "model.text.widht=3", "runn.seed=1", "run.device=tpu")
+    source = str(tiny_recipe)
+    assert f"{source}: train.lrr: unknown key; did you mean 'lr'?" in found
+    assert f"{source}: train.batch_size: expected int, got 'big'" in found
+    assert (f"{source}: model.image.name: unknown image encoder 'tim'; did you mean 'timm'? "
+            "see `mmkit list image_encoders`") in found
+    assert f"{source}: model.text.widht: unknown key; did you mean 'width'?" in found
+    assert f"{source}: runn: unknown table; did you mean 'run'?" in found
+    assert f"{source}: run.device: expected 'auto' | 'cpu' | 'cuda', got 'tpu'" in found
+    assert len(found) == 6
+
+
+def test_missing_pieces_are_named(tmp_path):
+    bare = write(tmp_path / "bare.toml", """
+        [data]
+        name = "synthetic_shapes"
+        [data.val]
+        num_sample = 3
+    """)
+    found = problems(bare)
+    assert f"{bare}: task: missing table" in found
+    assert any("model: expected at least one of [model.image]" in p for p in found)
+    assert f"{bare}: data.val.num_sample: unknown key; did you mean 'num_samples'?" in found
+
+
+def test_fp16_on_cpu_is_refused(tiny_recipe):
+    assert problems(tiny_recipe, "run.precision=fp16") == [
+        f'{tiny_recipe}: run.precision: fp16 needs CUDA; use "bf16" or "fp32" on the CPU']
+
+
+def test_extends_errors(tmp_path):
+    loop = write(tmp_path / "loop.toml", 'extends = "loop.toml"\n')
+    with pytest.raises(MMKitError, match="loops back"):
+        load_recipe(loop)
+    with pytest.raises(MMKitError, match="recipe not found: .*missing.toml"):
+        load_recipe(write(tmp_path / "a.toml", 'extends = "missing.toml"\n'))
+    with pytest.raises(MMKitError, match="bad.toml: not valid TOML"):
+        load_recipe(write(tmp_path / "bad.toml", "[train\n"))
+
+
+def test_validate_command(tiny_recipe):
+    ok = run_mmkit("validate", tiny_recipe)
+    assert ok.returncode == 0 and ok.stdout.strip() == f"{tiny_recipe}: ok"
+    bad = run_mmkit("validate", tiny_recipe, "train.lr=fast", "model.text.name=transformr")
+    assert bad.returncode == 2
+    assert "Traceback" not in bad.stderr
+    assert bad.stderr.splitlines() == [
+        f"mmkit: error: {tiny_recipe}: train.lr: expected float, got 'fast'",
+        f"mmkit: error: {tiny_recipe}: model.text.name: unknown text encoder 'transformr'; "
+        "did you mean 'transformer'? see `mmkit list text_encoders`",
+    ]
+
+
+def test_run_with_a_bad_recipe_builds_nothing(tiny_recipe):
+    bad = run_mmkit("run", tiny_recipe, "train.max_step=3")
+    assert bad.returncode == 2 and "train.max_step: unknown key; did you mean 'max_steps'?" in bad.stderr
+    assert not (tiny_recipe.parent / "runs").exists()
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.toml")), ids=lambda p: p.name)
+def test_shipped_recipes_validate(path):
+    check_recipe(load_recipe(path), get_registry())
