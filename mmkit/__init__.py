@@ -12,7 +12,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "build": "mmkit.build",
+    "build": "mmkit.components",
     "load_recipe": "mmkit.recipe",
     "check_recipe": "mmkit.recipe",
     "Run": "mmkit.engine.run",

@@ -65,7 +65,7 @@ class SyntheticAudio(Dataset):
 
 def render_clip(rng: np.random.Generator, rate: int, seconds: float, sound: str, loudness: str,
                 timing: str) -> np.ndarray:
-    """The sound at its loudness and place in the clip, over faint background noise."""
+    """The sound at its loudness and place in the clip, over background noise of random level."""
     n = int(rate * seconds)
     length = n if timing == "throughout" else n // 2
     t = np.arange(length) / rate
@@ -87,7 +87,7 @@ def render_clip(rng: np.random.Generator, rate: int, seconds: float, sound: str,
         for start in range(0, length, period):
             event[start : start + 80] = rng.uniform(-1, 1, min(80, length - start))
     event = event / (np.abs(event).max() + 1e-8) * LOUDNESS[loudness] * rng.uniform(0.9, 1.1)
-    clip = rng.normal(0, 0.01, n)
+    clip = rng.normal(0, rng.uniform(0.005, 0.1), n)  # noise floor up to the quiet level
     offset = 0 if timing != "at the end" else n - length
     clip[offset : offset + length] += event
     return clip.astype(np.float32)

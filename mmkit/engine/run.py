@@ -61,9 +61,10 @@ class Run:
     def fit(self) -> dict[str, Any]:
         import torch
         from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
         from accelerate.utils import set_seed
 
-        from mmkit.build import build_parts
+        from mmkit.components import build_parts
         from mmkit.data.loader import EpochBatches, Preprocessed, eval_loader, train_loader
         from mmkit.engine.checkpoint import latest_checkpoint, write_atomic_model
         from mmkit.engine.loop import evaluate, fit
@@ -72,6 +73,7 @@ class Run:
         if self.spec.device == "cuda" and not torch.cuda.is_available():
             raise MMKitError('run.device = "cuda" but no CUDA device is visible; use "auto" or "cpu"')
         precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[self.spec.precision]
+        AcceleratorState._reset_state()  # a notebook's next run may use another precision
         accelerator = Accelerator(cpu=self.spec.device == "cpu", mixed_precision=precision)
         self.paths = paths = RunPaths(self._folder(accelerator))
         resume_from = latest_checkpoint(paths.checkpoints) if self.resume else None

@@ -80,7 +80,7 @@ class ClipRetrieval(Task):
     def evaluate(self, batches: Iterable[dict[str, Any]]) -> dict[str, float]:
         embeddings, relevant = self.embed_all(batches)
         a, b = self.modalities
-        similarity = embeddings[a] @ embeddings[b].T
+        similarity = full_precision_similarity(embeddings[a], embeddings[b])
         metrics = {}
         for direction, sim in ((f"{a}_to_{b}", similarity), (f"{b}_to_{a}", similarity.T)):
             for name, value in retrieval_metrics(sim, relevant).items():
@@ -96,8 +96,14 @@ class ClipRetrieval(Task):
         embeddings, relevant = self.embed_all(batches)
         query, gallery = ("text", next(m for m in self.modalities if m != "text")) \
             if "text" in self.modalities else tuple(self.modalities)
-        similarity = embeddings[query] @ embeddings[gallery].T
+        similarity = full_precision_similarity(embeddings[query], embeddings[gallery])
         return {
             "retrieval_examples": retrieval_grid(dataset, similarity, relevant, query, gallery),
             "similarity": similarity_heatmap(similarity[:32, :32], query, gallery),
         }
+
+
+def full_precision_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """[Na, Nb] dot products in fp32 even under bf16 autocast, so ranks are not rounded."""
+    with torch.autocast(a.device.type, enabled=False):
+        return a.float() @ b.float().T

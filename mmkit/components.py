@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 from mmkit.errors import MMKitError
 from mmkit.plugins import get_registry
 from mmkit.recipe import MODALITIES, Recipe
-from mmkit.registry import Component, Registry, check_type
+from mmkit.registry import KINDS, Component, Registry, check_type
 from mmkit.tasks.base import Task
 
 
@@ -25,7 +25,7 @@ def build(kind: str, name: str, **params: Any) -> Any:
 
 def instantiate(component: Component, params: dict[str, Any], **provided: Any) -> Any:
     """Call a component's factory with recipe params (checked) and what mmkit provides."""
-    where = f"{component.kind.removesuffix('s')} {component.name!r}"
+    where = f"{KINDS[component.kind]} {component.name!r}"
     for key, value in params.items():
         param = component.params.get(key)
         if param is None:

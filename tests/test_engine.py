@@ -1,0 +1,148 @@
+"""The engine as a user meets it: run folders, checkpoints, kill-and-resume, reproduction."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import run_mmkit
+from mmkit.engine.checkpoint import latest_checkpoint
+from mmkit.engine.run import Run
+from mmkit.engine.schedule import warmup_cosine
+from mmkit.recipe import load_recipe
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "model.safetensors")
+
+
+def records(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_run_leaves_a_complete_folder(tiny_recipe):
+    summary = Run(load_recipe(tiny_recipe)).fit()
+    folder = tiny_recipe.parent / "runs" / "tiny"
+    for name in ("recipe.toml", "metrics.jsonl", "model.safetensors", "summary.json", "report.html",
+                 "training_curves.png", "retrieval_examples.png", "similarity.png"):
+        assert (folder / name).stat().st_size > 0, name
+    assert list((folder / "tensorboard").glob("events.out.tfevents.*"))
+    assert json.loads((folder / "summary.json").read_text()) == summary
+    assert summary["steps"] == 6 and summary["samples_per_second"] > 0
+    for direction in ("image_to_text", "text_to_image"):
+        assert 0 <= summary["metrics"][f"{direction}/R@5"] <= 1
+        assert 0 < summary["chance"][f"{direction}/R@5"] < 1
+    steps = [r["step"] for r in records(folder) if "train/loss" in r]
+    assert steps == [2, 4, 6]
+    evals = [r["step"] for r in records(folder) if "val/image_to_text/R@1" in r]
+    assert evals == [3, 6]
+    assert '<img src="retrieval_examples.png">' in (folder / "report.html").read_text()
+
+
+def test_checkpoints_hold_only_safetensors_and_json(tiny_recipe):
+    Run(load_recipe(tiny_recipe, ["train.keep_checkpoints=1"])).fit()
+    checkpoints = tiny_recipe.parent / "runs" / "tiny" / "checkpoints"
+    assert [p.name for p in checkpoints.iterdir()] == ["step_00000006"]
+    files = sorted(p.name for p in (checkpoints / "step_00000006").iterdir())
+    assert files == ["model.safetensors", "optimizer.safetensors", "rng_0.json", "rng_0.safetensors", "trainer.json"]
+    (checkpoints / ".partial-step_00000009").mkdir()  # what a crash mid-write leaves
+    assert latest_checkpoint(checkpoints).name == "step_00000006"
+
+
+def test_rerunning_the_written_recipe_reproduces_the_run(tiny_recipe):
+    Run(load_recipe(tiny_recipe)).fit()
+    first = tiny_recipe.parent / "runs" / "tiny"
+    again = Run(load_recipe(first / "recipe.toml"))
+    again.fit()
+    assert again.paths.folder.name == "tiny-2"  # a run never overwrites another
+    a, b = weights(first), weights(again.paths.folder)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_kill_and_resume_continues_where_it_stopped(tiny_recipe):
+    steps = ["train.max_steps=150", "train.checkpoint_every=5", "eval.every=0", "train.log_every=1"]
+    assert run_mmkit("run", tiny_recipe, *steps, "run.name=straight").returncode == 0
+    runs = tiny_recipe.parent / "runs"
+
+    command = [sys.executable, "-m", "mmkit", "run", str(tiny_recipe), *steps, "run.name=killed"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while latest_checkpoint(runs / "killed" / "checkpoints") is None and time.time() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (runs / "killed" / "summary.json").exists(), "the run ended before it could be killed"
+    stopped_at = int(latest_checkpoint(runs / "killed" / "checkpoints").name.split("_")[1])
+    assert stopped_at < 150
+
+    resumed = run_mmkit("run", tiny_recipe, *steps, "run.name=killed", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    straight, killed = weights(runs / "straight"), weights(runs / "killed")
+    assert all(torch.equal(straight[k], killed[k]) for k in straight)
+    logged = [r["step"] for r in records(runs / "killed") if "train/loss" in r]
+    assert logged == list(range(1, 151))  # steps past the checkpoint were logged once, not twice
+    same_losses = [r["train/loss"] for r in records(runs / "straight") if "train/loss" in r]
+    assert [r["train/loss"] for r in records(runs / "killed") if "train/loss" in r] == same_losses
+
+
+def test_resume_without_a_checkpoint_says_what_to_do(tiny_recipe):
+    done = run_mmkit("run", tiny_recipe, "--resume")
+    assert done.returncode == 2
+    assert "nothing to resume: " in done.stderr and "Traceback" not in done.stderr
+
+
+def test_bf16_and_gradient_accumulation_run_on_cpu(tiny_recipe):
+    summary = Run(load_recipe(tiny_recipe, ["run.precision=bf16", "train.grad_accum=2",
+                                            "train.clip_grad=0.5", "run.name=bf16"])).fit()
+    assert summary["precision"] == "bf16" and summary["steps"] == 6
+    assert torch.isfinite(torch.tensor([r["train/loss"] for r in records(tiny_recipe.parent / "runs" / "bf16")
+                                        if "train/loss" in r])).all()
+
+
+def test_epochs_set_the_length_when_max_steps_is_absent(tiny_recipe):
+    # 64 samples, batch 16, accumulation 2: two optimizer steps per epoch.
+    summary = Run(load_recipe(tiny_recipe, ["train.epochs=3", "train.max_steps=0", "train.grad_accum=2"])).fit()
+    assert summary["steps"] == 6 and summary["epochs"] == 3
+
+
+def test_warmup_then_cosine():
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = warmup_cosine(optimizer, warmup=4, total=14)
+    lrs = []
+    for _ in range(14):
+        lrs.append(schedule.get_last_lr()[0])
+        optimizer.step()
+        schedule.step()
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert lrs[9] == pytest.approx(0.5)
+    assert lrs[-1] < 0.03 and all(a >= b for a, b in zip(lrs[3:], lrs[4:]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_run_on_the_gpu_in_bf16(tiny_recipe):
+    summary = Run(load_recipe(tiny_recipe, ["run.device=cuda", "run.precision=bf16"])).fit()
+    assert summary["device"].startswith("cuda") and summary["steps"] == 6
+
+
+def test_two_processes_under_torchrun(tiny_recipe):
+    """The same recipe under torchrun (gloo on the CPU): each process trains its shard."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    done = subprocess.run([str(torchrun), "--nproc_per_node", "2", "-m", "mmkit", "run", str(tiny_recipe),
+                           "run.device=cpu"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    folder = tiny_recipe.parent / "runs" / "tiny"
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["steps"] == 6
+    assert {"rng_0.safetensors", "rng_1.safetensors"} <= {p.name for p in latest_checkpoint(folder / "checkpoints").iterdir()}
+    assert not list(tiny_recipe.parent.glob("runs/tiny-*"))  # both processes wrote one folder
