@@ -121,6 +121,12 @@ def check_recipe(recipe: Recipe, registry: Registry) -> None:
                 _check_component(problems, registry, f"model.{modality}", model[modality], kind)
         if "fusion" in model:
             _check_component(problems, registry, "model.fusion", model["fusion"], "fusion_heads")
+    if isinstance(data, dict) and "val" in data and not isinstance(data["val"], dict):
+        problems.add("data.val", f"expected a table of dataset parameters, got {data['val']!r}")
+    if not problems:
+        for table in ("train", "eval"):
+            for key, message in recipe.spec(table).problems().items():
+                problems.add(f"{table}.{key}", message)
     run = tree.get("run", {})
     if not problems and run.get("precision") == "fp16" and run.get("device") == "cpu":
         problems.add("run.precision", 'fp16 needs CUDA; use "bf16" or "fp32" on the CPU')

@@ -59,6 +59,16 @@ class TrainSpec:
     num_workers: int = 0
     compile: bool = False
 
+    def problems(self) -> dict[str, str]:
+        """Values of the right type that still cannot work, by key."""
+        found = {k: "must be at least 1" for k in ("batch_size", "grad_accum", "log_every", "keep_checkpoints")
+                 if getattr(self, k) < 1}
+        found |= {k: "must not be negative" for k in ("epochs", "max_steps", "warmup", "checkpoint_every", "num_workers")
+                  if (getattr(self, k) or 0) < 0}
+        if self.lr <= 0:
+            found["lr"] = "must be positive"
+        return found
+
 
 @dataclass(frozen=True)
 class EvalSpec:
@@ -71,3 +81,9 @@ class EvalSpec:
 
     every: int = 0
     batch_size: int | None = None
+
+    def problems(self) -> dict[str, str]:
+        found = {"every": "must not be negative"} if self.every < 0 else {}
+        if self.batch_size is not None and self.batch_size < 1:
+            found["batch_size"] = "must be at least 1"
+        return found

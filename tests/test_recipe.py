@@ -87,6 +87,16 @@ def test_missing_pieces_are_named(tmp_path):
     assert f"{bare}: data.val.num_sample: unknown key; did you mean 'num_samples'?" in found
 
 
+def test_values_that_cannot_work_are_refused(tiny_recipe):
+    assert problems(tiny_recipe, "train.batch_size=0", "train.lr=-1", "eval.every=-2") == [
+        f"{tiny_recipe}: train.batch_size: must be at least 1",
+        f"{tiny_recipe}: train.lr: must be positive",
+        f"{tiny_recipe}: eval.every: must not be negative",
+    ]
+    assert problems(tiny_recipe, "data.val=3") == [
+        f"{tiny_recipe}: data.val: expected a table of dataset parameters, got 3"]
+
+
 def test_fp16_on_cpu_is_refused(tiny_recipe):
     assert problems(tiny_recipe, "run.precision=fp16") == [
         f'{tiny_recipe}: run.precision: fp16 needs CUDA; use "bf16" or "fp32" on the CPU']
