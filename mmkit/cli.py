@@ -116,10 +116,16 @@ def plugins() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `mmkit` script: adds plugins' commands, then runs."""
+    from mmkit.errors import one_line
     from mmkit.plugins import loaded_manager
 
     manager = loaded_manager()[0]
-    manager.hook.register_commands(cli=cli)
+    for impl in manager.hook.register_commands.get_hookimpls():
+        try:
+            impl.function(cli)
+        except Exception as error:  # one plugin's broken command must not take the CLI down
+            name = manager.get_name(impl.plugin)
+            click.echo(f'mmkit: plugin "{name}" failed in register_commands: {one_line(error)}', err=True)
     try:
         cli.main(args=argv, prog_name="mmkit")
     except KeyboardInterrupt:

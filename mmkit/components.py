@@ -8,19 +8,22 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from mmkit.errors import MMKitError
+from mmkit.errors import MMKitError, one_line
 from mmkit.plugins import get_registry
 from mmkit.recipe import MODALITIES, Recipe
-from mmkit.registry import KINDS, Component, Registry, check_type
+from mmkit.registry import KINDS, PROVIDED, Component, Registry, check_type
 from mmkit.tasks.base import Task
 
 
 def build(kind: str, name: str, **params: Any) -> Any:
     """Build one registered component, checking ``params`` against its schema first.
 
-    ``build("image_encoders", "timm", model_name="resnet18", image_size=64)``
+    ``build("image_encoders", "timm", model_name="resnet18", image_size=64)``; a task also
+    takes the ``encoders`` (and ``fusion``) that a recipe run would build for it.
     """
-    return instantiate(get_registry().get(kind, name), params)
+    component = get_registry().get(kind, name)
+    provided = {k: params.pop(k) for k in PROVIDED.get(component.kind, ()) if k in params}
+    return instantiate(component, params, **provided)
 
 
 def instantiate(component: Component, params: dict[str, Any], **provided: Any) -> Any:
@@ -58,19 +61,31 @@ class Parts:
 
 def build_parts(recipe: Recipe, registry: Registry) -> Parts:
     """Build encoders, fusion head, task and datasets from a checked recipe."""
-    encoders = {}
-    for modality in recipe.modalities:
-        table = recipe.table("model", modality)
-        encoders[modality] = instantiate(registry.get(MODALITIES[modality], table["name"]), _params(table))
-    fusion = None
-    if "fusion" in recipe.table("model"):
-        table = recipe.table("model", "fusion")
-        fusion = instantiate(registry.get("fusion_heads", table["name"]), _params(table), encoders=encoders)
-    task_table = recipe.table("task")
-    task = instantiate(registry.get("tasks", task_table["name"]), _params(task_table),
-                       encoders=encoders, fusion=fusion)
-    data = recipe.table("data")
-    dataset = registry.get("datasets", data["name"])
-    train_set = instantiate(dataset, _params(data))
-    val_set = instantiate(dataset, {**_params(data), **data["val"]}) if "val" in data else None
+
+    def make(key: str, kind: str, extra: dict[str, Any] | None = None, **provided: Any) -> Any:
+        table = recipe.table(*key.split("."))
+        component = registry.get(kind, table["name"])
+        try:
+            return instantiate(component, {**_params(table), **(extra or {})}, **provided)
+        except MMKitError as error:
+            raise MMKitError(f"{recipe.source}: {key}: {error}") from None
+        except Exception as error:  # the factory refused its parameters
+            raise MMKitError(f"{recipe.source}: {key} ({table['name']}): cannot build: {one_line(error)}") from error
+
+    train_set = make("data", "datasets")
+    val_set = make("data", "datasets", extra=recipe.table("data", "val")) if "val" in recipe.table("data") else None
+    _check_modalities(recipe, train_set)
+    encoders = {m: make(f"model.{m}", MODALITIES[m]) for m in recipe.modalities}
+    fusion = make("model.fusion", "fusion_heads", encoders=encoders) if "fusion" in recipe.table("model") else None
+    task = make("task", "tasks", encoders=encoders, fusion=fusion)
     return Parts(task, encoders, train_set, val_set)
+
+
+def _check_modalities(recipe: Recipe, dataset: Dataset) -> None:
+    """Every encoder needs its key in the samples; say so before anything else is built."""
+    keys = sorted(dataset[0]) if len(dataset) else []
+    for modality in recipe.modalities:
+        if modality not in keys:
+            raise MMKitError(f"{recipe.source}: model.{modality}: dataset {recipe.table('data')['name']!r} "
+                             f"has no {modality!r} in its samples (it gives {', '.join(keys)}); "
+                             f"remove [model.{modality}] or pick a dataset with {modality}")

@@ -1,6 +1,12 @@
 """Errors meant for people: the CLI prints them in one line, without a traceback."""
 
 
+def one_line(error: BaseException) -> str:
+    """``TypeName: first line of the message``, for reports that must fit on one line."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+
+
 class MMKitError(Exception):
     """A problem the user can fix: bad recipe, unknown component, missing file or download."""
 

@@ -8,9 +8,12 @@ import torch
 def retrieval_metrics(similarity: torch.Tensor, relevant: torch.Tensor,
                       ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
     """Recall@k (share of queries with a relevant item in the top k) and mean/median rank
-    of the first relevant item (1 is best). ``similarity`` and ``relevant`` are [queries, items]."""
+    of the first relevant item (1 is best). ``similarity`` and ``relevant`` are [queries, items].
+    Ties count against the model and NaN scores rank last, so a collapsed model scores low."""
+    similarity = similarity.float().nan_to_num(nan=float("-inf"))
     best_relevant = similarity.masked_fill(~relevant, float("-inf")).max(dim=1).values
-    ranks = (similarity > best_relevant.unsqueeze(1)).sum(dim=1) + 1
+    ahead = (similarity >= best_relevant.unsqueeze(1)) & ~relevant
+    ranks = ahead.sum(dim=1) + 1
     metrics = {f"R@{k}": (ranks <= k).float().mean().item() for k in ks}
     metrics["mean_rank"] = ranks.float().mean().item()
     metrics["median_rank"] = ranks.float().median().item()

@@ -13,7 +13,7 @@ from typing import Any
 import pluggy
 
 from mmkit import hookspecs
-from mmkit.errors import MMKitError
+from mmkit.errors import MMKitError, one_line
 from mmkit.registry import KINDS, Registry
 
 # mmkit's own components, registered through the same hooks a third party uses.
@@ -31,9 +31,8 @@ class PluginInfo:
 
 @dataclass
 class Plugins:
-    """The loaded plugin manager, the registry it filled and the problems met filling it."""
+    """The registry the plugins filled, who they are, and the problems met loading them."""
 
-    manager: pluggy.PluginManager
     registry: Registry
     infos: dict[str, PluginInfo]
     problems: list[str]
@@ -70,7 +69,7 @@ def plugin_manager(problems: list[str]) -> tuple[pluggy.PluginManager, dict[str,
         try:
             manager.register(entry.load(), name=entry.name)
         except Exception as error:  # a broken plugin must not take mmkit down
-            problems.append(f'error importing plugin "{entry.name}": {_one_line(error)}')
+            problems.append(f'error importing plugin "{entry.name}": {one_line(error)}')
             continue
         versions[entry.name] = entry.dist.version if entry.dist else "?"
     return manager, versions
@@ -95,13 +94,8 @@ def collect(manager: pluggy.PluginManager, versions: dict[str, str], problems: l
             try:
                 impl.function(register)
             except Exception as error:
-                problems.append(f'plugin "{plugin}" failed in register_{kind}: {_one_line(error)}')
+                problems.append(f'plugin "{plugin}" failed in register_{kind}: {one_line(error)}')
     return registry, infos
-
-
-def _one_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
 @functools.cache
@@ -120,7 +114,7 @@ def load_plugins() -> Plugins:
     problems: list[str] = []
     registry, infos = collect(manager, versions, problems)
     _report(problems)
-    return Plugins(manager, registry, infos, import_problems + problems)
+    return Plugins(registry, infos, import_problems + problems)
 
 
 def _report(problems: list[str]) -> None:

@@ -6,6 +6,7 @@ import copy
 import difflib
 import tomllib
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -62,6 +63,8 @@ def _load_tree(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
         tree = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise MMKitError(f"recipe not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise MMKitError(f"cannot read recipe {path}: {error}") from None
     except tomllib.TOMLDecodeError as error:
         raise MMKitError(f"{path}: not valid TOML: {error}") from None
     tree.pop("versions", None)  # written by runs for people to read; never an input
@@ -105,11 +108,14 @@ def check_recipe(recipe: Recipe, registry: Registry) -> None:
     _unknown_keys(problems, "", tree, TABLES)
     for table, spec in SPECS.items():
         _check_table(problems, table, tree.get(table, {}), read_params("", spec))
-    _check_component(problems, registry, "data", tree.get("data"), "datasets", nested=("val",))
     data = tree.get("data")
-    if isinstance(data, dict) and isinstance(data.get("val"), dict) and registry.has("datasets", data.get("name")):
-        params = registry.get("datasets", data["name"]).params
-        _check_table(problems, "data.val", data["val"], params, required=False)
+    _check_component(problems, registry, "data", data, "datasets", nested=("val",))
+    if isinstance(data, dict) and "val" in data:
+        if not isinstance(data["val"], dict):
+            problems.add("data.val", f"expected a table of dataset parameters, got {data['val']!r}")
+        elif registry.has("datasets", data.get("name")):
+            params = registry.get("datasets", data["name"]).params
+            _check_table(problems, "data.val", data["val"], params, required=False)
     _check_component(problems, registry, "task", tree.get("task"), "tasks")
     model = tree.get("model", {})
     if not isinstance(model, dict) or not (set(model) & set(MODALITIES)):
@@ -121,10 +127,8 @@ def check_recipe(recipe: Recipe, registry: Registry) -> None:
                 _check_component(problems, registry, f"model.{modality}", model[modality], kind)
         if "fusion" in model:
             _check_component(problems, registry, "model.fusion", model["fusion"], "fusion_heads")
-    if isinstance(data, dict) and "val" in data and not isinstance(data["val"], dict):
-        problems.add("data.val", f"expected a table of dataset parameters, got {data['val']!r}")
     if not problems:
-        for table in ("train", "eval"):
+        for table in SPECS:
             for key, message in recipe.spec(table).problems().items():
                 problems.add(f"{table}.{key}", message)
     run = tree.get("run", {})
@@ -215,8 +219,19 @@ def _with_defaults(params: dict[str, Param], table: dict[str, Any]) -> dict[str,
     for name, param in params.items():
         value = table.get(name, None if param.required else param.default)
         if value is not None:  # TOML has no null: an absent key means None
-            out[name] = list(value) if isinstance(value, tuple) else value
+            out[name] = _toml_value(value)
     return out
+
+
+def _toml_value(value: Any) -> Any:
+    """Defaults as TOML can hold them: paths as strings, tuples and sets as arrays."""
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (tuple, set, frozenset)):
+        return [_toml_value(v) for v in value]
+    return value
 
 
 def write_recipe(tree: dict[str, Any], path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections.abc
 import difflib
 import fnmatch
 import inspect
@@ -24,7 +25,7 @@ KINDS: dict[str, str] = {
 }
 
 # Parameters mmkit builds and passes itself; they are not part of a recipe table.
-PROVIDED: dict[str, tuple[str, ...]] = {"tasks": ("encoders", "fusion")}
+PROVIDED: dict[str, tuple[str, ...]] = {"tasks": ("encoders", "fusion"), "fusion_heads": ("encoders",)}
 
 REQUIRED = inspect.Parameter.empty
 
@@ -128,8 +129,8 @@ class Registry:
             message += f"; did you mean {close[0]!r}?"
         return message + f" see `mmkit list {kind}`"
 
-    def has(self, kind: str, name: str) -> bool:
-        return name in self._components[kind]
+    def has(self, kind: str, name: Any) -> bool:
+        return isinstance(name, str) and name in self._components[normalize_kind(kind)]
 
     def components(self, kind: str | None = None, pattern: str = "*") -> list[Component]:
         kinds = [normalize_kind(kind)] if kind else list(KINDS)
@@ -168,26 +169,28 @@ def type_name(annotation: Any) -> str:
     return getattr(annotation, "__name__", str(annotation))
 
 
+SEQUENCES = (list, tuple, set, frozenset, collections.abc.Sequence, collections.abc.Set)
+
+
 def check_type(value: Any, annotation: Any) -> bool:
     """Whether a TOML value fits a parameter annotation (ints are accepted for floats)."""
-    if annotation is Any or annotation is inspect.Parameter.empty:
+    if annotation is Any:
         return True
     if annotation is type(None):
         return value is None
-    origin = typing.get_origin(annotation)
+    origin = typing.get_origin(annotation) or annotation
     args = typing.get_args(annotation)
     if origin is typing.Literal:
-        return value in args
+        return any(type(value) is type(a) and value == a for a in args)
     if origin in (typing.Union, types.UnionType):
         return any(check_type(value, a) for a in args)
-    if origin in (list, tuple):
-        items = args[:1] if origin is list or (len(args) == 2 and args[1] is ...) else None
-        if not isinstance(value, (list, tuple)):
+    if origin in SEQUENCES:
+        if not isinstance(value, list):
             return False
-        if items is None and args:  # fixed-length tuple
+        if origin is tuple and args and args[-1] is not ...:  # fixed length
             return len(value) == len(args) and all(map(check_type, value, args))
-        return all(check_type(v, items[0]) for v in value) if items else True
-    if origin is dict:
+        return all(check_type(v, args[0]) for v in value) if args else True
+    if origin in (dict, collections.abc.Mapping):
         return isinstance(value, dict)
     if annotation is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)

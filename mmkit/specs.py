@@ -24,6 +24,9 @@ class RunSpec:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
 
+    def problems(self) -> dict[str, str]:
+        return {"seed": "must not be negative"} if self.seed < 0 else {}
+
 
 @dataclass(frozen=True)
 class TrainSpec:
@@ -31,7 +34,7 @@ class TrainSpec:
 
     Args:
         epochs: passes over the training set; used when max_steps is not set.
-        max_steps: optimizer steps to run; wins over epochs.
+        max_steps: optimizer steps to run; wins over epochs (0: use epochs).
         batch_size: samples per micro-batch on each process.
         lr: peak learning rate.
         weight_decay: AdamW decay, applied to matrices only (not biases, norms, scales).
@@ -61,13 +64,15 @@ class TrainSpec:
 
     def problems(self) -> dict[str, str]:
         """Values of the right type that still cannot work, by key."""
-        found = {k: "must be at least 1" for k in ("batch_size", "grad_accum", "log_every", "keep_checkpoints")
-                 if getattr(self, k) < 1}
-        found |= {k: "must not be negative" for k in ("epochs", "max_steps", "warmup", "checkpoint_every", "num_workers")
-                  if (getattr(self, k) or 0) < 0}
-        if self.lr <= 0:
-            found["lr"] = "must be positive"
-        return found
+        rules = {
+            "must be at least 1": (("batch_size", "grad_accum", "log_every", "keep_checkpoints", "epochs"), 1),
+            "must not be negative": (("max_steps", "warmup", "checkpoint_every", "num_workers", "weight_decay"), 0),
+        }
+        found = {k: message for message, (keys, low) in rules.items() for k in keys
+                 if getattr(self, k) is not None and getattr(self, k) < low}
+        found |= {k: "must be positive" for k in ("lr", "clip_grad")
+                  if getattr(self, k) is not None and getattr(self, k) <= 0}
+        return dict(sorted(found.items(), key=lambda item: list(vars(self)).index(item[0])))
 
 
 @dataclass(frozen=True)

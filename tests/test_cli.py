@@ -43,7 +43,8 @@ def test_pretrained_weights_offline_fail_in_one_line(tiny_recipe):
     assert out.returncode == 2 and "Traceback" not in out.stderr
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1
-    assert lines[0].startswith("mmkit: error: timm model 'test_vit': pretrained weights could not be loaded")
+    assert lines[0].startswith(f"mmkit: error: {tiny_recipe}: model.image: timm model 'test_vit': "
+                               "pretrained weights could not be loaded")
     assert "set pretrained to a local weights file, or set pretrained = false" in lines[0]
 
 

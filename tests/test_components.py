@@ -64,9 +64,13 @@ def test_timm_encoder_takes_cnns_too():
     assert out.pooled.shape == (2, encoder.dim) and out.tokens.shape[1] > 1
 
 
-def test_timm_encoder_freeze():
-    encoder = build("image_encoders", "timm", model_name="test_vit", image_size=32, freeze=True)
+def test_timm_encoder_freeze_keeps_weights_and_norm_statistics():
+    encoder = build("image_encoders", "timm", model_name="test_resnet", image_size=32, freeze=True)
     assert not any(p.requires_grad for p in encoder.parameters())
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    encoder.train()
+    encoder(torch.randn(4, 3, 32, 32) * 3)
+    assert all(torch.equal(before[k], v) for k, v in encoder.state_dict().items())
 
 
 def test_timm_errors_are_one_line():
@@ -132,7 +136,7 @@ def test_shapes_captions_name_what_is_drawn():
 def test_every_task_trains_and_evaluates(name):
     encoders = {"image": tiny_encoder("image_encoders", "timm"),
                 "text": tiny_encoder("text_encoders", "transformer")}
-    task = get_registry().get("tasks", name).factory(encoders=encoders)
+    task = build("tasks", name, encoders=encoders)
     dataset = Preprocessed(build("datasets", "synthetic_shapes", num_samples=8, image_size=32),
                            {m: e.preprocess for m, e in encoders.items()})
     batch = default_collate([dataset[i] for i in range(8)])

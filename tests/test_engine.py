@@ -69,7 +69,8 @@ def test_rerunning_the_written_recipe_reproduces_the_run(tiny_recipe):
 
 
 def test_kill_and_resume_continues_where_it_stopped(tiny_recipe):
-    steps = ["train.max_steps=150", "train.checkpoint_every=5", "eval.every=0", "train.log_every=1"]
+    steps = ["train.max_steps=150", "train.checkpoint_every=5", "eval.every=0", "train.log_every=1",
+             "model.text.dropout=0.1"]  # dropout draws from the RNG that resuming must restore
     assert run_mmkit("run", tiny_recipe, *steps, "run.name=straight").returncode == 0
     runs = tiny_recipe.parent / "runs"
 
@@ -83,6 +84,8 @@ def test_kill_and_resume_continues_where_it_stopped(tiny_recipe):
     assert not (runs / "killed" / "summary.json").exists(), "the run ended before it could be killed"
     stopped_at = int(latest_checkpoint(runs / "killed" / "checkpoints").name.split("_")[1])
     assert stopped_at < 150
+    with (runs / "killed" / "metrics.jsonl").open("a") as log:
+        log.write('{"step": 99, "train/lo')  # a line cut short by the kill
 
     resumed = run_mmkit("run", tiny_recipe, *steps, "run.name=killed", "--resume")
     assert resumed.returncode == 0, resumed.stderr
@@ -92,6 +95,13 @@ def test_kill_and_resume_continues_where_it_stopped(tiny_recipe):
     assert logged == list(range(1, 151))  # steps past the checkpoint were logged once, not twice
     same_losses = [r["train/loss"] for r in records(runs / "straight") if "train/loss" in r]
     assert [r["train/loss"] for r in records(runs / "killed") if "train/loss" in r] == same_losses
+
+
+def test_resume_refuses_a_changed_batch_layout(tiny_recipe):
+    Run(load_recipe(tiny_recipe)).fit()
+    done = run_mmkit("run", tiny_recipe, "train.batch_size=8", "--resume")
+    assert done.returncode == 2
+    assert "cannot resume from " in done.stderr and "(batch_size 16 -> 8)" in done.stderr
 
 
 def test_resume_without_a_checkpoint_says_what_to_do(tiny_recipe):

@@ -13,6 +13,13 @@ def test_retrieval_metrics_on_a_known_ranking():
     assert metrics["mean_rank"] == 2.0 and metrics["median_rank"] == 2.0
 
 
+def test_a_collapsed_model_scores_at_the_bottom():
+    relevant = torch.eye(4, dtype=torch.bool)
+    for similarity in (torch.zeros(4, 4), torch.full((4, 4), float("nan"))):
+        metrics = retrieval_metrics(similarity, relevant, ks=(1,))
+        assert metrics["R@1"] == 0.0 and metrics["mean_rank"] == 4.0
+
+
 def test_any_relevant_item_counts():
     similarity = torch.tensor([[0.1, 0.9, 0.0]])
     relevant = torch.tensor([[True, True, False]])

@@ -72,6 +72,34 @@ def test_broken_plugin_is_reported_in_one_line_and_the_rest_works(tmp_path, gru_
     assert "gru" in listed.stdout and "timm" in listed.stdout
 
 
+def test_plugin_command_that_breaks_does_not_take_the_cli_down(tmp_path):
+    source = (
+        "from mmkit import hookimpl\n"
+        "@hookimpl\n"
+        "def register_commands(cli):\n"
+        "    raise RuntimeError('no commands today')\n"
+    )
+    fake_installed(tmp_path, "noisy", "noisy_plugin", source)
+    listed = run_mmkit("list", "tasks", env={"PYTHONPATH": str(tmp_path), "MMKIT_PLUGINS": "noisy"})
+    assert listed.returncode == 0 and "clip_retrieval" in listed.stdout
+    assert listed.stderr.strip() == 'mmkit: plugin "noisy" failed in register_commands: RuntimeError: no commands today'
+
+
+def test_plugin_commands_are_added(tmp_path):
+    source = (
+        "import click\n"
+        "from mmkit import hookimpl\n"
+        "@hookimpl\n"
+        "def register_commands(cli):\n"
+        "    @cli.command()\n"
+        "    def hello():\n"
+        "        click.echo('hello from a plugin')\n"
+    )
+    fake_installed(tmp_path, "greeter", "greeter_plugin", source)
+    said = run_mmkit("hello", env={"PYTHONPATH": str(tmp_path), "MMKIT_PLUGINS": "greeter"})
+    assert said.returncode == 0 and said.stdout == "hello from a plugin\n"
+
+
 def test_plugin_taking_a_used_name_is_reported_and_ignored(tmp_path):
     source = (
         "from mmkit import hookimpl\n"

@@ -125,6 +125,20 @@ def test_validate_command(tiny_recipe):
     ]
 
 
+def test_factories_refusing_their_parameters_fail_in_one_line(tiny_recipe):
+    bad = run_mmkit("run", tiny_recipe, "model.text.heads=3")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().startswith(f"mmkit: error: {tiny_recipe}: model.text (transformer): cannot build: ")
+
+
+def test_an_encoder_the_dataset_cannot_feed_is_named(tiny_recipe):
+    bad = run_mmkit("run", tiny_recipe, "model.audio.name=logmel_cnn")
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == (f"mmkit: error: {tiny_recipe}: model.audio: dataset 'synthetic_shapes' has no "
+                                  "'audio' in its samples (it gives id, image, label, text); remove [model.audio] "
+                                  "or pick a dataset with audio")
+
+
 def test_run_with_a_bad_recipe_builds_nothing(tiny_recipe):
     bad = run_mmkit("run", tiny_recipe, "train.max_step=3")
     assert bad.returncode == 2 and "train.max_step: unknown key; did you mean 'max_steps'?" in bad.stderr

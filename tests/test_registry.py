@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import pytest
@@ -37,6 +38,9 @@ def test_task_factories_do_not_expose_what_mmkit_provides():
     (None, float | None, True), (1.0, float | None, True), ("x", float | None, False),
     (["a", "b"], list[str], True), (["a", 1], list[str], False), ({"depth": 2}, dict, True),
     (False, bool | str, True), ("w.pt", bool | str, True), (1, bool | str, False),
+    (True, Literal[1, 2], False), (2, Literal[1, 2], True), ([1, "a"], tuple, True),
+    ([1, "a"], tuple[int, str], True), ([1], tuple[int, str], False), ([1, 2], tuple[int, ...], True),
+    ([1], Sequence[int], True), ("ab", Sequence[str], False), ({"a": 1}, Mapping[str, int], True),
 ])
 def test_check_type(value, annotation, ok):
     assert check_type(value, annotation) is ok

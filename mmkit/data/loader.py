@@ -40,11 +40,15 @@ class EpochBatches(Sampler[list[int]]):
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
 
+    @property
+    def epoch_seed(self) -> int:
+        return self.seed * 1_000_003 + self.epoch
+
     def __len__(self) -> int:
         return self.size // (self.batch_size * self.world)
 
     def __iter__(self) -> Iterator[list[int]]:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        generator = torch.Generator().manual_seed(self.epoch_seed)
         order = torch.randperm(self.size, generator=generator)
         mine = order[self.rank :: self.world].tolist()
         for i in range(self.start, len(self)):
@@ -52,8 +56,10 @@ class EpochBatches(Sampler[list[int]]):
 
 
 def train_loader(dataset: Dataset, sampler: EpochBatches, num_workers: int, pin_memory: bool) -> DataLoader:
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
-                      pin_memory=pin_memory, persistent_workers=num_workers > 0)
+    """A loader with its own generator (reseeded each epoch by the loop), so starting an
+    iterator never draws from the global RNG that dropout uses: resumed runs stay exact."""
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
+                      persistent_workers=num_workers > 0, generator=torch.Generator())
 
 
 def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, pin_memory: bool) -> DataLoader:

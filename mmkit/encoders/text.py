@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mmkit.encoders.base import Encoded, Encoder
+from mmkit.encoders.base import Encoded, Encoder, masked_mean
 
 
 class Tokenize:
@@ -53,6 +53,4 @@ class TransformerTextEncoder(Encoder):
         mask = ids != 0
         x = self.token_embedding(ids) + self.position_embedding[: ids.shape[1]]
         tokens = self.norm(self.blocks(x, src_key_padding_mask=~mask))
-        weights = mask.unsqueeze(-1).to(tokens.dtype)
-        pooled = (tokens * weights).sum(1) / weights.sum(1).clamp(min=1.0)
-        return Encoded(tokens=tokens, pooled=pooled, mask=mask)
+        return Encoded(tokens=tokens, pooled=masked_mean(tokens, mask), mask=mask)

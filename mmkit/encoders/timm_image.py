@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from mmkit.encoders.base import Encoded, Encoder, freeze as freeze_module
-from mmkit.errors import MMKitError
+from mmkit.errors import MMKitError, one_line
 
 
 class TimmImageEncoder(Encoder):
@@ -35,8 +35,16 @@ class TimmImageEncoder(Encoder):
         self.model = create_timm_model(model_name, pretrained, image_size, model_args or {})
         self.dim = self.model.num_features
         self.preprocess = image_transform(self.model, image_size)
+        self.frozen = freeze
         if freeze:
             freeze_module(self.model)
+
+    def train(self, mode: bool = True) -> "TimmImageEncoder":
+        """A frozen backbone stays in eval mode, so its batch-norm statistics stay fixed too."""
+        super().train(mode)
+        if self.frozen:
+            self.model.eval()
+        return self
 
     def forward(self, images: torch.Tensor) -> Encoded:
         features = self.model.forward_features(images)
@@ -71,9 +79,8 @@ def create_timm_model(name: str, pretrained: bool | str, image_size: int, args: 
     except Exception as error:
         if not pretrained:
             raise
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise MMKitError(
-            f"timm model {name!r}: pretrained weights could not be loaded ({reason}); "
+            f"timm model {name!r}: pretrained weights could not be loaded ({one_line(error)}); "
             "offline, download them once with network access (they are cached), "
             "set pretrained to a local weights file, or set pretrained = false"
         ) from None

@@ -19,11 +19,17 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
+from mmkit.errors import MMKitError
+
 PREFIX = "step_"
 
 
 def checkpoint_name(step: int) -> str:
     return f"{PREFIX}{step:08d}"
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(path.name[len(PREFIX):])
 
 
 def latest_checkpoint(folder: Path) -> Path | None:
@@ -33,8 +39,11 @@ def latest_checkpoint(folder: Path) -> Path | None:
 
 
 def save_checkpoint(folder: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, accelerator: Any, keep: int) -> Path:
-    """Write a checkpoint atomically: every process adds its RNG state, the main one the rest."""
+                    scheduler: Any, accelerator: Any, layout: dict[str, int], keep: int) -> Path:
+    """Write a checkpoint atomically: every process adds its RNG state, the main one the rest.
+
+    ``layout`` (processes, batch size, accumulation) fixes where in the data a step ends,
+    so resuming checks it is unchanged."""
     final = folder / checkpoint_name(step)
     partial = folder / f".partial-{checkpoint_name(step)}"
     if accelerator.is_main_process:
@@ -43,7 +52,9 @@ def save_checkpoint(folder: Path, step: int, model: nn.Module, optimizer: torch.
         write_atomic_model(model, partial / "model.safetensors")
         tensors, meta = _flatten_optimizer(optimizer.state_dict())
         save_file(tensors, partial / "optimizer.safetensors")
-        state = {"step": step, "optimizer": meta, "scheduler": scheduler.state_dict()}
+        state = {"step": step, "layout": layout, "optimizer": meta, "scheduler": scheduler.state_dict()}
+        if accelerator.scaler is not None:  # fp16 loss scaling
+            state["scaler"] = accelerator.scaler.state_dict()
         (partial / "trainer.json").write_text(json.dumps(state))
     accelerator.wait_for_everyone()
     _save_rng(partial, accelerator.process_index)
@@ -58,13 +69,20 @@ def save_checkpoint(folder: Path, step: int, model: nn.Module, optimizer: torch.
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                    process_index: int) -> int:
+                    accelerator: Any, layout: dict[str, int]) -> int:
     """Restore model, optimizer, schedule and this process's RNG; return the step reached."""
     state = json.loads((path / "trainer.json").read_text())
+    if state["layout"] != layout:
+        changed = ", ".join(f"{k} {state['layout'].get(k)} -> {v}" for k, v in layout.items()
+                            if state["layout"].get(k) != v)
+        raise MMKitError(f"cannot resume from {path}: it was written with another data layout "
+                         f"({changed}); resume with the recipe and process count it was written with")
     load_model(model, path / "model.safetensors", strict=True)
     optimizer.load_state_dict(_unflatten_optimizer(load_file(path / "optimizer.safetensors"), state["optimizer"]))
     scheduler.load_state_dict(state["scheduler"])
-    _load_rng(path, process_index)
+    if "scaler" in state and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(state["scaler"])
+    _load_rng(path, accelerator.process_index)
     return int(state["step"])
 
 

@@ -36,15 +36,17 @@ def fit(task: Task, loader: DataLoader, sampler: EpochBatches, val_loader: DataL
     """Train ``task`` for train.max_steps (or train.epochs), evaluating, logging and
     checkpointing on the way; returns after the last optimizer step."""
     if len(sampler) < train.grad_accum:
-        raise MMKitError(f"train.batch_size {train.batch_size} x grad_accum {train.grad_accum} is more "
-                         f"than the {sampler.size} training samples per process hold; lower it")
+        raise MMKitError(f"train.batch_size {train.batch_size} x grad_accum {train.grad_accum} x "
+                         f"{accelerator.num_processes} processes is more than the {sampler.size} "
+                         "training samples; lower it")
     steps_per_epoch = len(sampler) // train.grad_accum
     total = train.max_steps or (train.epochs or 1) * steps_per_epoch
     optimizer = adamw(task, train.lr, train.weight_decay, fused=accelerator.device.type == "cuda")
     scheduler = warmup_cosine(optimizer, train.warmup, total)
+    layout = {"processes": accelerator.num_processes, "batch_size": train.batch_size, "grad_accum": train.grad_accum}
     step = 0
     if resume_from is not None:
-        step = load_checkpoint(resume_from, task, optimizer, scheduler, accelerator.process_index)
+        step = load_checkpoint(resume_from, task, optimizer, scheduler, accelerator, layout)
     model = torch.compile(task) if train.compile else task
     model, optimizer = accelerator.prepare(model, optimizer)
     batches = micro_batches(loader, sampler, start=step * train.grad_accum)
@@ -68,7 +70,7 @@ def fit(task: Task, loader: DataLoader, sampler: EpochBatches, val_loader: DataL
         if val_loader is not None and evaluation.every and step % evaluation.every == 0 and step < total:
             tracker.log(step, evaluate(task, val_loader, accelerator))
         if train.checkpoint_every and step % train.checkpoint_every == 0:
-            save_checkpoint(checkpoints, step, task, optimizer, scheduler, accelerator, train.keep_checkpoints)
+            save_checkpoint(checkpoints, step, task, optimizer, scheduler, accelerator, layout, train.keep_checkpoints)
     progress.close()
     seconds = time.perf_counter() - started
     trained = step - first_step
@@ -111,6 +113,7 @@ def micro_batches(loader: DataLoader, sampler: EpochBatches, start: int) -> Iter
     epoch, skip = divmod(start, len(sampler))
     while True:
         sampler.set_epoch(epoch, skip)
+        loader.generator.manual_seed(sampler.epoch_seed)  # workers' seeds depend on the epoch only
         yield from loader
         epoch, skip = epoch + 1, 0
 

@@ -66,7 +66,7 @@ class Run:
 
         from mmkit.components import build_parts
         from mmkit.data.loader import EpochBatches, Preprocessed, eval_loader, train_loader
-        from mmkit.engine.checkpoint import latest_checkpoint, write_atomic_model
+        from mmkit.engine.checkpoint import checkpoint_step, latest_checkpoint, write_atomic_model
         from mmkit.engine.loop import evaluate, fit
         from mmkit.engine.tracking import Tracker
 
@@ -99,7 +99,7 @@ class Run:
                                      self.evaluation.batch_size or self.train.batch_size,
                                      self.train.num_workers, pin)
         tracker = Tracker(paths.folder, accelerator.is_main_process,
-                          resume_step=_step_of(resume_from))
+                          resume_step=checkpoint_step(resume_from) if resume_from else None)
         result = fit(parts.task, loader, sampler, val_loader, self.train, self.evaluation,
                      accelerator, tracker, paths.checkpoints, resume_from)
         metrics = evaluate(parts.task, val_loader, accelerator) if val_loader else {}
@@ -165,10 +165,6 @@ class Run:
             with accelerator.autocast():
                 figures |= parts.task.figures(parts.val_set, on_device(loader, accelerator.device))
         write_report(self.paths.folder, summary, figures)
-
-
-def _step_of(checkpoint: Path | None) -> int | None:
-    return int(checkpoint.name.split("_")[1]) if checkpoint else None
 
 
 def _versions(plugins: dict[str, str]) -> dict[str, Any]:

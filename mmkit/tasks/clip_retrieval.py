@@ -35,8 +35,8 @@ class ClipRetrieval(Task):
         super().__init__()
         modalities = list(modalities or encoders)
         if len(modalities) != 2 or not set(modalities) <= set(encoders):
-            raise MMKitError(f"task.modalities: clip_retrieval aligns two of the recipe's encoders "
-                             f"({', '.join(encoders)}), got {modalities}")
+            raise MMKitError(f"clip_retrieval aligns two modalities; set task.modalities to two of "
+                             f"the recipe's encoders ({', '.join(encoders)}), not {modalities}")
         self.modalities = modalities
         self.encoders = nn.ModuleDict({m: encoders[m] for m in modalities})
         self.projections = nn.ModuleDict(
@@ -53,9 +53,9 @@ class ClipRetrieval(Task):
     def training_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         a, b = (self.embed(batch, m) for m in self.modalities)
         scale = self.logit_scale.clamp(max=math.log(100)).exp()
-        logits = scale * a @ b.T
-        labels = torch.arange(len(a), device=a.device)
-        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        (all_a, all_b), offset = gather_across_processes(a, b)
+        labels = torch.arange(len(a), device=a.device) + offset
+        loss = (F.cross_entropy(scale * a @ all_b.T, labels) + F.cross_entropy(scale * b @ all_a.T, labels)) / 2
         return {"loss": loss, "temperature": (1 / scale).detach()}
 
     @torch.no_grad()
@@ -101,6 +101,18 @@ class ClipRetrieval(Task):
             "retrieval_examples": retrieval_grid(dataset, similarity, relevant, query, gallery),
             "similarity": similarity_heatmap(similarity[:32, :32], query, gallery),
         }
+
+
+def gather_across_processes(*tensors: torch.Tensor) -> tuple[list[torch.Tensor], int]:
+    """Every process's embeddings (with gradients), so each process contrasts its batch with
+    the whole global batch, as open_clip does; and where this process's rows start."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(tensors), 0
+    from torch.distributed.nn.functional import all_gather
+
+    return [torch.cat(all_gather(t)) for t in tensors], dist.get_rank() * len(tensors[0])
 
 
 def full_precision_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

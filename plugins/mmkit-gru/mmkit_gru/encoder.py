@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from mmkit.encoders.base import Encoded, Encoder
+from mmkit.encoders.base import Encoded, Encoder, masked_mean
 from mmkit.encoders.text import Tokenize
 
 
@@ -28,8 +29,9 @@ class GRUTextEncoder(Encoder):
 
     def forward(self, ids: torch.Tensor) -> Encoded:
         mask = ids != 0
-        tokens, _ = self.gru(self.embedding(ids))
+        lengths = mask.sum(1).clamp(min=1).cpu()
+        packed = pack_padded_sequence(self.embedding(ids), lengths, batch_first=True, enforce_sorted=False)
+        states, _ = self.gru(packed)  # packing keeps padding out of the backward direction
+        tokens, _ = pad_packed_sequence(states, batch_first=True, total_length=ids.shape[1])
         tokens = self.norm(tokens)
-        weights = mask.unsqueeze(-1).to(tokens.dtype)
-        pooled = (tokens * weights).sum(1) / weights.sum(1).clamp(min=1.0)
-        return Encoded(tokens=tokens, pooled=pooled, mask=mask)
+        return Encoded(tokens=tokens, pooled=masked_mean(tokens, mask), mask=mask)
