@@ -55,7 +55,8 @@ def plugin_manager(problems: list[str]) -> tuple[pluggy.PluginManager, dict[str,
     manager.add_hookspecs(hookspecs)
     wanted = _names_from_env("MMKIT_PLUGINS")
     disabled = _names_from_env("MMKIT_DISABLE_PLUGINS") or set()
-    versions = {}
+    versions: dict[str, str] = {}
+    dists: dict[str, str] = {}
     own_version = metadata.version("mmkit")
     for name in BUILTIN_PLUGINS:
         if name not in disabled:
@@ -64,14 +65,24 @@ def plugin_manager(problems: list[str]) -> tuple[pluggy.PluginManager, dict[str,
     for entry in sorted(metadata.entry_points(group="mmkit"), key=lambda e: e.name):
         if entry.name in disabled or (wanted is not None and entry.name not in wanted):
             continue
+        dist = entry.dist.name if entry.dist else "?"
         if manager.has_plugin(entry.name):
-            continue  # the same distribution seen twice on sys.path
+            if dists.get(entry.name) != dist:  # not merely one distribution seen twice on sys.path
+                problems.append(f'plugin "{entry.name}" of {dist} has the name of a plugin of '
+                                f'{dists.get(entry.name)}; ignored')
+            continue
         try:
             manager.register(entry.load(), name=entry.name)
+            manager.check_pending()
+        except pluggy.PluginValidationError as error:  # e.g. a misspelled hook name
+            manager.unregister(name=entry.name)
+            problems.append(f'plugin "{entry.name}" ignored: {one_line(error)}')
+            continue
         except Exception as error:  # a broken plugin must not take mmkit down
             problems.append(f'error importing plugin "{entry.name}": {one_line(error)}')
             continue
         versions[entry.name] = entry.dist.version if entry.dist else "?"
+        dists[entry.name] = dist
     return manager, versions
 
 

@@ -72,6 +72,15 @@ def test_broken_plugin_is_reported_in_one_line_and_the_rest_works(tmp_path, gru_
     assert "gru" in listed.stdout and "timm" in listed.stdout
 
 
+def test_misspelled_hook_is_reported(tmp_path):
+    source = "from mmkit import hookimpl\n@hookimpl\ndef register_text_encoder(register):\n    pass\n"
+    fake_installed(tmp_path, "typo", "typo_plugin", source)
+    listed = run_mmkit("list", "tasks", env={"PYTHONPATH": str(tmp_path), "MMKIT_PLUGINS": "typo"})
+    assert listed.returncode == 0 and "clip_retrieval" in listed.stdout
+    assert listed.stderr.startswith('mmkit: plugin "typo" ignored: PluginValidationError: ')
+    assert "register_text_encoder" in listed.stderr and len(listed.stderr.strip().splitlines()) == 1
+
+
 def test_plugin_command_that_breaks_does_not_take_the_cli_down(tmp_path):
     source = (
         "from mmkit import hookimpl\n"
