@@ -131,9 +131,6 @@ def check_recipe(recipe: Recipe, registry: Registry) -> None:
         for table in SPECS:
             for key, message in recipe.spec(table).problems().items():
                 problems.add(f"{table}.{key}", message)
-    run = tree.get("run", {})
-    if not problems and run.get("precision") == "fp16" and run.get("device") == "cpu":
-        problems.add("run.precision", 'fp16 needs CUDA; use "bf16" or "fp32" on the CPU')
     if problems:
         raise RecipeError(problems.lines)
 

@@ -25,7 +25,11 @@ class RunSpec:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
 
     def problems(self) -> dict[str, str]:
-        return {"seed": "must not be negative"} if self.seed < 0 else {}
+        """Values of the right type that still cannot work, by key."""
+        found = {"seed": "must not be negative"} if self.seed < 0 else {}
+        if self.precision == "fp16" and self.device == "cpu":
+            found["precision"] = 'fp16 needs CUDA; use "bf16" or "fp32" on the CPU'
+        return found
 
 
 @dataclass(frozen=True)

@@ -129,6 +129,7 @@ def test_factories_refusing_their_parameters_fail_in_one_line(tiny_recipe):
     bad = run_mmkit("run", tiny_recipe, "model.text.heads=3")
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().startswith(f"mmkit: error: {tiny_recipe}: model.text (transformer): cannot build: ")
+    assert not (tiny_recipe.parent / "runs").exists()  # a failed build leaves no half run folder
 
 
 def test_an_encoder_the_dataset_cannot_feed_is_named(tiny_recipe):

@@ -59,22 +59,17 @@ class Run:
         self.paths: RunPaths | None = None
 
     def fit(self) -> dict[str, Any]:
-        import torch
-        from accelerate import Accelerator
-        from accelerate.state import AcceleratorState
         from accelerate.utils import set_seed
 
         from mmkit.components import build_parts
-        from mmkit.data.loader import EpochBatches, Preprocessed, eval_loader, train_loader
+        from mmkit.data.loader import EpochBatches, Preprocessed, train_loader
         from mmkit.engine.checkpoint import checkpoint_step, latest_checkpoint, write_atomic_model
         from mmkit.engine.loop import evaluate, fit
         from mmkit.engine.tracking import Tracker
 
-        if self.spec.device == "cuda" and not torch.cuda.is_available():
-            raise MMKitError('run.device = "cuda" but no CUDA device is visible; use "auto" or "cpu"')
-        precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[self.spec.precision]
-        AcceleratorState._reset_state()  # a notebook's next run may use another precision
-        accelerator = Accelerator(cpu=self.spec.device == "cpu", mixed_precision=precision)
+        accelerator = self._accelerator()
+        set_seed(self.spec.seed)
+        parts = build_parts(self.recipe, self.registry)  # before the folder: a failed build leaves none
         self.paths = paths = RunPaths(self._folder(accelerator))
         resume_from = latest_checkpoint(paths.checkpoints) if self.resume else None
         if self.resume and resume_from is None:
@@ -86,18 +81,12 @@ class Run:
             tree["run"]["name"] = paths.folder.name
             write_recipe(tree, paths.recipe)
 
-        set_seed(self.spec.seed)
-        parts = build_parts(self.recipe, self.registry)
         pin = accelerator.device.type == "cuda"
         train_set = Preprocessed(parts.train_set, parts.transforms)
         sampler = EpochBatches(len(train_set), self.train.batch_size, self.spec.seed,
                                accelerator.process_index, accelerator.num_processes)
         loader = train_loader(train_set, sampler, self.train.num_workers, pin)
-        val_loader = None
-        if parts.val_set is not None:
-            val_loader = eval_loader(Preprocessed(parts.val_set, parts.transforms),
-                                     self.evaluation.batch_size or self.train.batch_size,
-                                     self.train.num_workers, pin)
+        val_loader = self._val_loader(parts, self.train.num_workers, pin)
         tracker = Tracker(paths.folder, accelerator.is_main_process,
                           resume_step=checkpoint_step(resume_from) if resume_from else None)
         result = fit(parts.task, loader, sampler, val_loader, self.train, self.evaluation,
@@ -114,6 +103,25 @@ class Run:
         accelerator.wait_for_everyone()
         accelerator.end_training()
         return summary
+
+    def _accelerator(self) -> Any:
+        import torch
+        from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
+
+        if self.spec.device == "cuda" and not torch.cuda.is_available():
+            raise MMKitError('run.device = "cuda" but no CUDA device is visible; use "auto" or "cpu"')
+        precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[self.spec.precision]
+        AcceleratorState._reset_state()  # a notebook's next run may use another precision
+        return Accelerator(cpu=self.spec.device == "cpu", mixed_precision=precision)
+
+    def _val_loader(self, parts: Any, num_workers: int, pin: bool) -> Any:
+        from mmkit.data.loader import Preprocessed, eval_loader
+
+        if parts.val_set is None:
+            return None
+        return eval_loader(Preprocessed(parts.val_set, parts.transforms),
+                           self.evaluation.batch_size or self.train.batch_size, num_workers, pin)
 
     def _folder(self, accelerator: Any) -> Path:
         """runs/<name>; a new run never overwrites one: it takes <name>-2, <name>-3, ..."""
@@ -153,14 +161,12 @@ class Run:
         }
 
     def _report(self, parts: Any, tracker: Any, summary: dict[str, Any], accelerator: Any) -> None:
-        from mmkit.data.loader import Preprocessed, eval_loader
         from mmkit.engine.loop import on_device
         from mmkit.report import training_curves, write_report
 
         figures = {"training_curves": training_curves(tracker.records())}
-        if parts.val_set is not None:
-            loader = eval_loader(Preprocessed(parts.val_set, parts.transforms),
-                                 self.evaluation.batch_size or self.train.batch_size, 0, False)
+        loader = self._val_loader(parts, 0, False)
+        if loader is not None:
             parts.task.eval()
             with accelerator.autocast():
                 figures |= parts.task.figures(parts.val_set, on_device(loader, accelerator.device))
