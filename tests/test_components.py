@@ -55,7 +55,8 @@ def test_every_encoder_runs_forward_and_backward(kind):
         assert out.mask.dtype == torch.bool and out.mask.any(dim=1).all()
         out.pooled.square().sum().backward()
         grads = [p.grad for p in encoder.parameters() if p.requires_grad]
-        assert grads and all(g is not None and torch.isfinite(g).all() for g in grads if g is not None)
+        assert grads and all(g is not None for g in grads), f"{name}: a parameter got no gradient"
+        assert all(torch.isfinite(g).all() for g in grads)
 
 
 def test_timm_encoder_takes_cnns_too():
@@ -146,3 +147,55 @@ def test_every_task_trains_and_evaluates(name):
     task.eval()
     metrics = task.evaluate([batch, default_collate([dataset[i] for i in range(4)])])
     assert metrics and all(np.isfinite(v) for v in metrics.values())
+
+
+def test_clip_retrieval_counts_captions_as_the_same_only_when_their_text_is():
+    text = tiny_encoder("text_encoders", "transformer")  # context_length 16: long reports truncate
+    task = build("tasks", "clip_retrieval", encoders={"image": tiny_encoder("image_encoders", "timm"),
+                                                      "text": text})
+    opening = "frontal chest radiograph shows clear lungs with no focal consolidation and a heart of normal size"
+    captions = [f"{opening}; impression: normal", f"{opening}; impression: small left effusion",
+                "a red circle", "a red circle"]
+    assert torch.equal(text.preprocess(captions[0]), text.preprocess(captions[1]))  # same tokens
+    samples = [{"image": torch.rand(3, 32, 32), "text": text.preprocess(c), "raw_text": c} for c in captions]
+    task.eval()
+    _, relevant = task.embed_all([default_collate(samples)])
+    assert relevant.tolist() == [[True, False, False, False], [False, True, False, False],
+                                 [False, False, True, True], [False, False, True, True]]
+
+
+def test_random_preprocessing_depends_on_the_item_not_the_worker_or_the_start():
+    from torch.utils.data import TensorDataset
+
+    from mmkit.data.loader import EpochBatches, train_loader
+
+    dataset = Preprocessed(_Plain(TensorDataset(torch.zeros(24, 1))), {"x": _add_noise})
+
+    def epoch(start: int, workers: int) -> list[torch.Tensor]:
+        sampler = EpochBatches(len(dataset), batch_size=4, seed=7)
+        sampler.set_epoch(3, start)
+        return [batch["x"] for batch in train_loader(dataset, sampler, workers, pin_memory=False)]
+
+    before = torch.get_rng_state()
+    whole = epoch(0, workers=0)
+    assert torch.equal(torch.get_rng_state(), before)  # dropout's stream is left alone
+    assert len(torch.cat(whole).unique()) == 24  # every item draws its own noise
+    resumed = epoch(2, workers=2)
+    assert all(torch.equal(a, b) for a, b in zip(whole[2:], resumed, strict=True))
+
+
+def _add_noise(x: torch.Tensor) -> torch.Tensor:
+    return x + torch.rand(1)
+
+
+class _Plain(torch.utils.data.Dataset):
+    """Samples as dicts, the way datasets give them."""
+
+    def __init__(self, tensors):
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"x": self.tensors[index][0]}

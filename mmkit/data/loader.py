@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
@@ -9,7 +11,13 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 
 class Preprocessed(Dataset):
-    """A dataset whose samples pass through each modality's ``preprocess`` (in workers)."""
+    """A dataset whose samples pass through each modality's ``preprocess`` (in workers).
+
+    Items are an index, or ``(index, epoch_seed)`` from EpochBatches: the transforms' random
+    draws (torch and ``random``) are seeded by the item alone, so augmentation is the same
+    whichever worker runs it and however far into the epoch a resumed run starts.
+    A text's raw string is kept as ``raw_text``, for tasks that compare captions.
+    """
 
     def __init__(self, dataset: Dataset, transforms: Mapping[str, Callable[[Any], torch.Tensor]]):
         self.dataset = dataset
@@ -18,14 +26,31 @@ class Preprocessed(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Any]:
+        index, epoch_seed = item if isinstance(item, tuple) else (item, 0)
         sample = dict(self.dataset[index])
-        for key, transform in self.transforms.items():
-            if key not in sample:
-                raise KeyError(f"sample {sample.get('id', index)!r} has no {key!r}; the recipe "
-                               f"has a model.{key} encoder, but the dataset gives {sorted(sample)}")
-            sample[key] = transform(sample[key])
+        if isinstance(sample.get("text"), str):
+            sample["raw_text"] = sample["text"]
+        with _seeded(epoch_seed * 1_000_003 + index):
+            for key, transform in self.transforms.items():
+                if key not in sample:
+                    raise KeyError(f"sample {sample.get('id', index)!r} has no {key!r}; the recipe "
+                                   f"has a model.{key} encoder, but the dataset gives {sorted(sample)}")
+                sample[key] = transform(sample[key])
         return sample
+
+
+@contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Seed torch's and Python's RNGs for a block, leaving the caller's streams untouched."""
+    state = random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(state)
 
 
 class EpochBatches(Sampler[list[int]]):
@@ -47,21 +72,23 @@ class EpochBatches(Sampler[list[int]]):
     def __len__(self) -> int:
         return self.size // (self.batch_size * self.world)
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        """Each batch as (index, epoch_seed) items, the seed for Preprocessed's transforms."""
         generator = torch.Generator().manual_seed(self.epoch_seed)
         order = torch.randperm(self.size, generator=generator)
-        mine = order[self.rank :: self.world].tolist()
+        mine = [(index, self.epoch_seed) for index in order[self.rank :: self.world].tolist()]
         for i in range(self.start, len(self)):
             yield mine[i * self.batch_size : (i + 1) * self.batch_size]
 
 
 def train_loader(dataset: Dataset, sampler: EpochBatches, num_workers: int, pin_memory: bool) -> DataLoader:
-    """A loader with its own generator (reseeded each epoch by the loop), so starting an
-    iterator never draws from the global RNG that dropout uses: resumed runs stay exact."""
+    """A loader with its own generator, so starting an iterator never draws from the global
+    RNG that dropout uses: resumed runs stay exact."""
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
                       persistent_workers=num_workers > 0, generator=torch.Generator())
 
 
 def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, pin_memory: bool) -> DataLoader:
+    """Held-out batches in order; workers stay up between evaluations."""
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                      pin_memory=pin_memory)
+                      pin_memory=pin_memory, persistent_workers=num_workers > 0, generator=torch.Generator())

@@ -7,7 +7,8 @@ from typing import Any, Literal
 
 import numpy as np
 from PIL import Image, ImageDraw
-from torch.utils.data import Dataset
+
+from mmkit.data.synthetic import SyntheticSet
 
 COLOURS = {
     "red": (215, 40, 40),
@@ -27,15 +28,13 @@ POSITIONS = {
     "centre": (0.5, 0.5),
 }
 COMBINATIONS = list(itertools.product(COLOURS, SHAPES, SIZES, POSITIONS))
-SPLIT_STREAMS = {"train": 0, "val": 1}
 
 
-class SyntheticShapes(Dataset):
+class SyntheticShapes(SyntheticSet):
     """Images of one coloured shape each, captioned "a large red circle in the top left".
 
-    Every sample is drawn from a random stream keyed by (seed, split, index), so the set is
-    the same on every machine and the splits never share a sample. ``label`` numbers the
-    240 colour/shape/size/position combinations.
+    Deterministic from the seed, with disjoint splits; ``label`` numbers the 240
+    colour/shape/size/position combinations.
 
     Args:
         num_samples: samples in this split.
@@ -46,24 +45,14 @@ class SyntheticShapes(Dataset):
 
     def __init__(self, num_samples: int = 2000, split: Literal["train", "val"] = "train",
                  image_size: int = 64, seed: int = 0):
-        self.num_samples = num_samples
-        self.split = split
+        super().__init__(num_samples, split, seed)
         self.image_size = image_size
-        self.seed = seed
 
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        if not 0 <= index < self.num_samples:
-            raise IndexError(index)
-        rng = np.random.default_rng([self.seed, SPLIT_STREAMS[self.split], index])
+    def draw(self, rng: np.random.Generator) -> dict[str, Any]:
         label = int(rng.integers(len(COMBINATIONS)))
         colour, shape, size, position = COMBINATIONS[label]
-        image = draw_shape(rng, self.image_size, colour, shape, size, position)
         return {
-            "id": f"{self.split}-{index:06d}",
-            "image": image,
+            "image": draw_shape(rng, self.image_size, colour, shape, size, position),
             "text": f"a {size} {colour} {shape} in the {position}",
             "label": label,
         }

@@ -7,9 +7,8 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
-from mmkit.data.shapes import SPLIT_STREAMS
+from mmkit.data.synthetic import SyntheticSet
 from mmkit.encoders.audio import Waveform
 
 SOUNDS = (
@@ -22,12 +21,11 @@ COMBINATIONS = list(itertools.product(SOUNDS, LOUDNESS, TIMING))
 TONES = {"low tone": 220.0, "middle tone": 660.0, "high tone": 1760.0}
 
 
-class SyntheticAudio(Dataset):
+class SyntheticAudio(SyntheticSet):
     """Short clips, captioned "a loud rising chirp at the start".
 
     Nine kinds of sound (tones, chirps, noise, click rhythms), two loudness levels and
-    three timings make 54 captions. Each clip is drawn from a random stream keyed by
-    (seed, split, index), so the set is reproducible and the splits are disjoint.
+    three timings make 54 captions. Deterministic from the seed, with disjoint splits.
 
     Args:
         num_samples: clips in this split.
@@ -39,24 +37,15 @@ class SyntheticAudio(Dataset):
 
     def __init__(self, num_samples: int = 2000, split: Literal["train", "val"] = "train",
                  sample_rate: int = 16000, clip_seconds: float = 1.0, seed: int = 0):
-        self.num_samples = num_samples
-        self.split = split
+        super().__init__(num_samples, split, seed)
         self.sample_rate = sample_rate
         self.clip_seconds = clip_seconds
-        self.seed = seed
 
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        if not 0 <= index < self.num_samples:
-            raise IndexError(index)
-        rng = np.random.default_rng([self.seed, SPLIT_STREAMS[self.split], index])
+    def draw(self, rng: np.random.Generator) -> dict[str, Any]:
         label = int(rng.integers(len(COMBINATIONS)))
         sound, loudness, timing = COMBINATIONS[label]
         samples = render_clip(rng, self.sample_rate, self.clip_seconds, sound, loudness, timing)
         return {
-            "id": f"{self.split}-{index:06d}",
             "audio": Waveform(torch.from_numpy(samples), self.sample_rate),
             "text": f"a {loudness} {sound} {timing}",
             "label": label,

@@ -30,16 +30,22 @@ class LogMel:
         self.mel = torchaudio.transforms.MelSpectrogram(
             sample_rate=sample_rate, n_fft=n_fft, hop_length=hop_length, n_mels=n_mels
         )
+        self.resamplers: dict[int, nn.Module] = {}  # by source rate: each kernel is built once
 
     def __call__(self, clip: Waveform) -> torch.Tensor:
-        import torchaudio
-
         samples = clip.samples.float()
         samples = samples.mean(0) if samples.ndim == 2 else samples
         if clip.sample_rate != self.sample_rate:
-            samples = torchaudio.functional.resample(samples, clip.sample_rate, self.sample_rate)
+            samples = self._resampler(clip.sample_rate)(samples)
         samples = nn.functional.pad(samples[: self.length], (0, max(0, self.length - samples.shape[-1])))
         return torch.log(self.mel(samples) + 1e-6).unsqueeze(0)
+
+    def _resampler(self, rate: int) -> nn.Module:
+        if rate not in self.resamplers:
+            import torchaudio
+
+            self.resamplers[rate] = torchaudio.transforms.Resample(rate, self.sample_rate)
+        return self.resamplers[rate]
 
 
 class LogMelCNNEncoder(Encoder):

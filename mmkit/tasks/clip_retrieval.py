@@ -20,8 +20,9 @@ class ClipRetrieval(Task):
     """CLIP-style training: symmetric InfoNCE between two modalities with a learnable temperature.
 
     Evaluation ranks every held-out item of one modality against all items of the other, in
-    both directions, and reports recall@1/5/10 and mean rank. Items with identical captions
-    cannot be told apart, so any of them counts as a correct match.
+    both directions, and reports recall@1/5/10 and mean rank. Items with identical caption
+    text (``raw_text``, kept by mmkit's loaders) cannot be told apart, so any of them counts
+    as a correct match; without ``raw_text`` only an item's own pair does.
 
     Args:
         modalities: the two modalities to align, e.g. ["image", "text"]; default: the recipe's two.
@@ -62,16 +63,16 @@ class ClipRetrieval(Task):
     def embed_all(self, batches: Iterable[dict[str, Any]]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Embeddings of every held-out item and the [N, N] matrix of which pairs match."""
         embeddings: dict[str, list[torch.Tensor]] = {m: [] for m in self.modalities}
-        texts = []
+        captions: list[str] = []
         for batch in batches:
             for m in self.modalities:
                 embeddings[m].append(self.embed(batch, m).cpu())
-            if "text" in self.modalities:
-                texts.append(batch["text"].cpu())
+            captions += batch.get("raw_text", [])
         out = {m: torch.cat(e) for m, e in embeddings.items()}
         n = len(next(iter(out.values())))
-        if texts:  # identical token ids: the same caption
-            groups = torch.unique(torch.cat(texts), dim=0, return_inverse=True)[1]
+        if "text" in self.modalities and len(captions) == n:  # the same caption text: one group
+            ids: dict[str, int] = {}
+            groups = torch.tensor([ids.setdefault(c, len(ids)) for c in captions])
         else:
             groups = torch.arange(n)
         return out, groups.unsqueeze(0) == groups.unsqueeze(1)
