@@ -40,10 +40,6 @@ def instantiate(component: Component, params: dict[str, Any], **provided: Any) -
     return component.factory(**params, **extra)
 
 
-def _params(table: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in table.items() if k not in ("name", "val")}
-
-
 @dataclass
 class Parts:
     """What a recipe builds: the task (which holds the model), its encoders and the datasets."""
@@ -63,14 +59,15 @@ def build_parts(recipe: Recipe, registry: Registry) -> Parts:
     """Build encoders, fusion head, task and datasets from a checked recipe."""
 
     def make(key: str, kind: str, extra: dict[str, Any] | None = None, **provided: Any) -> Any:
-        table = recipe.table(*key.split("."))
-        component = registry.get(kind, table["name"])
+        keys = key.split(".")
+        name = recipe.table(*keys)["name"]
+        component = registry.get(kind, name)
         try:
-            return instantiate(component, {**_params(table), **(extra or {})}, **provided)
+            return instantiate(component, {**recipe.params(*keys), **(extra or {})}, **provided)
         except MMKitError as error:
             raise MMKitError(f"{recipe.source}: {key}: {error}") from None
         except Exception as error:  # the factory refused its parameters
-            raise MMKitError(f"{recipe.source}: {key} ({table['name']}): cannot build: {one_line(error)}") from error
+            raise MMKitError(f"{recipe.source}: {key} ({name}): cannot build: {one_line(error)}") from error
 
     train_set = make("data", "datasets")
     val_set = make("data", "datasets", extra=recipe.table("data", "val")) if "val" in recipe.table("data") else None

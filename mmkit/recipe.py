@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from mmkit.errors import MMKitError, RecipeError
+from mmkit.files import write_text_atomic
 from mmkit.registry import Param, Registry, check_type, read_params
 from mmkit.specs import EvalSpec, RunSpec, TrainSpec
 
@@ -31,6 +32,11 @@ class Recipe:
         for key in keys:
             node = node.get(key, {})
         return node
+
+    def params(self, *keys: str) -> dict[str, Any]:
+        """A component table's parameters: all but its ``name`` and, in [data], [data.val]."""
+        nested = ("val",) if keys == ("data",) else ()
+        return {k: v for k, v in self.table(*keys).items() if k != "name" and k not in nested}
 
     @property
     def modalities(self) -> list[str]:
@@ -194,21 +200,21 @@ def resolved_tree(recipe: Recipe, registry: Registry, versions: dict[str, str]) 
     for table, spec in SPECS.items():
         tree[table] = _with_defaults(read_params("", spec), recipe.table(table))
     tree["run"]["name"] = recipe.spec("run").name
-    tree["data"] = _component_with_defaults(registry, "datasets", recipe.table("data"))
+    tree["data"] = _component_with_defaults(registry, "datasets", recipe, "data")
     if "val" in recipe.table("data"):
         tree["data"]["val"] = dict(recipe.table("data", "val"))
     tree["model"] = {
-        key: _component_with_defaults(registry, MODALITIES.get(key, "fusion_heads"), table)
-        for key, table in recipe.table("model").items()
+        key: _component_with_defaults(registry, MODALITIES.get(key, "fusion_heads"), recipe, "model", key)
+        for key in recipe.table("model")
     }
-    tree["task"] = _component_with_defaults(registry, "tasks", recipe.table("task"))
+    tree["task"] = _component_with_defaults(registry, "tasks", recipe, "task")
     tree["versions"] = versions
     return tree
 
 
-def _component_with_defaults(registry: Registry, kind: str, table: dict[str, Any]) -> dict[str, Any]:
-    values = {k: v for k, v in table.items() if k != "val"}
-    return {"name": table["name"], **_with_defaults(registry.get(kind, table["name"]).params, values)}
+def _component_with_defaults(registry: Registry, kind: str, recipe: Recipe, *keys: str) -> dict[str, Any]:
+    name = recipe.table(*keys)["name"]
+    return {"name": name, **_with_defaults(registry.get(kind, name).params, recipe.params(*keys))}
 
 
 def _with_defaults(params: dict[str, Param], table: dict[str, Any]) -> dict[str, Any]:
@@ -234,5 +240,5 @@ def _toml_value(value: Any) -> Any:
 def write_recipe(tree: dict[str, Any], path: Path) -> None:
     import tomli_w
 
-    path.write_text(tomli_w.dumps(tree))
+    write_text_atomic(path, tomli_w.dumps(tree))
 

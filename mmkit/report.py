@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from mmkit.files import write_text_atomic
+
 
 def _pyplot():
     import matplotlib
@@ -125,7 +127,7 @@ def write_report(folder: Path, summary: dict[str, Any], figures: dict[str, Any])
 {"".join(images)}
 <h2>summary.json</h2><pre>{html.escape(json.dumps(summary, indent=2))}</pre></body></html>"""
     path = folder / "report.html"
-    path.write_text(page)
+    write_text_atomic(path, page)
     return path
 
 

@@ -18,6 +18,7 @@ from conftest import run_mmkit
 from mmkit.engine.checkpoint import latest_checkpoint
 from mmkit.engine.run import Run
 from mmkit.engine.schedule import warmup_cosine
+from mmkit.errors import MMKitError
 from mmkit.recipe import load_recipe
 
 
@@ -95,6 +96,15 @@ def test_kill_and_resume_continues_where_it_stopped(tiny_recipe):
     assert logged == list(range(1, 151))  # steps past the checkpoint were logged once, not twice
     same_losses = [r["train/loss"] for r in records(runs / "straight") if "train/loss" in r]
     assert [r["train/loss"] for r in records(runs / "killed") if "train/loss" in r] == same_losses
+    assert tensorboard_steps(runs / "killed", "train/loss") == list(range(1, 151))
+
+
+def tensorboard_steps(folder: Path, tag: str) -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder / "tensorboard"))
+    events.Reload()
+    return [event.step for event in events.Scalars(tag)]
 
 
 def test_resume_refuses_a_changed_batch_layout(tiny_recipe):
@@ -116,6 +126,13 @@ def test_bf16_and_gradient_accumulation_run_on_cpu(tiny_recipe):
     assert summary["precision"] == "bf16" and summary["steps"] == 6
     assert torch.isfinite(torch.tensor([r["train/loss"] for r in records(tiny_recipe.parent / "runs" / "bf16")
                                         if "train/loss" in r])).all()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_fp16_is_refused_where_auto_finds_no_gpu(tiny_recipe):
+    with pytest.raises(MMKitError, match='run.precision = "fp16" needs CUDA, and this run is on cpu'):
+        Run(load_recipe(tiny_recipe, ["run.device=auto", "run.precision=fp16"])).fit()
+    assert not (tiny_recipe.parent / "runs").exists()
 
 
 def test_epochs_set_the_length_when_max_steps_is_absent(tiny_recipe):

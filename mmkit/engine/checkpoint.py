@@ -20,6 +20,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
 from mmkit.errors import MMKitError
+from mmkit.files import atomic_path, partial_path, publish
 
 PREFIX = "step_"
 
@@ -32,9 +33,13 @@ def checkpoint_step(path: Path) -> int:
     return int(path.name[len(PREFIX):])
 
 
+def checkpoints(folder: Path) -> list[Path]:
+    """The complete checkpoints in ``folder``, oldest first (temporary folders are not complete)."""
+    return sorted(p for p in folder.glob(f"{PREFIX}*") if p.is_dir() and p.name[len(PREFIX):].isdigit())
+
+
 def latest_checkpoint(folder: Path) -> Path | None:
-    """The newest complete checkpoint in ``folder`` (temporary folders are not complete)."""
-    found = sorted(p for p in folder.glob(f"{PREFIX}*") if p.is_dir() and p.name[len(PREFIX):].isdigit())
+    found = checkpoints(folder)
     return found[-1] if found else None
 
 
@@ -45,11 +50,11 @@ def save_checkpoint(folder: Path, step: int, model: nn.Module, optimizer: torch.
     ``layout`` (processes, batch size, accumulation) fixes where in the data a step ends,
     so resuming checks it is unchanged."""
     final = folder / checkpoint_name(step)
-    partial = folder / f".partial-{checkpoint_name(step)}"
+    partial = partial_path(final)
     if accelerator.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
-        write_atomic_model(model, partial / "model.safetensors")
+        save_model(model, str(partial / "model.safetensors"))
         tensors, meta = _flatten_optimizer(optimizer.state_dict())
         save_file(tensors, partial / "optimizer.safetensors")
         state = {"step": step, "layout": layout, "optimizer": meta, "scheduler": scheduler.state_dict()}
@@ -60,9 +65,8 @@ def save_checkpoint(folder: Path, step: int, model: nn.Module, optimizer: torch.
     _save_rng(partial, accelerator.process_index)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _fsync_dir(partial)
-        os.replace(partial, final)
-        for old in sorted(folder.glob(f"{PREFIX}*"))[:-keep]:
+        publish(partial, final)
+        for old in checkpoints(folder)[:-keep]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
@@ -88,10 +92,9 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
 
 def write_atomic_model(model: nn.Module, path: Path) -> None:
     """Save a model's weights as safetensors under a temporary name, then rename."""
-    partial = path.with_name(f".partial-{path.name}")
-    save_model(model, str(partial))
-    os.chmod(partial, 0o644)
-    os.replace(partial, path)
+    with atomic_path(path) as partial:
+        save_model(model, str(partial))
+        os.chmod(partial, 0o644)
 
 
 def _flatten_optimizer(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -137,8 +140,3 @@ def _load_rng(folder: Path, rank: int) -> None:
     name, keys, pos, has_gauss, cached = plain["numpy"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
 
-
-def _fsync_dir(folder: Path) -> None:
-    for path in folder.iterdir():
-        with open(path, "rb") as handle:
-            os.fsync(handle.fileno())

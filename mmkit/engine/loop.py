@@ -70,6 +70,7 @@ def fit(task: Task, loader: DataLoader, sampler: EpochBatches, val_loader: DataL
         if val_loader is not None and evaluation.every and step % evaluation.every == 0 and step < total:
             tracker.log(step, evaluate(task, val_loader, accelerator))
         if train.checkpoint_every and step % train.checkpoint_every == 0:
+            tracker.flush()
             save_checkpoint(checkpoints, step, task, optimizer, scheduler, accelerator, layout, train.keep_checkpoints)
     progress.close()
     seconds = time.perf_counter() - started
@@ -113,7 +114,6 @@ def micro_batches(loader: DataLoader, sampler: EpochBatches, start: int) -> Iter
     epoch, skip = divmod(start, len(sampler))
     while True:
         sampler.set_epoch(epoch, skip)
-        loader.generator.manual_seed(sampler.epoch_seed)  # workers' seeds depend on the epoch only
         yield from loader
         epoch, skip = epoch + 1, 0
 

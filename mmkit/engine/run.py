@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from mmkit.errors import MMKitError
+from mmkit.files import write_text_atomic
 from mmkit.plugins import load_plugins
 from mmkit.recipe import Recipe, check_recipe, resolved_tree, write_recipe
 
@@ -63,18 +63,15 @@ class Run:
 
         from mmkit.components import build_parts
         from mmkit.data.loader import EpochBatches, Preprocessed, train_loader
-        from mmkit.engine.checkpoint import checkpoint_step, latest_checkpoint, write_atomic_model
+        from mmkit.engine.checkpoint import checkpoint_step, write_atomic_model
         from mmkit.engine.loop import evaluate, fit
         from mmkit.engine.tracking import Tracker
 
         accelerator = self._accelerator()
+        resume_from = self._resume_from()
         set_seed(self.spec.seed)
         parts = build_parts(self.recipe, self.registry)  # before the folder: a failed build leaves none
         self.paths = paths = RunPaths(self._folder(accelerator))
-        resume_from = latest_checkpoint(paths.checkpoints) if self.resume else None
-        if self.resume and resume_from is None:
-            raise MMKitError(f"nothing to resume in {paths.folder}: it has no checkpoint "
-                             "(set train.checkpoint_every); run without --resume to start over")
         if accelerator.is_main_process:
             paths.checkpoints.mkdir(parents=True, exist_ok=True)
             tree = resolved_tree(self.recipe, self.registry, self.versions)
@@ -98,7 +95,7 @@ class Run:
             write_atomic_model(parts.task, paths.weights)
             summary = self._summary(result, metrics, accelerator)
             _write_json(paths.summary, summary)
-            self._report(parts, tracker, summary, accelerator)
+            self._report(parts, val_loader, tracker, summary, accelerator)
         tracker.close()
         accelerator.wait_for_everyone()
         accelerator.end_training()
@@ -113,7 +110,26 @@ class Run:
             raise MMKitError('run.device = "cuda" but no CUDA device is visible; use "auto" or "cpu"')
         precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[self.spec.precision]
         AcceleratorState._reset_state()  # a notebook's next run may use another precision
-        return Accelerator(cpu=self.spec.device == "cpu", mixed_precision=precision)
+        accelerator = Accelerator(cpu=self.spec.device == "cpu", mixed_precision=precision)
+        if precision == "fp16" and accelerator.device.type != "cuda":
+            raise MMKitError(f'run.precision = "fp16" needs CUDA, and this run is on {accelerator.device.type}; '
+                             'use "bf16" or "fp32"')
+        return accelerator
+
+    def _resume_from(self) -> Path | None:
+        """With --resume, the newest checkpoint of runs/<name>; checked before anything is built."""
+        from mmkit.engine.checkpoint import latest_checkpoint
+
+        if not self.resume:
+            return None
+        folder = Path(self.spec.output_dir) / self.spec.name
+        if not folder.is_dir():
+            raise MMKitError(f"nothing to resume: {folder} does not exist")
+        found = latest_checkpoint(folder / "checkpoints")
+        if found is None:
+            raise MMKitError(f"nothing to resume in {folder}: it has no checkpoint "
+                             "(set train.checkpoint_every); run without --resume to start over")
+        return found
 
     def _val_loader(self, parts: Any, num_workers: int, pin: bool) -> Any:
         from mmkit.data.loader import Preprocessed, eval_loader
@@ -137,8 +153,6 @@ class Run:
             chosen[0].mkdir(parents=True, exist_ok=True)
         if accelerator.num_processes > 1:
             broadcast_object_list(chosen)
-        if self.resume and not base.is_dir():
-            raise MMKitError(f"nothing to resume: {base} does not exist")
         return chosen[0]
 
     def _summary(self, result: Any, metrics: dict[str, float], accelerator: Any) -> dict[str, Any]:
@@ -160,16 +174,16 @@ class Run:
             "versions": self.versions,
         }
 
-    def _report(self, parts: Any, tracker: Any, summary: dict[str, Any], accelerator: Any) -> None:
+    def _report(self, parts: Any, val_loader: Any, tracker: Any, summary: dict[str, Any],
+                accelerator: Any) -> None:
         from mmkit.engine.loop import on_device
         from mmkit.report import training_curves, write_report
 
         figures = {"training_curves": training_curves(tracker.records())}
-        loader = self._val_loader(parts, 0, False)
-        if loader is not None:
+        if val_loader is not None:
             parts.task.eval()
             with accelerator.autocast():
-                figures |= parts.task.figures(parts.val_set, on_device(loader, accelerator.device))
+                figures |= parts.task.figures(parts.val_set, on_device(val_loader, accelerator.device))
         write_report(self.paths.folder, summary, figures)
 
 
@@ -185,6 +199,4 @@ def _versions(plugins: dict[str, str]) -> dict[str, Any]:
 
 
 def _write_json(path: Path, value: Any) -> None:
-    partial = path.with_name(f".partial-{path.name}")
-    partial.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(partial, path)
+    write_text_atomic(path, json.dumps(value, indent=2) + "\n")

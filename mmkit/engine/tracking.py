@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mmkit.files import write_text_atomic
+
 
 class Tracker:
     """Appends to ``metrics.jsonl`` and TensorBoard events; silent on non-main processes.
@@ -23,10 +25,12 @@ class Tracker:
             return
         if resume_step is not None and self.path.exists():
             kept = [r for r in self.records() if r["step"] <= resume_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(folder / "tensorboard"), purge_step=resume_step)
+        # TensorBoard hides events at purge_step and later; the checkpoint's own step stays.
+        purge = None if resume_step is None else resume_step + 1
+        self.writer = SummaryWriter(str(folder / "tensorboard"), purge_step=purge)
 
     def log(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
@@ -36,6 +40,11 @@ class Tracker:
             handle.write(json.dumps(record) + "\n")
         for key, value in values.items():
             self.writer.add_scalar(key, value, step)
+
+    def flush(self) -> None:
+        """Push TensorBoard events to disk, so a killed run keeps what its checkpoint covers."""
+        if self.writer is not None:
+            self.writer.flush()
 
     def records(self) -> list[dict[str, Any]]:
         """Every logged record; a line cut short by a killed process is left out."""

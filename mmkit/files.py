@@ -1,0 +1,52 @@
+"""Writing files and folders atomically: under a temporary name, synced, then renamed.
+
+A reader (or a resumed run) sees the old version or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+
+def partial_path(path: Path) -> Path:
+    """The temporary sibling that ``path`` is written under before it is published."""
+    return path.with_name(f".partial-{path.name}")
+
+
+def publish(partial: Path, path: Path) -> None:
+    """Sync ``partial`` (a file, or a folder of files) to disk and rename it onto ``path``."""
+    for file in sorted(partial.iterdir()) if partial.is_dir() else [partial]:
+        _fsync(file)
+    os.replace(partial, path)
+    _fsync(path.parent)
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path to write; publish it as ``path`` only if the block succeeds."""
+    partial = partial_path(path)
+    try:
+        yield partial
+        publish(partial, path)
+    finally:
+        if partial.is_dir():
+            shutil.rmtree(partial, ignore_errors=True)
+        else:
+            partial.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    with atomic_path(path) as partial:
+        partial.write_text(text)
+
+
+def _fsync(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
