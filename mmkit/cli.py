@@ -91,7 +91,7 @@ def info(kind: str, name: str) -> None:
 
     component = get_registry().get(kind, name)
     click.echo(f'{KINDS[component.kind]} "{component.name}" from plugin {component.plugin}\n')
-    click.echo(component.doc.split("\n\nArgs:")[0].strip() + "\n")
+    click.echo(component.description + "\n")
     click.echo("parameters:" if component.params else "parameters: none")
     for param in component.params.values():
         default = "required" if param.required else f"default {param.default!r}"

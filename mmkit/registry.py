@@ -66,6 +66,11 @@ class Component:
     def summary(self) -> str:
         return self.doc.split("\n", 1)[0]
 
+    @property
+    def description(self) -> str:
+        """The docstring without its parameter section, which ``params`` carries."""
+        return re.split(r"^(?:Args|Parameters):\s*$", self.doc, maxsplit=1, flags=re.M)[0].strip()
+
 
 def read_params(kind: str, factory: Callable[..., Any]) -> dict[str, Param]:
     """The factory's keyword parameters with resolved type hints and docstring lines."""

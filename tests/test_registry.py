@@ -27,6 +27,21 @@ def test_params_come_from_signature_and_docstring():
     assert params["mode"].type_name == "'a' | 'b'"
 
 
+def numpy_style(depth: int = 2):
+    """Another test factory, documented numpy-style.
+
+    Parameters:
+        depth: layers.
+    """
+
+
+@pytest.mark.parametrize("factory", [encoder, numpy_style])
+def test_the_description_leaves_the_parameter_section_to_params(factory):
+    component = Registry().add("text_encoders", factory.__name__, factory, plugin="tests")
+    assert component.description == component.summary  # the one-line doc, no "Args:" block
+    assert all(p.doc for p in component.params.values() if p.name in ("width", "mode", "depth"))
+
+
 def test_task_factories_do_not_expose_what_mmkit_provides():
     params = get_registry().get("tasks", "clip_retrieval").params
     assert "encoders" not in params and "embed_dim" in params
