@@ -5,6 +5,7 @@ A reader (or a resumed run) sees the old version or the new one, never half of o
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from contextlib import contextmanager
@@ -19,8 +20,10 @@ def partial_path(path: Path) -> Path:
 
 def publish(partial: Path, path: Path) -> None:
     """Sync ``partial`` (a file, or a folder of files) to disk and rename it onto ``path``."""
-    for file in sorted(partial.iterdir()) if partial.is_dir() else [partial]:
-        _fsync(file)
+    if partial.is_dir():
+        for file in sorted(partial.iterdir()):
+            _fsync(file)
+    _fsync(partial)
     os.replace(partial, path)
     _fsync(path.parent)
 
@@ -45,8 +48,12 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def _fsync(path: Path) -> None:
+    """Flush a file, or a folder's entries, to disk; some file systems cannot sync folders."""
     descriptor = os.open(path, os.O_RDONLY)
     try:
         os.fsync(descriptor)
+    except OSError as error:
+        if not (path.is_dir() and error.errno in (errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EACCES)):
+            raise
     finally:
         os.close(descriptor)

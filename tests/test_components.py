@@ -165,6 +165,8 @@ def test_clip_retrieval_counts_captions_as_the_same_only_when_their_text_is():
 
 
 def test_random_preprocessing_depends_on_the_item_not_the_worker_or_the_start():
+    import random
+
     from torch.utils.data import TensorDataset
 
     from mmkit.data.loader import EpochBatches, train_loader
@@ -172,20 +174,24 @@ def test_random_preprocessing_depends_on_the_item_not_the_worker_or_the_start():
     dataset = Preprocessed(_Plain(TensorDataset(torch.zeros(24, 1))), {"x": _add_noise})
 
     def epoch(start: int, workers: int) -> list[torch.Tensor]:
-        sampler = EpochBatches(len(dataset), batch_size=4, seed=7)
+        sampler = EpochBatches(len(dataset), batch_size=4, seed=2**31 - 1)
         sampler.set_epoch(3, start)
         return [batch["x"] for batch in train_loader(dataset, sampler, workers, pin_memory=False)]
 
-    before = torch.get_rng_state()
+    before = torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
     whole = epoch(0, workers=0)
-    assert torch.equal(torch.get_rng_state(), before)  # dropout's stream is left alone
-    assert len(torch.cat(whole).unique()) == 24  # every item draws its own noise
+    after = torch.get_rng_state(), random.getstate(), np.random.get_state()[1]
+    assert torch.equal(after[0], before[0]) and after[1] == before[1]  # dropout's streams are left alone
+    assert np.array_equal(after[2], before[2])
+    assert len(torch.cat(whole).unique()) == 24 * 3  # every item draws its own noise, from each RNG
     resumed = epoch(2, workers=2)
     assert all(torch.equal(a, b) for a, b in zip(whole[2:], resumed, strict=True))
 
 
 def _add_noise(x: torch.Tensor) -> torch.Tensor:
-    return x + torch.rand(1)
+    import random
+
+    return x + torch.tensor([torch.rand(1).item(), random.random(), np.random.rand()])
 
 
 class _Plain(torch.utils.data.Dataset):

@@ -130,7 +130,7 @@ def test_bf16_and_gradient_accumulation_run_on_cpu(tiny_recipe):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_fp16_is_refused_where_auto_finds_no_gpu(tiny_recipe):
-    with pytest.raises(MMKitError, match='run.precision = "fp16" needs CUDA, and this run is on cpu'):
+    with pytest.raises(MMKitError, match='run.precision = "fp16" needs a GPU, and this run found none'):
         Run(load_recipe(tiny_recipe, ["run.device=auto", "run.precision=fp16"])).fit()
     assert not (tiny_recipe.parent / "runs").exists()
 

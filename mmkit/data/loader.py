@@ -6,6 +6,7 @@ import random
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Mapping
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -14,9 +15,10 @@ class Preprocessed(Dataset):
     """A dataset whose samples pass through each modality's ``preprocess`` (in workers).
 
     Items are an index, or ``(index, epoch_seed)`` from EpochBatches: the transforms' random
-    draws (torch and ``random``) are seeded by the item alone, so augmentation is the same
-    whichever worker runs it and however far into the epoch a resumed run starts.
-    A text's raw string is kept as ``raw_text``, for tasks that compare captions.
+    draws (torch's CPU generator, ``random``, ``numpy.random``) are seeded by the item alone,
+    so augmentation is the same whichever worker runs it and however far into the epoch a
+    resumed run starts. A tokenized text's raw string is kept as ``raw_text``, for tasks that
+    compare captions.
     """
 
     def __init__(self, dataset: Dataset, transforms: Mapping[str, Callable[[Any], torch.Tensor]]):
@@ -29,9 +31,9 @@ class Preprocessed(Dataset):
     def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Any]:
         index, epoch_seed = item if isinstance(item, tuple) else (item, 0)
         sample = dict(self.dataset[index])
-        if isinstance(sample.get("text"), str):
+        if "text" in self.transforms and isinstance(sample.get("text"), str):
             sample["raw_text"] = sample["text"]
-        with _seeded(epoch_seed * 1_000_003 + index):
+        with _seeded(epoch_seed, index):
             for key, transform in self.transforms.items():
                 if key not in sample:
                     raise KeyError(f"sample {sample.get('id', index)!r} has no {key!r}; the recipe "
@@ -41,16 +43,20 @@ class Preprocessed(Dataset):
 
 
 @contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    """Seed torch's and Python's RNGs for a block, leaving the caller's streams untouched."""
-    state = random.getstate()
+def _seeded(*key: int) -> Iterator[None]:
+    """Seed the CPU RNGs (torch, random, numpy) from ``key`` for a block, then put the
+    caller's streams back: dropout and the GPU generators are never touched."""
+    seed = int(np.random.SeedSequence(key).generate_state(1)[0])  # any key -> a 32-bit seed
+    python_state, numpy_state = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)
         random.seed(seed)
+        np.random.seed(seed)
         try:
             yield
         finally:
-            random.setstate(state)
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
 
 
 class EpochBatches(Sampler[list[int]]):
@@ -82,10 +88,10 @@ class EpochBatches(Sampler[list[int]]):
 
 
 def train_loader(dataset: Dataset, sampler: EpochBatches, num_workers: int, pin_memory: bool) -> DataLoader:
-    """A loader with its own generator, so starting an iterator never draws from the global
-    RNG that dropout uses: resumed runs stay exact."""
+    """A loader with its own generator (seeded by the run), so starting an iterator never
+    draws from the global RNG that dropout uses: resumed runs stay exact."""
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
-                      persistent_workers=num_workers > 0, generator=torch.Generator())
+                      persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(sampler.seed))
 
 
 def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, pin_memory: bool) -> DataLoader:

@@ -111,9 +111,8 @@ class Run:
         precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[self.spec.precision]
         AcceleratorState._reset_state()  # a notebook's next run may use another precision
         accelerator = Accelerator(cpu=self.spec.device == "cpu", mixed_precision=precision)
-        if precision == "fp16" and accelerator.device.type != "cuda":
-            raise MMKitError(f'run.precision = "fp16" needs CUDA, and this run is on {accelerator.device.type}; '
-                             'use "bf16" or "fp32"')
+        if precision == "fp16" and accelerator.device.type == "cpu":
+            raise MMKitError('run.precision = "fp16" needs a GPU, and this run found none; use "bf16" or "fp32"')
         return accelerator
 
     def _resume_from(self) -> Path | None:

@@ -21,8 +21,8 @@ class ClipRetrieval(Task):
 
     Evaluation ranks every held-out item of one modality against all items of the other, in
     both directions, and reports recall@1/5/10 and mean rank. Items with identical caption
-    text (``raw_text``, kept by mmkit's loaders) cannot be told apart, so any of them counts
-    as a correct match; without ``raw_text`` only an item's own pair does.
+    text (``raw_text``, kept by mmkit's loaders; else identical tokens) cannot be told apart,
+    so any of them counts as a correct match.
 
     Args:
         modalities: the two modalities to align, e.g. ["image", "text"]; default: the recipe's two.
@@ -63,19 +63,17 @@ class ClipRetrieval(Task):
     def embed_all(self, batches: Iterable[dict[str, Any]]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Embeddings of every held-out item and the [N, N] matrix of which pairs match."""
         embeddings: dict[str, list[torch.Tensor]] = {m: [] for m in self.modalities}
-        captions: list[str] = []
+        captions: list[Any] = []
         for batch in batches:
             for m in self.modalities:
                 embeddings[m].append(self.embed(batch, m).cpu())
-            captions += batch.get("raw_text", [])
+            if "text" in self.modalities:  # the raw text where the loader kept it, else the tokens
+                captions += batch.get("raw_text") or [tuple(ids) for ids in batch["text"].tolist()]
         out = {m: torch.cat(e) for m, e in embeddings.items()}
-        n = len(next(iter(out.values())))
-        if "text" in self.modalities and len(captions) == n:  # the same caption text: one group
-            ids: dict[str, int] = {}
-            groups = torch.tensor([ids.setdefault(c, len(ids)) for c in captions])
-        else:
-            groups = torch.arange(n)
-        return out, groups.unsqueeze(0) == groups.unsqueeze(1)
+        groups: dict[Any, int] = {}
+        keys = captions or range(len(next(iter(out.values()))))
+        group = torch.tensor([groups.setdefault(key, len(groups)) for key in keys])
+        return out, group.unsqueeze(0) == group.unsqueeze(1)
 
     @torch.no_grad()
     def evaluate(self, batches: Iterable[dict[str, Any]]) -> dict[str, float]:
