@@ -10,7 +10,7 @@ from torch.utils.data import Dataset
 
 from mmkit.errors import MMKitError, one_line
 from mmkit.plugins import get_registry
-from mmkit.recipe import MODALITIES, Recipe
+from mmkit.recipe import MODALITIES, Recipe, val_params
 from mmkit.registry import KINDS, PROVIDED, Component, Registry, check_type
 from mmkit.tasks.base import Task
 
@@ -70,7 +70,7 @@ def build_parts(recipe: Recipe, registry: Registry) -> Parts:
             raise MMKitError(f"{recipe.source}: {key} ({name}): cannot build: {one_line(error)}") from error
 
     train_set = make("data", "datasets")
-    val_set = make("data", "datasets", extra=recipe.table("data", "val")) if "val" in recipe.table("data") else None
+    val_set = make("data", "datasets", extra=val_params(recipe, registry)) if "val" in recipe.table("data") else None
     _check_modalities(recipe, train_set)
     encoders = {m: make(f"model.{m}", MODALITIES[m]) for m in recipe.modalities}
     fusion = make("model.fusion", "fusion_heads", encoders=encoders) if "fusion" in recipe.table("model") else None
@@ -80,7 +80,9 @@ def build_parts(recipe: Recipe, registry: Registry) -> Parts:
 
 def _check_modalities(recipe: Recipe, dataset: Dataset) -> None:
     """Every encoder needs its key in the samples; say so before anything else is built."""
-    keys = sorted(dataset[0]) if len(dataset) else []
+    if not len(dataset):
+        raise MMKitError(f"{recipe.source}: data: dataset {recipe.table('data')['name']!r} is empty")
+    keys = sorted(dataset[0])
     for modality in recipe.modalities:
         if modality not in keys:
             raise MMKitError(f"{recipe.source}: model.{modality}: dataset {recipe.table('data')['name']!r} "

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import copy
 import difflib
+import datetime
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any, Iterable
@@ -18,14 +19,27 @@ from mmkit.specs import EvalSpec, RunSpec, TrainSpec
 SPECS = {"run": RunSpec, "train": TrainSpec, "eval": EvalSpec}
 MODALITIES = {"image": "image_encoders", "text": "text_encoders", "audio": "audio_encoders"}
 TABLES = ("run", "data", "model", "task", "train", "eval", "versions")
+COMMAND_LINE = "command line"
 
 
 @dataclass
 class Recipe:
-    """A loaded recipe: its nested tables and the file they came from."""
+    """A loaded recipe: its nested tables, the file they came from, and where each key was set."""
 
     source: Path
     tree: dict[str, Any]
+    origins: dict[str, str] = field(default_factory=dict)  # dotted key -> file, or COMMAND_LINE
+
+    def origin(self, key: str) -> str:
+        """Where ``key`` (or the nearest table above it) was set, for error messages."""
+        parts = key.split(".")
+        for n in range(len(parts), 0, -1):
+            found = self.origins.get(".".join(parts[:n]))
+            if found == COMMAND_LINE:
+                return f"{self.source} ({COMMAND_LINE})"
+            if found:
+                return found
+        return str(self.source)
 
     def table(self, *keys: str) -> dict[str, Any]:
         node = self.tree
@@ -50,18 +64,49 @@ class Recipe:
 
 
 def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> Recipe:
-    """Read a recipe file, merge what it extends, then apply ``a.b=value`` overrides."""
+    """Read a recipe file, merge what it extends, then apply ``a.b=value`` overrides.
+
+    The overrides form one layer, so their order does not matter; an inline table
+    (``model.image.model_args={}``) replaces the table it names instead of merging into it.
+    """
     path = Path(path)
-    tree = _load_tree(path, seen=())
+    origins: dict[str, str] = {}
+    tree = _load_tree(path, (), origins)
+    layer: dict[str, Any] = {}
+    tables = []
     for override in overrides:
         keys, value = parse_override(override)
-        for key in reversed(keys):
-            value = {key: value}
-        tree = merge(tree, value)
-    return Recipe(path, tree)
+        layer = merge(layer, _nested(keys, value), rules=False)
+        if isinstance(value, dict):
+            tables.append(keys)
+    tree = merge(tree, layer)
+    for keys in tables:
+        _nested_get(tree, keys[:-1])[keys[-1]] = copy.deepcopy(_nested_get(layer, keys))
+    origins |= dict.fromkeys(_dotted_keys(layer), COMMAND_LINE)
+    return Recipe(path, tree, origins)
 
 
-def _load_tree(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+def _nested(keys: list[str], value: Any) -> dict[str, Any]:
+    for key in reversed(keys):
+        value = {key: value}
+    return value
+
+
+def _nested_get(tree: dict[str, Any], keys: list[str]) -> Any:
+    for key in keys:
+        tree = tree[key]
+    return tree
+
+
+def _dotted_keys(tree: dict[str, Any], prefix: str = "") -> Iterable[str]:
+    """Every table and key of ``tree`` as a dotted path."""
+    for key, value in tree.items():
+        yield prefix + key
+        if isinstance(value, dict):
+            yield from _dotted_keys(value, f"{prefix}{key}.")
+
+
+def _load_tree(path: Path, seen: tuple[Path, ...], origins: dict[str, str]) -> dict[str, Any]:
     resolved = path.resolve()
     if resolved in seen:
         raise MMKitError(f"{path}: `extends` loops back to itself")
@@ -75,21 +120,32 @@ def _load_tree(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
         raise MMKitError(f"{path}: not valid TOML: {error}") from None
     tree.pop("versions", None)  # written by runs for people to read; never an input
     parent = tree.pop("extends", None)
-    if parent is None:
-        return tree
-    if not isinstance(parent, str):
-        raise MMKitError(f"{path}: extends: expected a path string, got {parent!r}")
-    return merge(_load_tree(path.parent / parent, seen + (resolved,)), tree)
+    own = dict.fromkeys(_dotted_keys(tree), str(path))
+    if parent is not None:
+        if not isinstance(parent, str):
+            raise MMKitError(f"{path}: extends: expected a path string, got {parent!r}")
+        if not (path.parent / parent).is_file():
+            raise MMKitError(f"{path}: extends: recipe not found: {path.parent / parent}")
+        tree = merge(_load_tree(path.parent / parent, seen + (resolved,), origins), tree)
+    origins |= own
+    return tree
 
 
-def merge(base: dict[str, Any], top: dict[str, Any], path: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Deep-merge two tables; ``top`` wins, and naming another component drops the old params."""
+def merge(base: dict[str, Any], top: dict[str, Any], path: tuple[str, ...] = (),
+          rules: bool = True) -> dict[str, Any]:
+    """Deep-merge two tables, ``top`` winning. With ``rules``, a layer that names another
+    component drops the old one's params (but keeps [data.val]), and a layer that sets one
+    of train.epochs / train.max_steps drops the other."""
     out = copy.deepcopy(base)
-    if path and path[0] != "run" and "name" in top and top["name"] != base.get("name"):
-        out = {}
+    if rules and path and path[0] != "run" and "name" in top and top["name"] != base.get("name"):
+        out = {"val": out["val"]} if path == ("data",) and "val" in out else {}
+    if rules and path == ("train",):
+        for one, other in (("epochs", "max_steps"), ("max_steps", "epochs")):
+            if one in top and other not in top:
+                out.pop(other, None)
     for key, value in top.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value, path + (key,))
+            out[key] = merge(out[key], value, path + (key,), rules)
         else:
             out[key] = copy.deepcopy(value)
     return out
@@ -104,12 +160,14 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw
+    if isinstance(value, (datetime.date, datetime.time)):  # no recipe key holds a date: run.name=2024-01-01
+        value = raw
     return key.strip().split("."), value
 
 
 def check_recipe(recipe: Recipe, registry: Registry) -> None:
     """Raise RecipeError listing every problem (file, dotted key, what was expected)."""
-    problems = _Problems(recipe.source)
+    problems = _Problems(recipe)
     tree = recipe.tree
     _unknown_keys(problems, "", tree, TABLES)
     for table, spec in SPECS.items():
@@ -142,12 +200,12 @@ def check_recipe(recipe: Recipe, registry: Registry) -> None:
 
 
 class _Problems:
-    def __init__(self, source: Path):
-        self.source = source
+    def __init__(self, recipe: Recipe):
+        self.recipe = recipe
         self.lines: list[str] = []
 
     def add(self, key: str, message: str) -> None:
-        self.lines.append(f"{self.source}: {key}: {message}")
+        self.lines.append(f"{self.recipe.origin(key)}: {key}: {message}")
 
     def __bool__(self) -> bool:
         return bool(self.lines)
@@ -169,7 +227,7 @@ def _check_table(problems: _Problems, prefix: str, table: Any, params: dict[str,
     if not isinstance(table, dict):
         problems.add(prefix, f"expected a table, got {table!r}")
         return
-    _unknown_keys(problems, prefix, {k: v for k, v in table.items() if k not in ignore}, params)
+    _unknown_keys(problems, prefix, {k: v for k, v in table.items() if k not in ignore}, [*params, *ignore])
     for name, param in params.items():
         if name in table:
             if not check_type(table[name], param.annotation):
@@ -202,7 +260,7 @@ def resolved_tree(recipe: Recipe, registry: Registry, versions: dict[str, str]) 
     tree["run"]["name"] = recipe.spec("run").name
     tree["data"] = _component_with_defaults(registry, "datasets", recipe, "data")
     if "val" in recipe.table("data"):
-        tree["data"]["val"] = dict(recipe.table("data", "val"))
+        tree["data"]["val"] = val_params(recipe, registry)
     tree["model"] = {
         key: _component_with_defaults(registry, MODALITIES.get(key, "fusion_heads"), recipe, "model", key)
         for key in recipe.table("model")
@@ -210,6 +268,14 @@ def resolved_tree(recipe: Recipe, registry: Registry, versions: dict[str, str]) 
     tree["task"] = _component_with_defaults(registry, "tasks", recipe, "task")
     tree["versions"] = versions
     return tree
+
+
+def val_params(recipe: Recipe, registry: Registry) -> dict[str, Any]:
+    """[data.val] as the held-out set is built: ``split = "val"`` unless it says otherwise."""
+    params = dict(recipe.table("data", "val"))
+    if "split" in registry.get("datasets", recipe.table("data")["name"]).params:
+        params.setdefault("split", "val")
+    return params
 
 
 def _component_with_defaults(registry: Registry, kind: str, recipe: Recipe, *keys: str) -> dict[str, Any]:

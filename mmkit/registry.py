@@ -86,13 +86,17 @@ def read_params(kind: str, factory: Callable[..., Any]) -> dict[str, Param]:
 
 
 def _arg_docs(doc: str) -> dict[str, str]:
-    """Parse a Google-style ``Args:`` section into {name: first line of its description}."""
-    docs, inside = {}, False
+    """Parse a Google-style ``Args:`` section into {name: description}, joining the
+    deeper-indented lines that continue a description."""
+    docs, inside, last = {}, False, None
     for line in doc.splitlines():
         if line.strip() in ("Args:", "Parameters:"):
             inside = True
-        elif inside and (m := re.match(r"\s+(\w+)(?: \(.*?\))?:\s*(.*)", line)):
-            docs[m.group(1)] = m.group(2)
+        elif inside and (m := re.match(r"( +)(\w+)(?: \(.*?\))?:\s*(.*)", line)):
+            indent, last = len(m.group(1)), m.group(2)
+            docs[last] = m.group(3)
+        elif inside and last and line.startswith(" " * (indent + 1)) and line.strip():
+            docs[last] += " " + line.strip()
         elif inside and line.strip() and not line.startswith(" "):
             inside = False
     return docs
@@ -129,10 +133,11 @@ class Registry:
 
     def unknown_message(self, kind: str, name: str) -> str:
         message = f"unknown {KINDS[kind]} {name!r}"
-        close = difflib.get_close_matches(str(name), self._components[kind], n=1, cutoff=0.5)
+        known = sorted(self._components[kind])
+        close = difflib.get_close_matches(str(name), known, n=1, cutoff=0.5)
         if close:
-            message += f"; did you mean {close[0]!r}?"
-        return message + f" see `mmkit list {kind}`"
+            return f"{message}; did you mean {close[0]!r}? see `mmkit list {kind}`"
+        return f"{message}; known: {', '.join(known) or 'none'} (see `mmkit list {kind}`)"
 
     def has(self, kind: str, name: Any) -> bool:
         return isinstance(name, str) and name in self._components[normalize_kind(kind)]

@@ -37,8 +37,9 @@ class TrainSpec:
     """How the task is optimised (AdamW, linear warmup then cosine decay).
 
     Args:
-        epochs: passes over the training set; used when max_steps is not set.
-        max_steps: optimizer steps to run; wins over epochs (0: use epochs).
+        epochs: passes over the training set (1 when neither this nor max_steps is set).
+        max_steps: optimizer steps to run (0: use epochs). Set one of the two: a recipe
+            layer or override that sets one drops the other from the layers below.
         batch_size: samples per micro-batch on each process.
         lr: peak learning rate.
         weight_decay: AdamW decay, applied to matrices only (not biases, norms, scales).
@@ -76,6 +77,8 @@ class TrainSpec:
                  if getattr(self, k) is not None and getattr(self, k) < low}
         found |= {k: "must be positive" for k in ("lr", "clip_grad")
                   if getattr(self, k) is not None and getattr(self, k) <= 0}
+        if self.epochs is not None and self.max_steps:
+            found.setdefault("max_steps", "set train.epochs or train.max_steps, not both")
         return dict(sorted(found.items(), key=lambda item: list(vars(self)).index(item[0])))
 
 

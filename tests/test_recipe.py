@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import textwrap
 from pathlib import Path
 
@@ -10,7 +11,9 @@ import pytest
 from conftest import ROOT, run_mmkit
 from mmkit.errors import MMKitError, RecipeError
 from mmkit.plugins import get_registry
-from mmkit.recipe import check_recipe, load_recipe
+from mmkit.components import build_parts
+from mmkit.engine.run import Run
+from mmkit.recipe import check_recipe, load_recipe, resolved_tree
 
 
 def write(path: Path, text: str) -> Path:
@@ -47,7 +50,34 @@ def test_naming_another_component_drops_the_old_ones_params(tiny_recipe):
     recipe = load_recipe(tiny_recipe, ["model.text.name=transformer", "model.image.name=timm"])
     assert recipe.table("model", "image")["model_name"] == "test_vit"  # same name: params kept
     swapped = load_recipe(tiny_recipe, ["data.name=synthetic_audio"])
-    assert swapped.table("data") == {"name": "synthetic_audio"}
+    assert swapped.table("data") == {"name": "synthetic_audio", "val": {"split": "val", "num_samples": 32}}
+
+
+def test_overrides_are_one_layer_whatever_their_order(tiny_recipe):
+    for order in (["model.text.width=64", "model.text.name=gru"], ["model.text.name=gru", "model.text.width=64"]):
+        assert load_recipe(tiny_recipe, order).table("model", "text") == {"name": "gru", "width": 64}
+
+
+def test_an_inline_table_override_replaces_the_table(tmp_path, tiny_recipe):
+    child = write(tmp_path / "child.toml", 'extends = "tiny.toml"\n[model.image]\nmodel_args = { depth = 1 }\n')
+    recipe = load_recipe(child, ["model.image.model_name=resnet10t", "model.image.model_args={}"])
+    assert recipe.table("model", "image")["model_args"] == {}
+    check_recipe(recipe, get_registry())
+    merged = load_recipe(child, ["model.image.model_args.num_heads=1"])
+    assert merged.table("model", "image")["model_args"] == {"depth": 1, "num_heads": 1}
+
+
+def test_setting_epochs_drops_max_steps_from_the_layers_below(tmp_path, tiny_recipe):
+    assert load_recipe(tiny_recipe, ["train.epochs=3"]).spec("train").max_steps is None
+    child = write(tmp_path / "child.toml", 'extends = "tiny.toml"\n[train]\nepochs = 2\n')
+    assert load_recipe(child).spec("train").max_steps is None
+    assert load_recipe(child, ["train.max_steps=4"]).spec("train").epochs is None
+    assert problems(tiny_recipe, "train.epochs=3", "train.max_steps=4") == [
+        f"{tiny_recipe} (command line): train.max_steps: set train.epochs or train.max_steps, not both"]
+
+
+def test_dates_in_overrides_stay_strings(tiny_recipe):
+    assert load_recipe(tiny_recipe, ["run.name=2024-01-01"]).spec("run").name == "2024-01-01"
 
 
 def test_override_values_are_parsed_as_toml(tiny_recipe):
@@ -62,8 +92,8 @@ def test_override_values_are_parsed_as_toml(tiny_recipe):
 
 def test_every_problem_is_reported_with_file_and_key(tiny_recipe):
     found = problems(tiny_recipe, "train.lrr=1", "train.batch_size=big", "model.image.name=tim",
-                     "model.text.widht=3", "runn.seed=1", "run.device=tpu")
-    source = str(tiny_recipe)
+                     "model.text.widht=3", "runn.seed=1", "run.device=tpu", "task.nmae=x")
+    source = f"{tiny_recipe} (command line)"
     assert f"{source}: train.lrr: unknown key; did you mean 'lr'?" in found
     assert f"{source}: train.batch_size: expected int, got 'big'" in found
     assert (f"{source}: model.image.name: unknown image encoder 'tim'; did you mean 'timm'? "
@@ -71,7 +101,8 @@ def test_every_problem_is_reported_with_file_and_key(tiny_recipe):
     assert f"{source}: model.text.widht: unknown key; did you mean 'width'?" in found
     assert f"{source}: runn: unknown table; did you mean 'run'?" in found
     assert f"{source}: run.device: expected 'auto' | 'cpu' | 'cuda', got 'tpu'" in found
-    assert len(found) == 6
+    assert f"{source}: task.nmae: unknown key; did you mean 'name'?" in found
+    assert len(found) == 7
 
 
 def test_missing_pieces_are_named(tmp_path):
@@ -88,25 +119,34 @@ def test_missing_pieces_are_named(tmp_path):
 
 
 def test_values_that_cannot_work_are_refused(tiny_recipe):
+    cli = f"{tiny_recipe} (command line)"
     assert problems(tiny_recipe, "train.batch_size=0", "train.lr=-1", "eval.every=-2") == [
-        f"{tiny_recipe}: train.batch_size: must be at least 1",
-        f"{tiny_recipe}: train.lr: must be positive",
-        f"{tiny_recipe}: eval.every: must not be negative",
+        f"{cli}: train.batch_size: must be at least 1",
+        f"{cli}: train.lr: must be positive",
+        f"{cli}: eval.every: must not be negative",
     ]
-    assert problems(tiny_recipe, "data.val=3") == [
-        f"{tiny_recipe}: data.val: expected a table of dataset parameters, got 3"]
+    assert problems(tiny_recipe, "data.val=3") == [f"{cli}: data.val: expected a table of dataset parameters, got 3"]
 
 
 def test_fp16_on_cpu_is_refused(tiny_recipe):
     assert problems(tiny_recipe, "run.precision=fp16") == [
-        f'{tiny_recipe}: run.precision: fp16 needs CUDA; use "bf16" or "fp32" on the CPU']
+        f'{tiny_recipe} (command line): run.precision: fp16 needs CUDA; use "bf16" or "fp32" on the CPU']
+
+
+def test_a_mistake_in_an_extended_file_names_that_file(tmp_path, tiny_recipe):
+    child = write(tmp_path / "child.toml", 'extends = "tiny.toml"\n[train]\nlr = 0.01\n')
+    tiny_recipe.write_text(tiny_recipe.read_text().replace("[train]", "[train]\nlrr = 1"))
+    assert problems(child, "model.text.widht=3") == [
+        f"{tiny_recipe}: train.lrr: unknown key; did you mean 'lr'?",
+        f"{child} (command line): model.text.widht: unknown key; did you mean 'width'?",
+    ]
 
 
 def test_extends_errors(tmp_path):
     loop = write(tmp_path / "loop.toml", 'extends = "loop.toml"\n')
     with pytest.raises(MMKitError, match="loops back"):
         load_recipe(loop)
-    with pytest.raises(MMKitError, match="recipe not found: .*missing.toml"):
+    with pytest.raises(MMKitError, match="a.toml: extends: recipe not found: .*missing.toml"):
         load_recipe(write(tmp_path / "a.toml", 'extends = "missing.toml"\n'))
     with pytest.raises(MMKitError, match="bad.toml: not valid TOML"):
         load_recipe(write(tmp_path / "bad.toml", "[train\n"))
@@ -119,8 +159,8 @@ def test_validate_command(tiny_recipe):
     assert bad.returncode == 2
     assert "Traceback" not in bad.stderr
     assert bad.stderr.splitlines() == [
-        f"mmkit: error: {tiny_recipe}: train.lr: expected float, got 'fast'",
-        f"mmkit: error: {tiny_recipe}: model.text.name: unknown text encoder 'transformr'; "
+        f"mmkit: error: {tiny_recipe} (command line): train.lr: expected float, got 'fast'",
+        f"mmkit: error: {tiny_recipe} (command line): model.text.name: unknown text encoder 'transformr'; "
         "did you mean 'transformer'? see `mmkit list text_encoders`",
     ]
 
@@ -149,3 +189,22 @@ def test_run_with_a_bad_recipe_builds_nothing(tiny_recipe):
 @pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.toml")), ids=lambda p: p.name)
 def test_shipped_recipes_validate(path):
     check_recipe(load_recipe(path), get_registry())
+
+
+@pytest.mark.parametrize("override, says", [
+    ("data.image_size=0", "data (synthetic_shapes): cannot build: ValueError: image_size must be at least 16 pixels"),
+    ("data.num_samples=0", "data (synthetic_shapes): cannot build: ValueError: num_samples must be at least 1"),
+    ("model.text.context_length=0", "model.text (transformer): cannot build: ValueError: context_length must be"),
+])
+def test_values_a_component_refuses_stop_the_run_before_its_folder(tiny_recipe, override, says):
+    with pytest.raises(MMKitError, match=re.escape(f"{tiny_recipe}: {says}")):
+        Run(load_recipe(tiny_recipe, [override])).fit()
+    assert not (tiny_recipe.parent / "runs").exists()
+
+
+def test_the_held_out_set_is_the_val_split_unless_it_says_otherwise(tiny_recipe):
+    tiny_recipe.write_text(tiny_recipe.read_text().replace('split = "val"\n', ""))
+    recipe = load_recipe(tiny_recipe)
+    parts = build_parts(recipe, get_registry())
+    assert (parts.train_set.split, parts.val_set.split) == ("train", "val")
+    assert resolved_tree(recipe, get_registry(), {})["data"]["val"] == {"num_samples": 32, "split": "val"}

@@ -72,6 +72,8 @@ def test_duplicate_name_names_both_plugins():
 def test_unknown_name_suggests_a_close_one():
     with pytest.raises(MMKitError, match=r"unknown image encoder 'tim'; did you mean 'timm'\? see `mmkit list image_encoders`"):
         get_registry().get("image_encoders", "tim")
+    with pytest.raises(MMKitError, match=r"unknown image encoder 'vit_tiny'; known: timm \(see `mmkit list image_encoders`\)"):
+        get_registry().get("image_encoders", "vit_tiny")
 
 
 def test_builtins_are_registered_through_plugins():

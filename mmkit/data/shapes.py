@@ -39,13 +39,15 @@ class SyntheticShapes(SyntheticSet):
     Args:
         num_samples: samples in this split.
         split: "train" or "val".
-        image_size: side of the square images in pixels.
+        image_size: side of the square images in pixels; at least 16.
         seed: selects the whole set.
     """
 
     def __init__(self, num_samples: int = 2000, split: Literal["train", "val"] = "train",
                  image_size: int = 64, seed: int = 0):
         super().__init__(num_samples, split, seed)
+        if image_size < 16:
+            raise ValueError(f"image_size must be at least 16 pixels, got {image_size}")
         self.image_size = image_size
 
     def draw(self, rng: np.random.Generator) -> dict[str, Any]:

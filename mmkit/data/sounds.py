@@ -30,14 +30,16 @@ class SyntheticAudio(SyntheticSet):
     Args:
         num_samples: clips in this split.
         split: "train" or "val".
-        sample_rate: samples per second of the generated clips.
-        clip_seconds: length of every clip.
+        sample_rate: samples per second of the generated clips; at least 8000 (chirps reach 3 kHz).
+        clip_seconds: length of every clip; at least 0.1.
         seed: selects the whole set.
     """
 
     def __init__(self, num_samples: int = 2000, split: Literal["train", "val"] = "train",
                  sample_rate: int = 16000, clip_seconds: float = 1.0, seed: int = 0):
         super().__init__(num_samples, split, seed)
+        if sample_rate < 8000 or clip_seconds < 0.1:
+            raise ValueError(f"need sample_rate >= 8000 and clip_seconds >= 0.1, got {sample_rate} and {clip_seconds}")
         self.sample_rate = sample_rate
         self.clip_seconds = clip_seconds
 

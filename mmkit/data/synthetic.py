@@ -18,6 +18,8 @@ class SyntheticSet(Dataset):
     """
 
     def __init__(self, num_samples: int, split: str, seed: int):
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be at least 1, got {num_samples}")
         self.num_samples = num_samples
         self.split = split
         self.seed = seed

@@ -37,6 +37,8 @@ class TransformerTextEncoder(Encoder):
     def __init__(self, width: int = 256, layers: int = 4, heads: int = 4,
                  context_length: int = 32, dropout: float = 0.0):
         super().__init__()
+        if context_length < 2:
+            raise ValueError(f"context_length must be at least 2 (start and end tokens), got {context_length}")
         self.preprocess = Tokenize(context_length)
         self.dim = width
         self.token_embedding = nn.Embedding(self.preprocess.vocab_size, width)
