@@ -107,11 +107,32 @@ def tensorboard_steps(folder: Path, tag: str) -> list[int]:
     return [event.step for event in events.Scalars(tag)]
 
 
-def test_resume_refuses_a_changed_batch_layout(tiny_recipe):
+def files(folder: Path) -> dict[Path, bytes]:
+    return {path: path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+
+
+def test_a_resume_that_cannot_work_says_why_and_changes_nothing(tiny_recipe):
     Run(load_recipe(tiny_recipe)).fit()
-    done = run_mmkit("run", tiny_recipe, "train.batch_size=8", "--resume")
-    assert done.returncode == 2
-    assert "cannot resume from " in done.stderr and "(batch_size 16 -> 8)" in done.stderr
+    folder = tiny_recipe.parent / "runs" / "tiny"
+    before = files(folder)
+    layout = run_mmkit("run", tiny_recipe, "train.batch_size=8", "--resume")
+    assert layout.returncode == 2
+    assert "cannot resume from " in layout.stderr and "(batch_size 16 -> 8)" in layout.stderr
+    model = run_mmkit("run", tiny_recipe, "model.text.width=64", "--resume")
+    assert model.returncode == 2 and len(model.stderr.strip().splitlines()) == 1
+    assert "the recipe builds another model (encoders.text.position_embedding is [16, 32] in the checkpoint, " \
+           "[16, 64] here)" in model.stderr
+    finished = run_mmkit("run", tiny_recipe, "--resume")
+    assert finished.returncode == 2
+    assert "step_00000006 is step 6 of the 6 this recipe trains for; raise train.max_steps" in finished.stderr
+    assert files(folder) == before
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["tiny"]
+
+
+def test_a_step_bigger_than_the_data_is_refused_before_the_folder(tiny_recipe):
+    with pytest.raises(MMKitError, match="batch_size 16 x grad_accum 5 x 1 processes is more than the 64"):
+        Run(load_recipe(tiny_recipe, ["train.grad_accum=5"])).fit()
+    assert not (tiny_recipe.parent / "runs").exists()
 
 
 def test_resume_without_a_checkpoint_says_what_to_do(tiny_recipe):
@@ -135,10 +156,10 @@ def test_fp16_is_refused_where_auto_finds_no_gpu(tiny_recipe):
     assert not (tiny_recipe.parent / "runs").exists()
 
 
-def test_epochs_set_the_length_when_max_steps_is_absent(tiny_recipe):
-    # 64 samples, batch 16, accumulation 2: two optimizer steps per epoch.
-    summary = Run(load_recipe(tiny_recipe, ["train.epochs=3", "train.max_steps=0", "train.grad_accum=2"])).fit()
-    assert summary["steps"] == 6 and summary["epochs"] == 3
+def test_epochs_on_the_command_line_replace_the_recipes_max_steps(tiny_recipe):
+    # 64 samples, batch 16, accumulation 2: two optimizer steps per epoch; the recipe says max_steps = 6.
+    summary = Run(load_recipe(tiny_recipe, ["train.epochs=2", "train.grad_accum=2"])).fit()
+    assert summary["steps"] == 4 and summary["epochs"] == 2
 
 
 def test_warmup_then_cosine():

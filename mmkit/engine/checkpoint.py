@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
@@ -72,15 +73,43 @@ def save_checkpoint(folder: Path, step: int, model: nn.Module, optimizer: torch.
     return final
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                    accelerator: Any, layout: dict[str, int]) -> int:
-    """Restore model, optimizer, schedule and this process's RNG; return the step reached."""
+def check_checkpoint(path: Path, model: nn.Module, layout: dict[str, int]) -> int:
+    """The step ``path`` reached, once sure it fits ``model`` and the data ``layout``;
+    checked before a resume writes anything."""
     state = json.loads((path / "trainer.json").read_text())
     if state["layout"] != layout:
         changed = ", ".join(f"{k} {state['layout'].get(k)} -> {v}" for k, v in layout.items()
                             if state["layout"].get(k) != v)
         raise MMKitError(f"cannot resume from {path}: it was written with another data layout "
                          f"({changed}); resume with the recipe and process count it was written with")
+    mismatch = _weights_mismatch(path / "model.safetensors", model)
+    if mismatch:
+        raise MMKitError(f"cannot resume from {path}: the recipe builds another model ({mismatch}); "
+                         "resume with the recipe.toml of that run")
+    return int(state["step"])
+
+
+def _weights_mismatch(path: Path, model: nn.Module) -> str | None:
+    """How the saved weights differ from ``model``'s in names or shapes, if they do."""
+    with safe_open(path, "pt") as saved_file:
+        saved = {key: tuple(saved_file.get_slice(key).get_shape()) for key in saved_file.keys()}
+    state = model.state_dict()
+    for key, tensor in state.items():
+        if key in saved and saved[key] != tuple(tensor.shape):
+            return f"{key} is {list(saved[key])} in the checkpoint, {list(tensor.shape)} here"
+    if unexpected := sorted(set(saved) - set(state)):
+        return f"the checkpoint has {unexpected[0]}, which this model lacks"
+    stored = {state[key].data_ptr() for key in saved}  # tied weights are saved once
+    if missing := [key for key in state if key not in saved and state[key].data_ptr() not in stored]:
+        return f"this model's {missing[0]} is not in the checkpoint"
+    return None
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                    accelerator: Any, layout: dict[str, int]) -> int:
+    """Restore model, optimizer, schedule and this process's RNG; return the step reached."""
+    check_checkpoint(path, model, layout)
+    state = json.loads((path / "trainer.json").read_text())
     load_model(model, path / "model.safetensors", strict=True)
     optimizer.load_state_dict(_unflatten_optimizer(load_file(path / "optimizer.safetensors"), state["optimizer"]))
     scheduler.load_state_dict(state["scheduler"])

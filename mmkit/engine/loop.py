@@ -35,15 +35,10 @@ def fit(task: Task, loader: DataLoader, sampler: EpochBatches, val_loader: DataL
         checkpoints: Path, resume_from: Path | None) -> FitResult:
     """Train ``task`` for train.max_steps (or train.epochs), evaluating, logging and
     checkpointing on the way; returns after the last optimizer step."""
-    if len(sampler) < train.grad_accum:
-        raise MMKitError(f"train.batch_size {train.batch_size} x grad_accum {train.grad_accum} x "
-                         f"{accelerator.num_processes} processes is more than the {sampler.size} "
-                         "training samples; lower it")
-    steps_per_epoch = len(sampler) // train.grad_accum
-    total = train.max_steps or (train.epochs or 1) * steps_per_epoch
+    steps_per_epoch, total = step_plan(train, sampler, accelerator.num_processes)
     optimizer = adamw(task, train.lr, train.weight_decay, fused=accelerator.device.type == "cuda")
     scheduler = warmup_cosine(optimizer, train.warmup, total)
-    layout = {"processes": accelerator.num_processes, "batch_size": train.batch_size, "grad_accum": train.grad_accum}
+    layout = data_layout(train, accelerator.num_processes)
     step = 0
     if resume_from is not None:
         step = load_checkpoint(resume_from, task, optimizer, scheduler, accelerator, layout)
@@ -76,6 +71,20 @@ def fit(task: Task, loader: DataLoader, sampler: EpochBatches, val_loader: DataL
     seconds = time.perf_counter() - started
     trained = step - first_step
     return FitResult(step, step / steps_per_epoch, seconds, samples_per_step * trained / max(seconds, 1e-9))
+
+
+def step_plan(train: TrainSpec, sampler: EpochBatches, processes: int) -> tuple[int, int]:
+    """(optimizer steps per epoch, total steps); refuses a step bigger than the data."""
+    if len(sampler) < train.grad_accum:
+        raise MMKitError(f"train.batch_size {train.batch_size} x grad_accum {train.grad_accum} x "
+                         f"{processes} processes is more than the {sampler.size} training samples; lower it")
+    steps_per_epoch = len(sampler) // train.grad_accum
+    return steps_per_epoch, train.max_steps or (train.epochs or 1) * steps_per_epoch
+
+
+def data_layout(train: TrainSpec, processes: int) -> dict[str, int]:
+    """What fixes where in the data a step ends; a checkpoint only resumes under the same."""
+    return {"processes": processes, "batch_size": train.batch_size, "grad_accum": train.grad_accum}
 
 
 def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Iterator[dict],

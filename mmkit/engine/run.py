@@ -63,14 +63,19 @@ class Run:
 
         from mmkit.components import build_parts
         from mmkit.data.loader import EpochBatches, Preprocessed, train_loader
-        from mmkit.engine.checkpoint import checkpoint_step, write_atomic_model
+        from mmkit.engine.checkpoint import write_atomic_model
         from mmkit.engine.loop import evaluate, fit
         from mmkit.engine.tracking import Tracker
 
         accelerator = self._accelerator()
         resume_from = self._resume_from()
         set_seed(self.spec.seed)
-        parts = build_parts(self.recipe, self.registry)  # before the folder: a failed build leaves none
+        # Everything that can refuse the recipe runs before the folder: a failed start leaves none.
+        parts = build_parts(self.recipe, self.registry)
+        train_set = Preprocessed(parts.train_set, parts.transforms)
+        sampler = EpochBatches(len(train_set), self.train.batch_size, self.spec.seed,
+                               accelerator.process_index, accelerator.num_processes)
+        resume_step = self._check_resume(resume_from, parts.task, sampler, accelerator.num_processes)
         self.paths = paths = RunPaths(self._folder(accelerator))
         if accelerator.is_main_process:
             paths.checkpoints.mkdir(parents=True, exist_ok=True)
@@ -79,13 +84,9 @@ class Run:
             write_recipe(tree, paths.recipe)
 
         pin = accelerator.device.type == "cuda"
-        train_set = Preprocessed(parts.train_set, parts.transforms)
-        sampler = EpochBatches(len(train_set), self.train.batch_size, self.spec.seed,
-                               accelerator.process_index, accelerator.num_processes)
         loader = train_loader(train_set, sampler, self.train.num_workers, pin)
         val_loader = self._val_loader(parts, self.train.num_workers, pin)
-        tracker = Tracker(paths.folder, accelerator.is_main_process,
-                          resume_step=checkpoint_step(resume_from) if resume_from else None)
+        tracker = Tracker(paths.folder, accelerator.is_main_process, resume_step=resume_step)
         result = fit(parts.task, loader, sampler, val_loader, self.train, self.evaluation,
                      accelerator, tracker, paths.checkpoints, resume_from)
         metrics = evaluate(parts.task, val_loader, accelerator) if val_loader else {}
@@ -129,6 +130,20 @@ class Run:
             raise MMKitError(f"nothing to resume in {folder}: it has no checkpoint "
                              "(set train.checkpoint_every); run without --resume to start over")
         return found
+
+    def _check_resume(self, resume_from: Path | None, task: Any, sampler: Any, processes: int) -> int | None:
+        """The step to resume from, once the checkpoint is known to fit and to have steps left."""
+        from mmkit.engine.checkpoint import check_checkpoint
+        from mmkit.engine.loop import data_layout, step_plan
+
+        _, total = step_plan(self.train, sampler, processes)
+        if resume_from is None:
+            return None
+        step = check_checkpoint(resume_from, task, data_layout(self.train, processes))
+        if step >= total:
+            raise MMKitError(f"nothing to resume: {resume_from} is step {step} of the {total} this recipe "
+                             "trains for; raise train.max_steps (or train.epochs) to train further")
+        return step
 
     def _val_loader(self, parts: Any, num_workers: int, pin: bool) -> Any:
         from mmkit.data.loader import Preprocessed, eval_loader
