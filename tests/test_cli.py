@@ -38,8 +38,11 @@ def test_unknown_names_get_one_line_and_a_suggestion():
                                   "'synthetic_shapes'? see `mmkit list datasets`")
 
 
-def test_pretrained_weights_offline_fail_in_one_line(tiny_recipe):
-    out = run_mmkit("run", tiny_recipe, "model.image.pretrained=true", env={"HF_HUB_OFFLINE": "1"})
+def test_pretrained_weights_offline_fail_in_one_line(tiny_recipe, tmp_path):
+    # As a user without network meets it: no offline flag set, a hub that cannot be reached, an empty cache.
+    unreachable = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf"),
+                   "HTTPS_PROXY": "", "https_proxy": "", "ALL_PROXY": "", "all_proxy": ""}
+    out = run_mmkit("run", tiny_recipe, "model.image.pretrained=true", env=unreachable)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1

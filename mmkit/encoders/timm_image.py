@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ from torch import nn
 
 from mmkit.encoders.base import Encoded, Encoder, freeze as freeze_module
 from mmkit.errors import MMKitError, one_line
+from mmkit.hub import cached_only_if_unreachable
 
 
 class TimmImageEncoder(Encoder):
@@ -67,13 +69,15 @@ def create_timm_model(name: str, pretrained: bool | str, image_size: int, args: 
     if not timm.is_model(name):
         raise MMKitError(f"unknown timm model {name!r}; see timm.list_models('*{name[:4]}*')")
     kwargs = dict(pretrained=bool(pretrained), pretrained_cfg_overlay=overlay, num_classes=0, **args)
+    hub = cached_only_if_unreachable() if pretrained is True else contextlib.nullcontext()
     try:
-        try:
-            return timm.create_model(name, img_size=image_size, **kwargs)
-        except TypeError as error:  # CNNs take any size and have no img_size argument
-            if "img_size" not in str(error):
-                raise
-            return timm.create_model(name, **kwargs)
+        with hub:
+            try:
+                return timm.create_model(name, img_size=image_size, **kwargs)
+            except TypeError as error:  # CNNs take any size and have no img_size argument
+                if "img_size" not in str(error):
+                    raise
+                return timm.create_model(name, **kwargs)
     except TypeError as error:
         raise MMKitError(f"timm model {name!r}: bad model_args: {error}") from None
     except Exception as error:
