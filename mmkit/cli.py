@@ -110,8 +110,6 @@ def plugins() -> None:
         click.echo(f"{info.name} {info.version}")
         for kind, names in info.registers.items():
             click.echo(f"  {kind}: {', '.join(names)}")
-    for problem in loaded.problems:
-        click.echo(f"problem: {problem}")
 
 
 def main(argv: list[str] | None = None) -> None:

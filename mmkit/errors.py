@@ -1,10 +1,13 @@
 """Errors meant for people: the CLI prints them in one line, without a traceback."""
 
 
-def one_line(error: BaseException) -> str:
-    """``TypeName: first line of the message``, for reports that must fit on one line."""
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+def one_line(error: BaseException, whole: bool = False) -> str:
+    """``TypeName: first line of the message`` (``whole``: every line, joined by "; "),
+    for reports that must fit on one line."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    return f"{type(error).__name__}: {'; '.join(lines) if whole else lines[0]}"
 
 
 class MMKitError(Exception):

@@ -62,7 +62,9 @@ def plugin_manager(problems: list[str]) -> tuple[pluggy.PluginManager, dict[str,
         if name not in disabled:
             manager.register(importlib.import_module(name), name=name)
             versions[name] = own_version
-    for entry in sorted(metadata.entry_points(group="mmkit"), key=lambda e: e.name):
+    entries = sorted(metadata.entry_points(group="mmkit"), key=lambda e: e.name)
+    _unknown_names(problems, wanted or set(), disabled, {e.name for e in entries})
+    for entry in entries:
         if entry.name in disabled or (wanted is not None and entry.name not in wanted):
             continue
         dist = entry.dist.name if entry.dist else "?"
@@ -76,7 +78,7 @@ def plugin_manager(problems: list[str]) -> tuple[pluggy.PluginManager, dict[str,
             manager.check_pending()
         except pluggy.PluginValidationError as error:  # e.g. a misspelled hook name
             manager.unregister(name=entry.name)
-            problems.append(f'plugin "{entry.name}" ignored: {one_line(error)}')
+            problems.append(f'plugin "{entry.name}" ignored: {one_line(error, whole=True)}')
             continue
         except Exception as error:  # a broken plugin must not take mmkit down
             problems.append(f'error importing plugin "{entry.name}": {one_line(error)}')
@@ -84,6 +86,14 @@ def plugin_manager(problems: list[str]) -> tuple[pluggy.PluginManager, dict[str,
         versions[entry.name] = entry.dist.version if entry.dist else "?"
         dists[entry.name] = dist
     return manager, versions
+
+
+def _unknown_names(problems: list[str], wanted: set[str], disabled: set[str], installed: set[str]) -> None:
+    """A name in MMKIT_PLUGINS or MMKIT_DISABLE_PLUGINS that matches no plugin is a typo to report."""
+    for variable, names in (("MMKIT_PLUGINS", wanted), ("MMKIT_DISABLE_PLUGINS", disabled)):
+        for name in sorted(names - installed - set(BUILTIN_PLUGINS)):
+            problems.append(f'{variable} names "{name}", which is no installed plugin '
+                            f'(installed: {", ".join(sorted(installed)) or "none"})')
 
 
 def collect(manager: pluggy.PluginManager, versions: dict[str, str], problems: list[str]) -> tuple[Registry, dict[str, PluginInfo]]:

@@ -81,6 +81,27 @@ def test_misspelled_hook_is_reported(tmp_path):
     assert "register_text_encoder" in listed.stderr and len(listed.stderr.strip().splitlines()) == 1
 
 
+def test_a_hook_with_the_wrong_arguments_is_reported_with_the_reason(tmp_path):
+    source = "from mmkit import hookimpl\n@hookimpl\ndef register_tasks(reg):\n    pass\n"
+    fake_installed(tmp_path, "badsig", "badsig_plugin", source)
+    shown = run_mmkit("plugins", env={"PYTHONPATH": str(tmp_path), "MMKIT_PLUGINS": "badsig"})
+    assert shown.returncode == 0 and "mmkit.encoders" in shown.stdout and "badsig" not in shown.stdout
+    [line] = shown.stderr.splitlines()  # reported once, in one line, with pluggy's reason
+    assert line.startswith("mmkit: plugin \"badsig\" ignored: PluginValidationError: Plugin 'badsig' for hook "
+                           "'register_tasks'; ")
+    assert "Argument(s) {'reg'} are declared in the hookimpl" in line
+
+
+def test_a_misspelled_plugin_name_in_the_environment_is_reported(gru_site):
+    env = {"PYTHONPATH": str(gru_site), "MMKIT_PLUGINS": "grux", "MMKIT_DISABLE_PLUGINS": "mmkit.dataz"}
+    listed = run_mmkit("list", "text_encoders", env=env)
+    assert listed.returncode == 0 and "transformer" in listed.stdout
+    assert listed.stderr.splitlines() == [
+        'mmkit: MMKIT_PLUGINS names "grux", which is no installed plugin (installed: gru)',
+        'mmkit: MMKIT_DISABLE_PLUGINS names "mmkit.dataz", which is no installed plugin (installed: gru)',
+    ]
+
+
 def test_plugin_command_that_breaks_does_not_take_the_cli_down(tmp_path):
     source = (
         "from mmkit import hookimpl\n"
