@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
+import urllib.request
 from typing import Iterator
 from urllib.parse import urlsplit
-
-PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
 
 
 @contextlib.contextmanager
@@ -29,9 +27,10 @@ def cached_only_if_unreachable(timeout: float = 3.0) -> Iterator[None]:
 
 def reachable(url: str, timeout: float) -> bool:
     """Whether a TCP connection to ``url``'s host opens; behind a proxy, assume it does."""
-    if any(os.environ.get(name) for name in PROXY_VARIABLES):
-        return True
     parts = urlsplit(url)
+    proxies = urllib.request.getproxies()
+    if (proxies.get(parts.scheme) or proxies.get("all")) and not urllib.request.proxy_bypass(parts.hostname or ""):
+        return True
     port = parts.port or (443 if parts.scheme == "https" else 80)
     try:
         with socket.create_connection((parts.hostname, port), timeout=timeout):

@@ -72,24 +72,36 @@ def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> Recipe:
     path = Path(path)
     origins: dict[str, str] = {}
     tree = _load_tree(path, (), origins)
+    parsed = [(override, *parse_override(override)) for override in overrides]
+    _check_overlaps(parsed)
     layer: dict[str, Any] = {}
-    tables = []
-    for override in overrides:
-        keys, value = parse_override(override)
-        layer = merge(layer, _nested(keys, value), rules=False)
-        if isinstance(value, dict):
-            tables.append(keys)
+    for _, keys, value in sorted(parsed, key=lambda item: len(item[1])):  # a table before keys inside it
+        _put(layer, keys, value)
     tree = merge(tree, layer)
-    for keys in tables:
-        _nested_get(tree, keys[:-1])[keys[-1]] = copy.deepcopy(_nested_get(layer, keys))
+    for _, keys, value in parsed:
+        if isinstance(value, dict):
+            _put(tree, keys, copy.deepcopy(_nested_get(layer, keys)))
     origins |= dict.fromkeys(_dotted_keys(layer), COMMAND_LINE)
     return Recipe(path, tree, origins)
 
 
-def _nested(keys: list[str], value: Any) -> dict[str, Any]:
-    for key in reversed(keys):
-        value = {key: value}
-    return value
+def _check_overlaps(parsed: list[tuple[str, list[str], Any]]) -> None:
+    """Two overrides may not set the same key, nor one a key inside the other's value,
+    unless that value is an inline table given whole."""
+    for i, (text, keys, value) in enumerate(parsed):
+        for other, other_keys, other_value in parsed[i + 1:]:
+            (short, short_value), long = ((keys, value), other_keys) if len(keys) <= len(other_keys) \
+                else ((other_keys, other_value), keys)
+            if long[:len(short)] == short and not (len(long) > len(short) and isinstance(short_value, dict)):
+                raise MMKitError(f"overrides {text!r} and {other!r} both set {'.'.join(short)}; keep one")
+
+
+def _put(tree: dict[str, Any], keys: list[str], value: Any) -> None:
+    for key in keys[:-1]:
+        if not isinstance(tree.get(key), dict):
+            tree[key] = {}
+        tree = tree[key]
+    tree[keys[-1]] = copy.deepcopy(value)
 
 
 def _nested_get(tree: dict[str, Any], keys: list[str]) -> Any:
@@ -131,21 +143,21 @@ def _load_tree(path: Path, seen: tuple[Path, ...], origins: dict[str, str]) -> d
     return tree
 
 
-def merge(base: dict[str, Any], top: dict[str, Any], path: tuple[str, ...] = (),
-          rules: bool = True) -> dict[str, Any]:
-    """Deep-merge two tables, ``top`` winning. With ``rules``, a layer that names another
-    component drops the old one's params (but keeps [data.val]), and a layer that sets one
-    of train.epochs / train.max_steps drops the other."""
+def merge(base: dict[str, Any], top: dict[str, Any], path: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Deep-merge two tables, ``top`` winning. A layer that names another
+    component drops the old one's params (and [data.val] too if it brings its own), and a
+    layer that sets one of train.epochs / train.max_steps drops the other."""
     out = copy.deepcopy(base)
-    if rules and path and path[0] != "run" and "name" in top and top["name"] != base.get("name"):
-        out = {"val": out["val"]} if path == ("data",) and "val" in out else {}
-    if rules and path == ("train",):
+    if path and path[0] != "run" and "name" in top and top["name"] != base.get("name"):
+        keep_val = path == ("data",) and "val" in out and "val" not in top
+        out = {"val": out["val"]} if keep_val else {}
+    if path == ("train",):
         for one, other in (("epochs", "max_steps"), ("max_steps", "epochs")):
-            if one in top and other not in top:
+            if top.get(one) and other not in top:  # max_steps = 0 means "use epochs": keep them
                 out.pop(other, None)
     for key, value in top.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value, path + (key,), rules)
+            out[key] = merge(out[key], value, path + (key,))
         else:
             out[key] = copy.deepcopy(value)
     return out

@@ -122,6 +122,9 @@ def test_a_resume_that_cannot_work_says_why_and_changes_nothing(tiny_recipe):
     assert model.returncode == 2 and len(model.stderr.strip().splitlines()) == 1
     assert "the recipe builds another model (encoders.text.position_embedding is [16, 32] in the checkpoint, " \
            "[16, 64] here)" in model.stderr
+    frozen = run_mmkit("run", tiny_recipe, "model.image.freeze=true", "--resume")
+    assert frozen.returncode == 2
+    assert "the recipe trains other parameters (optimizer groups of [" in frozen.stderr
     finished = run_mmkit("run", tiny_recipe, "--resume")
     assert finished.returncode == 2
     assert "step_00000006 is step 6 of the 6 this recipe trains for; raise train.max_steps" in finished.stderr

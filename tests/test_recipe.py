@@ -56,6 +56,27 @@ def test_naming_another_component_drops_the_old_ones_params(tiny_recipe):
 def test_overrides_are_one_layer_whatever_their_order(tiny_recipe):
     for order in (["model.text.width=64", "model.text.name=gru"], ["model.text.name=gru", "model.text.width=64"]):
         assert load_recipe(tiny_recipe, order).table("model", "text") == {"name": "gru", "width": 64}
+    table, inside = "model.image={name='timm', model_args={depth=1, num_heads=2}}", "model.image.model_args={}"
+    for order in ([table, inside], [inside, table]):
+        assert load_recipe(tiny_recipe, order).table("model", "image") == {"name": "timm", "model_args": {}}
+
+
+@pytest.mark.parametrize("overrides", [["train.lr=1", "train.lr=2"], ["train.lr.x={}", "train.lr=1"],
+                                       ["train={lr=1}", "train={lr=2}"]])
+def test_overrides_that_set_the_same_key_are_refused(tiny_recipe, overrides):
+    with pytest.raises(MMKitError, match=f"overrides {overrides[0]!r} and {overrides[1]!r} both set "):
+        load_recipe(tiny_recipe, overrides)
+
+
+def test_a_dataset_switch_keeps_data_val_unless_the_layer_brings_its_own(tmp_path, tiny_recipe):
+    child = write(tmp_path / "child.toml", """
+        extends = "tiny.toml"
+        [data]
+        name = "synthetic_audio"
+        [data.val]
+        num_samples = 8
+    """)
+    assert load_recipe(child).table("data") == {"name": "synthetic_audio", "val": {"num_samples": 8}}
 
 
 def test_an_inline_table_override_replaces_the_table(tmp_path, tiny_recipe):
@@ -72,6 +93,7 @@ def test_setting_epochs_drops_max_steps_from_the_layers_below(tmp_path, tiny_rec
     child = write(tmp_path / "child.toml", 'extends = "tiny.toml"\n[train]\nepochs = 2\n')
     assert load_recipe(child).spec("train").max_steps is None
     assert load_recipe(child, ["train.max_steps=4"]).spec("train").epochs is None
+    assert load_recipe(child, ["train.max_steps=0"]).spec("train").epochs == 2  # 0: use epochs
     assert problems(tiny_recipe, "train.epochs=3", "train.max_steps=4") == [
         f"{tiny_recipe} (command line): train.max_steps: set train.epochs or train.max_steps, not both"]
 

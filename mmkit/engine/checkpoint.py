@@ -30,10 +30,6 @@ def checkpoint_name(step: int) -> str:
     return f"{PREFIX}{step:08d}"
 
 
-def checkpoint_step(path: Path) -> int:
-    return int(path.name[len(PREFIX):])
-
-
 def checkpoints(folder: Path) -> list[Path]:
     """The complete checkpoints in ``folder``, oldest first (temporary folders are not complete)."""
     return sorted(p for p in folder.glob(f"{PREFIX}*") if p.is_dir() and p.name[len(PREFIX):].isdigit())
@@ -73,9 +69,10 @@ def save_checkpoint(folder: Path, step: int, model: nn.Module, optimizer: torch.
     return final
 
 
-def check_checkpoint(path: Path, model: nn.Module, layout: dict[str, int]) -> int:
-    """The step ``path`` reached, once sure it fits ``model`` and the data ``layout``;
-    checked before a resume writes anything."""
+def check_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                     layout: dict[str, int]) -> int:
+    """The step ``path`` reached, once sure it fits ``model``, what ``optimizer`` trains and
+    the data ``layout``; checked before a resume writes anything."""
     state = json.loads((path / "trainer.json").read_text())
     if state["layout"] != layout:
         changed = ", ".join(f"{k} {state['layout'].get(k)} -> {v}" for k, v in layout.items()
@@ -85,6 +82,12 @@ def check_checkpoint(path: Path, model: nn.Module, layout: dict[str, int]) -> in
     mismatch = _weights_mismatch(path / "model.safetensors", model)
     if mismatch:
         raise MMKitError(f"cannot resume from {path}: the recipe builds another model ({mismatch}); "
+                         "resume with the recipe.toml of that run")
+    saved_groups = [len(group["params"]) for group in state["optimizer"]["param_groups"]]
+    groups = [len(group["params"]) for group in optimizer.param_groups]
+    if saved_groups != groups:
+        raise MMKitError(f"cannot resume from {path}: the recipe trains other parameters (optimizer groups of "
+                         f"{saved_groups} there, {groups} here: was `freeze` changed?); "
                          "resume with the recipe.toml of that run")
     return int(state["step"])
 
@@ -99,16 +102,20 @@ def _weights_mismatch(path: Path, model: nn.Module) -> str | None:
             return f"{key} is {list(saved[key])} in the checkpoint, {list(tensor.shape)} here"
     if unexpected := sorted(set(saved) - set(state)):
         return f"the checkpoint has {unexpected[0]}, which this model lacks"
-    stored = {state[key].data_ptr() for key in saved}  # tied weights are saved once
-    if missing := [key for key in state if key not in saved and state[key].data_ptr() not in stored]:
+    stored = {_storage(state[key]) for key in saved}  # tensors sharing storage (tied weights) are saved once
+    if missing := [key for key in state if key not in saved and _storage(state[key]) not in stored]:
         return f"this model's {missing[0]} is not in the checkpoint"
     return None
+
+
+def _storage(tensor: torch.Tensor) -> int:
+    return tensor.untyped_storage().data_ptr()
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                     accelerator: Any, layout: dict[str, int]) -> int:
     """Restore model, optimizer, schedule and this process's RNG; return the step reached."""
-    check_checkpoint(path, model, layout)
+    check_checkpoint(path, model, optimizer, layout)
     state = json.loads((path / "trainer.json").read_text())
     load_model(model, path / "model.safetensors", strict=True)
     optimizer.load_state_dict(_unflatten_optimizer(load_file(path / "optimizer.safetensors"), state["optimizer"]))

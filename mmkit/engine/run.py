@@ -135,11 +135,13 @@ class Run:
         """The step to resume from, once the checkpoint is known to fit and to have steps left."""
         from mmkit.engine.checkpoint import check_checkpoint
         from mmkit.engine.loop import data_layout, step_plan
+        from mmkit.engine.schedule import adamw
 
         _, total = step_plan(self.train, sampler, processes)
         if resume_from is None:
             return None
-        step = check_checkpoint(resume_from, task, data_layout(self.train, processes))
+        optimizer = adamw(task, self.train.lr, self.train.weight_decay, fused=False)  # for its groups only
+        step = check_checkpoint(resume_from, task, optimizer, data_layout(self.train, processes))
         if step >= total:
             raise MMKitError(f"nothing to resume: {resume_from} is step {step} of the {total} this recipe "
                              "trains for; raise train.max_steps (or train.epochs) to train further")
