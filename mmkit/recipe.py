@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import copy
-import difflib
 import datetime
+import difflib
+import itertools
 import tomllib
 from dataclasses import dataclass, field
 from enum import Enum
@@ -88,12 +89,10 @@ def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> Recipe:
 def _check_overlaps(parsed: list[tuple[str, list[str], Any]]) -> None:
     """Two overrides may not set the same key, nor one a key inside the other's value,
     unless that value is an inline table given whole."""
-    for i, (text, keys, value) in enumerate(parsed):
-        for other, other_keys, other_value in parsed[i + 1:]:
-            (short, short_value), long = ((keys, value), other_keys) if len(keys) <= len(other_keys) \
-                else ((other_keys, other_value), keys)
-            if long[:len(short)] == short and not (len(long) > len(short) and isinstance(short_value, dict)):
-                raise MMKitError(f"overrides {text!r} and {other!r} both set {'.'.join(short)}; keep one")
+    for (text, *one), (other, *two) in itertools.combinations(parsed, 2):
+        (short, short_value), (long, _) = sorted([one, two], key=lambda keys_value: len(keys_value[0]))
+        if long[:len(short)] == short and not (len(long) > len(short) and isinstance(short_value, dict)):
+            raise MMKitError(f"overrides {text!r} and {other!r} both set {'.'.join(short)}; keep one")
 
 
 def _put(tree: dict[str, Any], keys: list[str], value: Any) -> None:

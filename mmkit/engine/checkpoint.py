@@ -69,10 +69,10 @@ def save_checkpoint(folder: Path, step: int, model: nn.Module, optimizer: torch.
     return final
 
 
-def check_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+def check_checkpoint(path: Path, model: nn.Module, param_groups: list[dict[str, Any]],
                      layout: dict[str, int]) -> int:
-    """The step ``path`` reached, once sure it fits ``model``, what ``optimizer`` trains and
-    the data ``layout``; checked before a resume writes anything."""
+    """The step ``path`` reached, once sure it fits ``model``, the optimizer's ``param_groups``
+    and the data ``layout``; checked before a resume writes or loads anything."""
     state = json.loads((path / "trainer.json").read_text())
     if state["layout"] != layout:
         changed = ", ".join(f"{k} {state['layout'].get(k)} -> {v}" for k, v in layout.items()
@@ -84,7 +84,7 @@ def check_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimi
         raise MMKitError(f"cannot resume from {path}: the recipe builds another model ({mismatch}); "
                          "resume with the recipe.toml of that run")
     saved_groups = [len(group["params"]) for group in state["optimizer"]["param_groups"]]
-    groups = [len(group["params"]) for group in optimizer.param_groups]
+    groups = [len(group["params"]) for group in param_groups]
     if saved_groups != groups:
         raise MMKitError(f"cannot resume from {path}: the recipe trains other parameters (optimizer groups of "
                          f"{saved_groups} there, {groups} here: was `freeze` changed?); "
@@ -113,9 +113,9 @@ def _storage(tensor: torch.Tensor) -> int:
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                    accelerator: Any, layout: dict[str, int]) -> int:
-    """Restore model, optimizer, schedule and this process's RNG; return the step reached."""
-    check_checkpoint(path, model, optimizer, layout)
+                    accelerator: Any) -> int:
+    """Restore model, optimizer, schedule and this process's RNG from a checkpoint that
+    ``check_checkpoint`` accepted; return the step reached."""
     state = json.loads((path / "trainer.json").read_text())
     load_model(model, path / "model.safetensors", strict=True)
     optimizer.load_state_dict(_unflatten_optimizer(load_file(path / "optimizer.safetensors"), state["optimizer"]))

@@ -34,14 +34,15 @@ def fit(task: Task, loader: DataLoader, sampler: EpochBatches, val_loader: DataL
         train: TrainSpec, evaluation: EvalSpec, accelerator: Any, tracker: Tracker,
         checkpoints: Path, resume_from: Path | None) -> FitResult:
     """Train ``task`` for train.max_steps (or train.epochs), evaluating, logging and
-    checkpointing on the way; returns after the last optimizer step."""
+    checkpointing on the way; returns after the last optimizer step. ``resume_from`` is a
+    checkpoint that ``check_checkpoint`` accepted for this recipe."""
     steps_per_epoch, total = step_plan(train, sampler, accelerator.num_processes)
     optimizer = adamw(task, train.lr, train.weight_decay, fused=accelerator.device.type == "cuda")
     scheduler = warmup_cosine(optimizer, train.warmup, total)
     layout = data_layout(train, accelerator.num_processes)
     step = 0
     if resume_from is not None:
-        step = load_checkpoint(resume_from, task, optimizer, scheduler, accelerator, layout)
+        step = load_checkpoint(resume_from, task, optimizer, scheduler, accelerator)
     model = torch.compile(task) if train.compile else task
     model, optimizer = accelerator.prepare(model, optimizer)
     batches = micro_batches(loader, sampler, start=step * train.grad_accum)

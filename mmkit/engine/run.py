@@ -132,16 +132,17 @@ class Run:
         return found
 
     def _check_resume(self, resume_from: Path | None, task: Any, sampler: Any, processes: int) -> int | None:
-        """The step to resume from, once the checkpoint is known to fit and to have steps left."""
+        """Refuse a step bigger than the data or a checkpoint that does not fit or has no steps
+        left; the step to resume from, if any."""
         from mmkit.engine.checkpoint import check_checkpoint
         from mmkit.engine.loop import data_layout, step_plan
-        from mmkit.engine.schedule import adamw
+        from mmkit.engine.schedule import param_groups
 
         _, total = step_plan(self.train, sampler, processes)
         if resume_from is None:
             return None
-        optimizer = adamw(task, self.train.lr, self.train.weight_decay, fused=False)  # for its groups only
-        step = check_checkpoint(resume_from, task, optimizer, data_layout(self.train, processes))
+        groups = param_groups(task, self.train.weight_decay)
+        step = check_checkpoint(resume_from, task, groups, data_layout(self.train, processes))
         if step >= total:
             raise MMKitError(f"nothing to resume: {resume_from} is step {step} of the {total} this recipe "
                              "trains for; raise train.max_steps (or train.epochs) to train further")
