@@ -80,7 +80,7 @@ def plugin_manager(problems: list[str]) -> tuple[pluggy.PluginManager, dict[str,
             manager.unregister(name=entry.name)
             problems.append(f'plugin "{entry.name}" ignored: {one_line(error, whole=True)}')
             continue
-        except Exception as error:  # a broken plugin must not take mmkit down
+        except (Exception, SystemExit) as error:  # a broken plugin must not take mmkit down
             problems.append(f'error importing plugin "{entry.name}": {one_line(error)}')
             continue
         versions[entry.name] = entry.dist.version if entry.dist else "?"

@@ -44,7 +44,8 @@ class TrainSpec:
         lr: peak learning rate.
         weight_decay: AdamW decay, applied to matrices only (not biases, norms, scales).
         warmup: optimizer steps of linear warmup.
-        grad_accum: micro-batches accumulated per optimizer step.
+        grad_accum: micro-batches accumulated per optimizer step (a contrastive task
+            contrasts each micro-batch on its own: its negatives are one micro-batch).
         clip_grad: clip the global gradient norm to this value.
         checkpoint_every: save a resumable checkpoint every N steps (0: never).
         keep_checkpoints: how many recent checkpoints to keep.

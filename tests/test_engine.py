@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,11 +17,15 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import run_mmkit
+from mmkit import build
 from mmkit.engine.checkpoint import latest_checkpoint
+from mmkit.engine.loop import optimizer_step
 from mmkit.engine.run import Run
-from mmkit.engine.schedule import warmup_cosine
+from mmkit.engine.schedule import param_groups, warmup_cosine
 from mmkit.errors import MMKitError
 from mmkit.recipe import load_recipe
+from mmkit.specs import TrainSpec
+from mmkit.tasks.base import Task
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -173,9 +179,81 @@ def test_warmup_then_cosine():
         lrs.append(schedule.get_last_lr()[0])
         optimizer.step()
         schedule.step()
-    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
-    assert lrs[9] == pytest.approx(0.5)
-    assert lrs[-1] < 0.03 and all(a >= b for a, b in zip(lrs[3:], lrs[4:]))
+    # step s < 4 trains at (s + 1) / 4; then cos decay over the 10 steps left: 0.5 (1 + cos(pi (s - 4) / 10))
+    cosine = [0.5 * (1 + math.cos(math.pi * t / 10)) for t in range(10)]
+    assert lrs == pytest.approx([0.25, 0.5, 0.75, 1.0, *cosine], abs=1e-12)
+    assert lrs[9] == pytest.approx(0.5, abs=1e-12)
+
+
+def test_weight_decay_falls_on_matrices_only():
+    model = torch.nn.Sequential(torch.nn.Embedding(5, 4), torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    model[0].weight.requires_grad_(False)  # frozen parameters are not handed to the optimizer
+    decay, no_decay = param_groups(model, weight_decay=0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert [p.shape for p in decay["params"]] == [(3, 4)]
+    assert [p.shape for p in no_decay["params"]] == [(3,), (3,), (3,)]  # linear bias, norm weight and bias
+
+
+class Regression(Task):
+    """A per-sample loss (mean squared error), so one big batch and its halves must agree."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(3, 2)
+
+    def training_step(self, batch):
+        return {"loss": torch.nn.functional.mse_loss(self.linear(batch["x"]), batch["y"])}
+
+
+def test_two_accumulated_half_batches_step_like_one_batch():
+    from accelerate import Accelerator
+
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(24, 3, generator=generator), torch.randn(24, 2, generator=generator)
+
+    def one_step(batch_size: int, grad_accum: int):
+        torch.manual_seed(0)
+        task = Regression()
+        optimizer = torch.optim.SGD(task.parameters(), lr=0.5)  # plain SGD shows a wrong gradient scale
+        batches = iter([{"x": x[i:i + batch_size], "y": y[i:i + batch_size]} for i in range(0, 24, batch_size)])
+        spec = TrainSpec(batch_size=batch_size, grad_accum=grad_accum)
+        losses = optimizer_step(task, optimizer, batches, spec, Accelerator(cpu=True))
+        return task.linear, losses["loss"], next(batches)["x"]
+
+    whole, whole_loss, _ = one_step(16, 1)
+    halves, halves_loss, after = one_step(8, 2)
+    assert torch.allclose(whole.weight, halves.weight, atol=1e-6) and torch.allclose(whole.bias, halves.bias, atol=1e-6)
+    assert halves_loss.item() == pytest.approx(whole_loss.item(), abs=1e-6)  # logged loss: the mean of both
+    assert torch.equal(after, x[16:24])  # the step took exactly its two micro-batches
+
+
+def test_a_resumed_run_with_accumulation_ends_bit_identical(tiny_recipe):
+    """Batch 8 x 2 micro-batches: the step-3 checkpoint sits 6 micro-batches into the 8 of an epoch."""
+    settings = ["train.batch_size=8", "train.grad_accum=2", "train.checkpoint_every=3", "eval.every=0",
+                "model.text.dropout=0.1"]
+    Run(load_recipe(tiny_recipe, settings)).fit()
+    runs = tiny_recipe.parent / "runs"
+    shutil.copytree(runs / "tiny", runs / "cut")  # as if killed after the step-3 checkpoint
+    shutil.rmtree(runs / "cut" / "checkpoints" / "step_00000006")
+    (runs / "cut" / "model.safetensors").unlink()
+    Run(load_recipe(tiny_recipe, [*settings, "run.name=cut"]), resume=True).fit()
+    straight, resumed = weights(runs / "tiny"), weights(runs / "cut")
+    assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_the_summary_holds_the_last_held_out_record_and_its_exact_chance(tiny_recipe):
+    summary = Run(load_recipe(tiny_recipe)).fit()
+    held_out = [r for r in records(tiny_recipe.parent / "runs" / "tiny") if "val/image_to_text/R@1" in r]
+    last = held_out[-1]
+    assert last["step"] == 6
+    assert summary["metrics"] == {k[4:]: v for k, v in last.items() if k.startswith("val/") and "chance" not in k}
+    assert summary["chance"] == {k[11:]: v for k, v in last.items() if k.startswith("val/chance/")}
+    val = build("datasets", "synthetic_shapes", split="val", num_samples=32, image_size=32)
+    captions = [val[i]["text"] for i in range(32)]
+    share = sum(captions.count(c) for c in captions) / 32 / 32  # chance R@1: mean share of one's own caption
+    assert summary["chance"]["text_to_image/R@1"] == pytest.approx(share, abs=1e-12)
+    mean_rank = sum(33 / (captions.count(c) + 1) for c in captions) / 32
+    assert summary["chance"]["image_to_text/mean_rank"] == pytest.approx(mean_rank, abs=1e-12)
 
 
 @pytest.mark.gpu

@@ -72,6 +72,27 @@ def test_broken_plugin_is_reported_in_one_line_and_the_rest_works(tmp_path, gru_
     assert "gru" in listed.stdout and "timm" in listed.stdout
 
 
+def test_a_plugin_failing_on_import_in_any_way_is_isolated_and_named(tmp_path, gru_site):
+    broken = {
+        "runtime": "raise RuntimeError('no GPU driver')\n",
+        "syntax": "def register_tasks(register:\n",
+        "attribute": "import os\nos.no_such_function()\n",
+        "exits": "import sys\nsys.exit(3)\n",
+    }
+    for name, source in broken.items():
+        fake_installed(tmp_path, name, f"{name}_plugin", source)
+    env = {"PYTHONPATH": f"{tmp_path}:{gru_site}", "MMKIT_PLUGINS": ",".join([*broken, "gru"])}
+    listed = run_mmkit("list", "text_encoders", env=env)
+    assert listed.returncode == 0 and "gru" in listed.stdout and "transformer" in listed.stdout
+    lines = listed.stderr.splitlines()
+    assert len(lines) == 4, listed.stderr
+    assert 'mmkit: error importing plugin "runtime": RuntimeError: no GPU driver' in lines
+    assert any(line.startswith('mmkit: error importing plugin "syntax": SyntaxError: ') for line in lines)
+    assert "mmkit: error importing plugin \"attribute\": AttributeError: module 'os' has no attribute " \
+           "'no_such_function'" in lines
+    assert 'mmkit: error importing plugin "exits": SystemExit: 3' in lines
+
+
 def test_misspelled_hook_is_reported(tmp_path):
     source = "from mmkit import hookimpl\n@hookimpl\ndef register_text_encoder(register):\n    pass\n"
     fake_installed(tmp_path, "typo", "typo_plugin", source)

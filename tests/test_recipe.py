@@ -164,6 +164,15 @@ def test_a_mistake_in_an_extended_file_names_that_file(tmp_path, tiny_recipe):
     ]
 
 
+def test_a_mistake_in_a_key_a_child_overrides_names_the_child(tmp_path, tiny_recipe):
+    middle = write(tmp_path / "middle.toml", 'extends = "tiny.toml"\n[train]\nlr = 0.01\n[model.text]\nwidth = 48\n')
+    child = write(tmp_path / "child.toml", 'extends = "middle.toml"\n[train]\nlr = "fast"\n')
+    assert problems(child) == [f"{child}: train.lr: expected float, got 'fast'"]
+    middle.write_text(middle.read_text().replace("width = 48", 'width = "wide"'))
+    assert problems(child) == [f"{child}: train.lr: expected float, got 'fast'",
+                               f"{middle}: model.text.width: expected int, got 'wide'"]
+
+
 def test_extends_errors(tmp_path):
     loop = write(tmp_path / "loop.toml", 'extends = "loop.toml"\n')
     with pytest.raises(MMKitError, match="loops back"):

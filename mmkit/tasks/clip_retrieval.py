@@ -53,11 +53,8 @@ class ClipRetrieval(Task):
 
     def training_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         a, b = (self.embed(batch, m) for m in self.modalities)
-        scale = self.logit_scale.clamp(max=math.log(100)).exp()
-        (all_a, all_b), offset = gather_across_processes(a, b)
-        labels = torch.arange(len(a), device=a.device) + offset
-        loss = (F.cross_entropy(scale * a @ all_b.T, labels) + F.cross_entropy(scale * b @ all_a.T, labels)) / 2
-        return {"loss": loss, "temperature": (1 / scale).detach()}
+        scale = clamped_scale(self.logit_scale)
+        return {"loss": contrastive_loss(a, b, scale), "temperature": (1 / scale).detach()}
 
     @torch.no_grad()
     def embed_all(self, batches: Iterable[dict[str, Any]]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -78,15 +75,7 @@ class ClipRetrieval(Task):
     @torch.no_grad()
     def evaluate(self, batches: Iterable[dict[str, Any]]) -> dict[str, float]:
         embeddings, relevant = self.embed_all(batches)
-        a, b = self.modalities
-        similarity = full_precision_similarity(embeddings[a], embeddings[b])
-        metrics = {}
-        for direction, sim in ((f"{a}_to_{b}", similarity), (f"{b}_to_{a}", similarity.T)):
-            for name, value in retrieval_metrics(sim, relevant).items():
-                metrics[f"{direction}/{name}"] = value
-            for name, value in chance_retrieval_metrics(relevant).items():
-                metrics[f"chance/{direction}/{name}"] = value
-        return metrics
+        return both_directions(embeddings, relevant, *self.modalities)
 
     @torch.no_grad()
     def figures(self, dataset: Dataset, batches: Iterable[dict[str, Any]]) -> dict[str, Any]:
@@ -100,6 +89,36 @@ class ClipRetrieval(Task):
             "retrieval_examples": retrieval_grid(dataset, similarity, relevant, query, gallery),
             "similarity": similarity_heatmap(similarity[:32, :32], query, gallery),
         }
+
+
+MAX_SCALE = 100.0
+
+
+def clamped_scale(logit_scale: torch.Tensor) -> torch.Tensor:
+    """The softmax scale exp(logit_scale), clamped at 100 as CLIP does, so training stays stable."""
+    return logit_scale.clamp(max=math.log(MAX_SCALE)).exp()
+
+
+def contrastive_loss(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE: each row of ``a`` must pick its pair among all of ``b`` and the
+    other way round, averaged. Under several processes the rows are contrasted with the
+    global batch, labels offset by this process's place in it, as open_clip's local loss."""
+    (all_a, all_b), offset = gather_across_processes(a, b)
+    labels = torch.arange(len(a), device=a.device) + offset
+    return (F.cross_entropy(scale * a @ all_b.T, labels) + F.cross_entropy(scale * b @ all_a.T, labels)) / 2
+
+
+def both_directions(embeddings: dict[str, torch.Tensor], relevant: torch.Tensor, a: str, b: str) -> dict[str, float]:
+    """Recall@k and ranks of ``a`` -> ``b`` (queries from ``a``) and ``b`` -> ``a``, each with
+    its chance level under ``chance/``; ``relevant`` is symmetric, [N, N]."""
+    similarity = full_precision_similarity(embeddings[a], embeddings[b])
+    metrics = {}
+    for direction, sim in ((f"{a}_to_{b}", similarity), (f"{b}_to_{a}", similarity.T)):
+        for name, value in retrieval_metrics(sim, relevant).items():
+            metrics[f"{direction}/{name}"] = value
+        for name, value in chance_retrieval_metrics(relevant).items():
+            metrics[f"chance/{direction}/{name}"] = value
+    return metrics
 
 
 def gather_across_processes(*tensors: torch.Tensor) -> tuple[list[torch.Tensor], int]:

@@ -1,0 +1,80 @@
+"""Where the data stands: batches per epoch and process, a resume's start, and augmentation
+seeded by the item and its epoch, never by the worker."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import numpy as np
+import torch
+
+from mmkit.data.loader import EpochBatches, Preprocessed, train_loader
+from mmkit.engine.loop import micro_batches
+
+
+class Items(torch.utils.data.Dataset):
+    """Sample i is {"i": i, "x": zeros}: batches show which items they hold."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> dict:
+        return {"i": index, "x": torch.zeros(3)}
+
+
+def _add_noise(x: torch.Tensor) -> torch.Tensor:
+    return x + torch.tensor([torch.rand(1).item(), random.random(), np.random.rand()])
+
+
+def test_an_epoch_is_a_shuffle_split_over_processes_without_remainder():
+    epochs = []
+    for epoch in (0, 1):
+        ranks = []
+        for rank in (0, 1):
+            sampler = EpochBatches(23, batch_size=4, seed=7, rank=rank, world=2)
+            sampler.set_epoch(epoch)
+            assert len(sampler) == 2  # 23 items over 2 processes of batch 4: two full batches each
+            ranks.append([index for batch in sampler for index, _ in batch])
+        assert all(len(r) == 8 for r in ranks) and not set(ranks[0]) & set(ranks[1])
+        epochs.append(ranks)
+    assert epochs[0] != epochs[1]  # each epoch has its own order
+
+
+def test_micro_batches_resume_at_their_place_across_epochs():
+    dataset = Preprocessed(Items(20), {})
+    sampler = EpochBatches(len(dataset), batch_size=3, seed=1)  # 6 batches an epoch, 2 items left out
+    loader = train_loader(dataset, sampler, num_workers=0, pin_memory=False)
+    whole = [b["i"].tolist() for b in itertools.islice(micro_batches(loader, sampler, start=0), 20)]
+    for start in (1, 5, 6, 13):  # inside the first epoch, its last batch, the next epoch's first, the third epoch
+        resumed = [b["i"].tolist() for b in itertools.islice(micro_batches(loader, sampler, start=start), 20 - start)]
+        assert resumed == whole[start:], start
+    assert whole[:6] != whole[6:12]  # the next epoch is a new shuffle
+
+
+def epoch_noise(dataset: Preprocessed, epoch: int, workers: int, start: int = 0) -> dict[int, torch.Tensor]:
+    sampler = EpochBatches(len(dataset), batch_size=4, seed=2**31 - 1)
+    sampler.set_epoch(epoch, start)
+    found = {}
+    for batch in train_loader(dataset, sampler, workers, pin_memory=False):
+        found |= dict(zip(batch["i"].tolist(), batch["x"]))
+    return found
+
+
+def test_augmentation_is_the_items_and_the_epochs_not_the_workers():
+    dataset = Preprocessed(Items(24), {"x": _add_noise})
+    before = torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
+    third = epoch_noise(dataset, epoch=3, workers=0)
+    after = torch.get_rng_state(), random.getstate(), np.random.get_state()[1]
+    assert torch.equal(after[0], before[0]) and after[1] == before[1]  # dropout's streams are left alone
+    assert np.array_equal(after[2], before[2])
+    assert len(torch.stack(list(third.values())).unique()) == 24 * 3  # every item draws its own, from each RNG
+    assert all(torch.equal(third[i], x) for i, x in epoch_noise(dataset, 3, workers=2).items())
+    resumed = epoch_noise(dataset, 3, workers=2, start=2)
+    assert len(resumed) == 16 and all(torch.equal(third[i], x) for i, x in resumed.items())
+    fourth = epoch_noise(dataset, epoch=4, workers=2)
+    assert fourth.keys() == third.keys()
+    assert all((fourth[i] != third[i]).all() for i in third)  # a new epoch, new draws for the same item
