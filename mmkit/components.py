@@ -8,10 +8,12 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
+from mmkit.data.loader import Collate
 from mmkit.errors import MMKitError, one_line
 from mmkit.plugins import get_registry
 from mmkit.recipe import MODALITIES, Recipe, val_params
 from mmkit.registry import KINDS, PROVIDED, Component, Registry, check_type
+from mmkit.samples import DatasetInfo
 from mmkit.tasks.base import Task
 
 
@@ -54,6 +56,11 @@ class Parts:
         """Each modality's preprocessing, applied to samples in DataLoader workers."""
         return {m: encoder.preprocess for m, encoder in self.encoders.items()}
 
+    @property
+    def collate(self) -> Collate:
+        """Batching with the encoders' own collate functions where they bring one."""
+        return Collate({m: e.collate for m, e in self.encoders.items() if getattr(e, "collate", None)})
+
 
 def build_parts(recipe: Recipe, registry: Registry) -> Parts:
     """Build encoders, fusion head, task and datasets from a checked recipe."""
@@ -71,20 +78,31 @@ def build_parts(recipe: Recipe, registry: Registry) -> Parts:
 
     train_set = make("data", "datasets")
     val_set = make("data", "datasets", extra=val_params(recipe, registry)) if "val" in recipe.table("data") else None
-    _check_modalities(recipe, train_set)
+    info = _check_modalities(recipe, train_set)
     encoders = {m: make(f"model.{m}", MODALITIES[m]) for m in recipe.modalities}
     fusion = make("model.fusion", "fusion_heads", encoders=encoders) if "fusion" in recipe.table("model") else None
-    task = make("task", "tasks", encoders=encoders, fusion=fusion)
+    task = make("task", "tasks", encoders=encoders, fusion=fusion, data=info)
     return Parts(task, encoders, train_set, val_set)
 
 
-def _check_modalities(recipe: Recipe, dataset: Dataset) -> None:
+def dataset_info(dataset: Dataset, name: str) -> DatasetInfo:
+    """What a dataset declares it gives; a plugin dataset that declares nothing is told how."""
+    info = getattr(dataset, "info", None)
+    if not isinstance(info, DatasetInfo):
+        raise MMKitError(f"dataset {name!r} declares nothing: give it an `info` attribute, an "
+                         "mmkit.samples.DatasetInfo naming its sample keys (and class names, if labelled)")
+    return info
+
+
+def _check_modalities(recipe: Recipe, dataset: Dataset) -> DatasetInfo:
     """Every encoder needs its key in the samples; say so before anything else is built."""
+    name = recipe.table("data")["name"]
     if not len(dataset):
-        raise MMKitError(f"{recipe.source}: data: dataset {recipe.table('data')['name']!r} is empty")
-    keys = sorted(dataset[0])
+        raise MMKitError(f"{recipe.source}: data: dataset {name!r} is empty")
+    info = dataset_info(dataset, name)
     for modality in recipe.modalities:
-        if modality not in keys:
-            raise MMKitError(f"{recipe.source}: model.{modality}: dataset {recipe.table('data')['name']!r} "
-                             f"has no {modality!r} in its samples (it gives {', '.join(keys)}); "
+        if modality not in info.keys:
+            raise MMKitError(f"{recipe.source}: model.{modality}: dataset {name!r} "
+                             f"has no {modality!r} in its samples (it gives {', '.join(sorted(info.keys))}); "
                              f"remove [model.{modality}] or pick a dataset with {modality}")
+    return info

@@ -40,12 +40,14 @@ def register_fusion_heads(register: Register) -> None:
 
 @hookspec
 def register_tasks(register: Register) -> None:
-    """Register tasks; a task factory may take ``encoders`` and ``fusion``, which mmkit builds."""
+    """Register tasks; a task factory may take ``encoders``, ``fusion`` and ``data`` (the
+    dataset's DatasetInfo), which mmkit provides."""
 
 
 @hookspec
 def register_datasets(register: Register) -> None:
-    """Register datasets: map-style datasets whose samples are dicts."""
+    """Register datasets: map-style datasets whose samples are dicts, each declaring what it
+    gives in an ``info`` attribute (an mmkit.samples.DatasetInfo)."""
 
 
 @hookspec

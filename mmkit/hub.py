@@ -1,28 +1,53 @@
-"""Downloads from the Hugging Face hub that fail fast, instead of retrying for a minute, offline."""
+"""Every download from the Hugging Face hub goes through here, one call at a time: when the
+hub cannot be reached the call asks for cached files only, so it fails in a second (or loads
+what an earlier download left) instead of retrying for a minute."""
 
 from __future__ import annotations
 
-import contextlib
 import socket
 import urllib.request
-from typing import Iterator
+from pathlib import Path
 from urllib.parse import urlsplit
 
+from mmkit.errors import MMKitError, one_line
 
-@contextlib.contextmanager
-def cached_only_if_unreachable(timeout: float = 3.0) -> Iterator[None]:
-    """Inside, huggingface_hub serves only cached files when its endpoint cannot be reached,
-    so a missing download fails in a second and cached weights still load."""
+OFFLINE_ADVICE = "offline, download it once with network access (it is cached) or give a local path"
+
+
+def hub_file(repo_id: str, filenames: tuple[str, ...], what: str, advice: str = OFFLINE_ADVICE) -> Path:
+    """The first of ``filenames`` that the hub repo ``repo_id`` has, downloaded (or cached)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    cached_only = not hub_reachable()
+    for filename in filenames:
+        try:
+            return Path(hf_hub_download(repo_id, filename, local_files_only=cached_only))
+        except EntryNotFoundError:  # not in the repo or, asking the cache only, not cached: try the next
+            continue
+        except Exception as error:
+            raise MMKitError(f"{what}: {repo_id}: {one_line(error)}; {advice}") from None
+    why = "not in the cache, and the hub cannot be reached" if cached_only else f"it has none of {', '.join(filenames)}"
+    raise MMKitError(f"{what}: {repo_id}: {why}; {advice}")
+
+
+def hub_snapshot(repo_id: str, what: str, advice: str = OFFLINE_ADVICE) -> Path:
+    """A local folder with the hub repo ``repo_id`` (a transformers model: config, weights, tokenizer)."""
+    from huggingface_hub import snapshot_download
+
+    cached_only = not hub_reachable()
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=cached_only))
+    except Exception as error:
+        why = "not in the cache, and the hub cannot be reached" if cached_only else one_line(error)
+        raise MMKitError(f"{what}: {repo_id}: {why}; {advice}") from None
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether downloads can be tried: not in offline mode, and the endpoint answers."""
     from huggingface_hub import constants
 
-    if constants.HF_HUB_OFFLINE or reachable(constants.ENDPOINT, timeout):
-        yield
-        return
-    constants.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        constants.HF_HUB_OFFLINE = False
+    return not constants.HF_HUB_OFFLINE and reachable(constants.ENDPOINT, timeout)
 
 
 def reachable(url: str, timeout: float) -> bool:

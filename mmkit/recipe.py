@@ -202,6 +202,11 @@ def check_recipe(recipe: Recipe, registry: Registry) -> None:
                 _check_component(problems, registry, f"model.{modality}", model[modality], kind)
         if "fusion" in model:
             _check_component(problems, registry, "model.fusion", model["fusion"], "fusion_heads")
+            task = tree.get("task")
+            if isinstance(task, dict) and registry.has("tasks", task.get("name")) \
+                    and not registry.get("tasks", task["name"]).takes("fusion"):
+                problems.add("model.fusion", f"task {task['name']!r} takes no fusion head; remove [model.fusion] "
+                                             "or pick a task that fuses modalities")
     if not problems:
         for table in SPECS:
             for key, message in recipe.spec(table).problems().items():

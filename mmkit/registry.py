@@ -25,7 +25,8 @@ KINDS: dict[str, str] = {
 }
 
 # Parameters mmkit builds and passes itself; they are not part of a recipe table.
-PROVIDED: dict[str, tuple[str, ...]] = {"tasks": ("encoders", "fusion"), "fusion_heads": ("encoders",)}
+# ``data`` is the training set's DatasetInfo (keys, class names, label kind).
+PROVIDED: dict[str, tuple[str, ...]] = {"tasks": ("encoders", "fusion", "data"), "fusion_heads": ("encoders",)}
 
 REQUIRED = inspect.Parameter.empty
 
@@ -65,6 +66,10 @@ class Component:
     @property
     def summary(self) -> str:
         return self.doc.split("\n", 1)[0]
+
+    def takes(self, name: str) -> bool:
+        """Whether the factory has a parameter ``name`` (e.g. a task taking ``fusion``)."""
+        return name in inspect.signature(self.factory).parameters
 
     @property
     def description(self) -> str:

@@ -4,6 +4,8 @@ is covered the moment it registers."""
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import pytest
 import torch
@@ -11,13 +13,14 @@ from torch.utils.data import default_collate
 
 from mmkit import build
 from mmkit.data.loader import Preprocessed
-from mmkit.encoders.audio import Waveform
 from mmkit.encoders.base import Encoded
 from mmkit.errors import MMKitError
 from mmkit.plugins import get_registry
+from mmkit.samples import DatasetInfo, Waveform
 
-# Small settings for builtins; components without an entry are built with their defaults.
-TINY = {
+# Small settings for builtins; components without an entry are built with their defaults. A
+# callable entry returns the settings (e.g. the path of a tiny model it saved), made on first use.
+TINY: dict[tuple[str, str], dict | Callable[[], dict]] = {
     ("image_encoders", "timm"): {"model_name": "test_vit", "image_size": 32},
     ("text_encoders", "transformer"): {"width": 32, "layers": 1, "heads": 2, "context_length": 16},
     ("audio_encoders", "logmel_cnn"): {"channels": 4, "blocks": 2, "dim": 16, "n_mels": 32},
@@ -40,7 +43,8 @@ def raw_samples(modality: str) -> list:
 
 
 def tiny_encoder(kind: str, name: str):
-    return build(kind, name, **TINY.get((kind, name), {}))
+    settings = TINY.get((kind, name), {})
+    return build(kind, name, **(settings() if callable(settings) else settings))
 
 
 @pytest.mark.parametrize("kind", list(MODALITY))
@@ -53,6 +57,10 @@ def test_every_encoder_runs_forward_and_backward(kind):
         b, t, d = out.tokens.shape
         assert b == 2 and t >= 1 and out.pooled.shape == (2, encoder.dim) and out.mask.shape == (2, t)
         assert out.mask.dtype == torch.bool and out.mask.any(dim=1).all()
+        if kind == "text_encoders":
+            assert out.grid is None and out.prefix == 0
+        else:  # image and audio tokens lie on a grid after their prefix tokens
+            assert out.grid is not None and out.prefix + out.grid[0] * out.grid[1] == t, name
         out.pooled.square().sum().backward()
         grads = [p.grad for p in encoder.parameters() if p.requires_grad]
         assert grads and all(g is not None for g in grads), f"{name}: a parameter got no gradient"
@@ -60,9 +68,35 @@ def test_every_encoder_runs_forward_and_backward(kind):
 
 
 def test_timm_encoder_takes_cnns_too():
-    encoder = build("image_encoders", "timm", model_name="test_resnet", image_size=48)
-    out = encoder(torch.stack([encoder.preprocess(v) for v in raw_samples("image")]))
-    assert out.pooled.shape == (2, encoder.dim) and out.tokens.shape[1] > 1
+    encoder = build("image_encoders", "timm", model_name="test_resnet", image_size=64)
+    images = torch.stack([encoder.preprocess(v) for v in raw_samples("image")])
+    out = encoder(images)
+    feature_map = encoder.model.forward_features(images)  # [B, C, H', W']
+    assert out.pooled.shape == (2, encoder.dim) and out.prefix == 0 and out.grid == tuple(feature_map.shape[-2:])
+    assert torch.equal(out.tokens[:, 1], feature_map[:, :, 0, 1])  # row by row: token 1 is row 0, column 1
+
+
+def test_vit_tokens_are_a_prefix_then_the_patch_grid():
+    encoder = build("image_encoders", "timm", model_name="vit_tiny_patch16_224", image_size=64,
+                    model_args={"depth": 1, "reg_tokens": 2})
+    out = encoder(torch.randn(2, 3, 64, 64))
+    assert (out.prefix, out.grid, out.tokens.shape[1]) == (3, (4, 4), 19)  # cls + 2 registers, 64 / 16 = 4
+    with pytest.raises(ValueError, match="3 prefix tokens and a 4x5 grid do not make the 19 tokens"):
+        Encoded(out.tokens, out.pooled, out.mask, grid=(4, 5), prefix=3)
+
+
+@pytest.mark.parametrize("name", components("text_encoders"))
+def test_text_encoders_have_a_real_mask_token(name):
+    encoder = tiny_encoder("text_encoders", name)
+    pad, mask, vocab = encoder.pad_id, encoder.mask_id, encoder.vocab_size
+    assert len({pad, mask}) == 2 and 0 <= pad < vocab and 0 <= mask < vocab
+    ids = encoder.preprocess("a quiet low tone at the start")
+    ids = ids["input_ids"] if isinstance(ids, dict) else ids
+    assert mask not in ids.tolist() and pad in ids.tolist()  # text never tokenizes to the mask token
+    masked = ids.clone()
+    masked[1] = mask  # a masked position embeds like any token
+    out = encoder(masked.unsqueeze(0))
+    assert out.mask[0, 1] and torch.isfinite(out.tokens).all()
 
 
 def test_timm_encoder_freeze_keeps_weights_and_norm_statistics():
@@ -99,6 +133,16 @@ def test_audio_frontend_resamples_and_fixes_the_length():
     at_16k = encoder.preprocess(Waveform(torch.randn(16000), 16000))
     at_8k_stereo = encoder.preprocess(Waveform(torch.randn(2, 4000), 8000))  # half a second
     assert at_16k.shape == at_8k_stereo.shape == (1, 32, 101)
+
+
+@pytest.mark.parametrize("name", components("datasets"))
+def test_every_dataset_declares_what_it_gives(name):
+    dataset = build("datasets", name, num_samples=5)
+    info = dataset.info
+    assert all(set(dataset[i]) == set(info.keys) for i in range(5))
+    if info.label_kind == "single":
+        assert info.num_classes > max(dataset[i]["label"] for i in range(5))
+        assert len(set(info.class_names)) == info.num_classes
 
 
 @pytest.mark.parametrize("name", components("datasets"))
@@ -162,3 +206,72 @@ def test_clip_retrieval_counts_captions_as_the_same_only_when_their_text_is():
     _, relevant = task.embed_all([default_collate(samples)])
     assert relevant.tolist() == [[True, False, False, False], [False, True, False, False],
                                  [False, False, True, True], [False, False, True, True]]
+
+
+def test_batches_move_to_the_device_with_nested_dicts():
+    from mmkit.engine.loop import to_device
+
+    batch = {"text": {"input_ids": torch.ones(2, 3), "attention_mask": torch.ones(2, 3)},
+             "image": torch.zeros(2, 1), "raw_text": ["a", "b"]}
+    moved = to_device(batch, torch.device("meta"))
+    assert moved["text"]["input_ids"].is_meta and moved["text"]["attention_mask"].is_meta and moved["image"].is_meta
+    assert moved["raw_text"] == ["a", "b"]
+
+
+def test_an_encoders_own_collate_batches_its_values():
+    from mmkit.data.loader import Collate
+
+    def pad_to_longest(values):  # what a tokenizer with dynamic padding brings
+        longest = max(len(v) for v in values)
+        return torch.stack([torch.nn.functional.pad(v, (0, longest - len(v))) for v in values])
+
+    samples = [{"text": torch.tensor([5, 6]), "label": 1}, {"text": torch.tensor([7, 8, 9]), "label": 0}]
+    batch = Collate({"text": pad_to_longest})(samples)
+    assert batch["text"].tolist() == [[5, 6, 0], [7, 8, 9]] and batch["label"].tolist() == [1, 0]
+    nested = Collate()([{"text": {"input_ids": torch.tensor([1, 2])}}, {"text": {"input_ids": torch.tensor([3, 4])}}])
+    assert nested["text"]["input_ids"].tolist() == [[1, 2], [3, 4]]
+
+
+def registry_with(*extra):
+    """The loaded registry plus components added here, without touching the shared one."""
+    from mmkit.registry import Registry
+
+    registry = Registry()
+    for component in get_registry().components():
+        registry.add(component.kind, component.name, component.factory, component.plugin)
+    for kind, name, factory in extra:
+        registry.add(kind, name, factory, "test")
+    return registry
+
+
+class DataAwareRetrieval(torch.nn.Module):
+    """A task that takes what the dataset declares, as a classification task does."""
+
+    def __init__(self, encoders: dict, data: DatasetInfo, width: int = 4):
+        super().__init__()
+        self.data = data
+        self.head = torch.nn.Linear(width, data.num_classes)
+
+
+def test_a_task_is_given_what_the_dataset_declares(tiny_recipe):
+    from mmkit.components import build_parts
+    from mmkit.recipe import load_recipe
+
+    registry = registry_with(("tasks", "data_aware", DataAwareRetrieval))
+    parts = build_parts(load_recipe(tiny_recipe, ["task={name='data_aware'}"]), registry)
+    assert parts.task.data == parts.train_set.info and parts.task.head.out_features == 240
+    assert parts.task.data.class_names[0] == "small red circle in the top left"
+
+
+def test_a_fusion_head_the_task_does_not_take_is_refused(tiny_recipe):
+    from mmkit.errors import RecipeError
+    from mmkit.recipe import check_recipe, load_recipe
+
+    def concat(encoders: dict, hidden: int = 8):
+        """Pooled features concatenated."""
+
+    registry = registry_with(("fusion_heads", "concat_test", concat))
+    with pytest.raises(RecipeError) as caught:
+        check_recipe(load_recipe(tiny_recipe, ["model.fusion.name=concat_test"]), registry)
+    assert caught.value.problems == [f"{tiny_recipe} (command line): model.fusion: task 'clip_retrieval' takes no "
+                                     "fusion head; remove [model.fusion] or pick a task that fuses modalities"]

@@ -8,7 +8,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 
 class Preprocessed(Dataset):
@@ -21,7 +21,7 @@ class Preprocessed(Dataset):
     compare captions.
     """
 
-    def __init__(self, dataset: Dataset, transforms: Mapping[str, Callable[[Any], torch.Tensor]]):
+    def __init__(self, dataset: Dataset, transforms: Mapping[str, Callable[[Any], Any]]):
         self.dataset = dataset
         self.transforms = dict(transforms)
 
@@ -87,14 +87,30 @@ class EpochBatches(Sampler[list[int]]):
             yield mine[i * self.batch_size : (i + 1) * self.batch_size]
 
 
-def train_loader(dataset: Dataset, sampler: EpochBatches, num_workers: int, pin_memory: bool) -> DataLoader:
+class Collate:
+    """Samples -> a batch: a key with its encoder's own ``collate`` uses it, every other key
+    torch's default_collate (dicts of tensors become dicts of batched tensors)."""
+
+    def __init__(self, collates: Mapping[str, Callable[[list[Any]], Any]] | None = None):
+        self.collates = dict(collates or {})
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        return {key: self.collates.get(key, default_collate)([sample[key] for sample in samples])
+                for key in samples[0]}
+
+
+def train_loader(dataset: Dataset, sampler: EpochBatches, num_workers: int, pin_memory: bool,
+                 collate: Collate | None = None) -> DataLoader:
     """A loader with its own generator (seeded by the run), so starting an iterator never
     draws from the global RNG that dropout uses: resumed runs stay exact."""
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
-                      persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(sampler.seed))
+                      collate_fn=collate or Collate(), persistent_workers=num_workers > 0,
+                      generator=torch.Generator().manual_seed(sampler.seed))
 
 
-def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, pin_memory: bool) -> DataLoader:
+def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, pin_memory: bool,
+                collate: Collate | None = None) -> DataLoader:
     """Held-out batches in order; workers stay up between evaluations."""
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                      pin_memory=pin_memory, persistent_workers=num_workers > 0, generator=torch.Generator())
+                      pin_memory=pin_memory, collate_fn=collate or Collate(),
+                      persistent_workers=num_workers > 0, generator=torch.Generator())

@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from mmkit.data.synthetic import SyntheticSet
+from mmkit.samples import DatasetInfo
 
 COLOURS = {
     "red": (215, 40, 40),
@@ -49,6 +50,10 @@ class SyntheticShapes(SyntheticSet):
         if image_size < 16:
             raise ValueError(f"image_size must be at least 16 pixels, got {image_size}")
         self.image_size = image_size
+
+    info = DatasetInfo(keys=("id", "image", "text", "label"), label_kind="single",
+                       class_names=tuple(f"{size} {colour} {shape} in the {position}"
+                                         for colour, shape, size, position in COMBINATIONS))
 
     def draw(self, rng: np.random.Generator) -> dict[str, Any]:
         label = int(rng.integers(len(COMBINATIONS)))

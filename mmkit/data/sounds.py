@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from mmkit.data.synthetic import SyntheticSet
-from mmkit.encoders.audio import Waveform
+from mmkit.samples import DatasetInfo, Waveform
 
 SOUNDS = (
     "low tone", "middle tone", "high tone", "rising chirp", "falling chirp",
@@ -42,6 +42,9 @@ class SyntheticAudio(SyntheticSet):
             raise ValueError(f"need sample_rate >= 8000 and clip_seconds >= 0.1, got {sample_rate} and {clip_seconds}")
         self.sample_rate = sample_rate
         self.clip_seconds = clip_seconds
+
+    info = DatasetInfo(keys=("id", "audio", "text", "label"), label_kind="single",
+                       class_names=tuple(f"{loudness} {sound} {timing}" for sound, loudness, timing in COMBINATIONS))
 
     def draw(self, rng: np.random.Generator) -> dict[str, Any]:
         label = int(rng.integers(len(COMBINATIONS)))

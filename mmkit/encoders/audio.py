@@ -2,20 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from mmkit.encoders.base import Encoded, Encoder
-
-
-@dataclass
-class Waveform:
-    """A mono or multi-channel clip and its sample rate, as datasets hand audio over."""
-
-    samples: torch.Tensor  # [T] or [C, T], float in [-1, 1]
-    sample_rate: int
+from mmkit.samples import Waveform
 
 
 class LogMel:
@@ -49,7 +40,7 @@ class LogMel:
 
 
 class LogMelCNNEncoder(Encoder):
-    """Log-mel spectrogram (torchaudio) then a small 2-D CNN; tokens are time frames.
+    """Log-mel spectrogram (torchaudio) then a small 2-D CNN; tokens are time frames (a 1 x frames grid).
 
     Args:
         sample_rate: rate the frontend works at; other rates are resampled.
@@ -88,4 +79,4 @@ class LogMelCNNEncoder(Encoder):
         tokens = self.project(features.transpose(1, 2))
         pooled = self.norm(tokens.mean(dim=1))
         mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
-        return Encoded(tokens=tokens, pooled=pooled, mask=mask)
+        return Encoded(tokens=tokens, pooled=pooled, mask=mask, grid=(1, tokens.shape[1]))

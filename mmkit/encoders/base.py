@@ -13,24 +13,39 @@ from torch import nn
 class Encoded:
     """What an encoder returns: per-token features, a pooled vector and the token mask.
 
-    ``mask`` is True where a token is real (not padding).
+    ``mask`` is True where a token is real (not padding). Image and audio encoders say how
+    their tokens lie on a grid, for decoders and attention maps: ``prefix`` leading tokens
+    (cls, registers) then ``grid`` = (rows, columns) of patches or feature-map cells, row by
+    row; text has no grid.
     """
 
     tokens: torch.Tensor  # [B, T, D]
     pooled: torch.Tensor  # [B, D]
     mask: torch.Tensor  # [B, T] bool
+    grid: tuple[int, int] | None = None
+    prefix: int = 0
+
+    def __post_init__(self) -> None:
+        if self.grid is not None and self.prefix + self.grid[0] * self.grid[1] != self.tokens.shape[1]:
+            raise ValueError(f"{self.prefix} prefix tokens and a {self.grid[0]}x{self.grid[1]} grid do not "
+                             f"make the {self.tokens.shape[1]} tokens encoded")
 
 
 class Encoder(nn.Module):
     """Base class for encoders.
 
     ``dim`` is the feature width. ``preprocess`` turns one raw sample value (image, text,
-    waveform) into the tensor ``forward`` takes; it is a small picklable object, not a
-    method, so DataLoader workers get the transform without a copy of the weights.
+    waveform) into what ``forward`` takes: a tensor, or a dict of tensors (input_ids and
+    attention_mask); it is a small picklable object, not a method, so DataLoader workers get
+    the transform without a copy of the weights. An encoder whose values need more than
+    stacking to batch sets ``collate`` (a list of values -> a batch). Text encoders also give
+    ``vocab_size`` and the ids of padding and of the mask token (``pad_id``, ``mask_id``),
+    which masked-language modelling needs.
     """
 
     dim: int
-    preprocess: Callable[[Any], torch.Tensor]
+    preprocess: Callable[[Any], Any]
+    collate: Callable[[list[Any]], Any] | None = None
 
     def forward(self, inputs: torch.Tensor) -> Encoded:  # pragma: no cover - abstract
         raise NotImplementedError

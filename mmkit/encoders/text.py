@@ -10,14 +10,18 @@ from mmkit.encoders.base import Encoded, Encoder, masked_mean
 
 class Tokenize:
     """Text -> fixed-length token ids with open_clip's byte-pair tokenizer (its vocabulary
-    ships inside the package, so this works offline). Padding id is 0."""
+    ships inside the package, so this works offline). Padding id is 0; one id past the
+    byte-pair vocabulary is the mask token, which no text is tokenized to."""
+
+    pad_id = 0
 
     def __init__(self, context_length: int):
         from open_clip.tokenizer import SimpleTokenizer
 
         self.tokenizer = SimpleTokenizer()
         self.context_length = context_length
-        self.vocab_size = len(self.tokenizer.encoder)
+        self.mask_id = len(self.tokenizer.encoder)
+        self.vocab_size = self.mask_id + 1
 
     def __call__(self, text: str) -> torch.Tensor:
         return self.tokenizer([text], context_length=self.context_length)[0]
@@ -41,7 +45,8 @@ class TransformerTextEncoder(Encoder):
             raise ValueError(f"context_length must be at least 2 (start and end tokens), got {context_length}")
         self.preprocess = Tokenize(context_length)
         self.dim = width
-        self.token_embedding = nn.Embedding(self.preprocess.vocab_size, width)
+        self.vocab_size, self.pad_id, self.mask_id = self.preprocess.vocab_size, Tokenize.pad_id, self.preprocess.mask_id
+        self.token_embedding = nn.Embedding(self.vocab_size, width)
         self.position_embedding = nn.Parameter(torch.randn(context_length, width) * 0.01)
         block = nn.TransformerEncoderLayer(
             width, heads, dim_feedforward=4 * width, dropout=dropout,
@@ -52,7 +57,7 @@ class TransformerTextEncoder(Encoder):
         nn.init.normal_(self.token_embedding.weight, std=0.02)
 
     def forward(self, ids: torch.Tensor) -> Encoded:
-        mask = ids != 0
+        mask = ids != self.pad_id
         x = self.token_embedding(ids) + self.position_embedding[: ids.shape[1]]
         tokens = self.norm(self.blocks(x, src_key_padding_mask=~mask))
         return Encoded(tokens=tokens, pooled=masked_mean(tokens, mask), mask=mask)

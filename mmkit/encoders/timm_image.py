@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +11,10 @@ from torch import nn
 
 from mmkit.encoders.base import Encoded, Encoder, freeze as freeze_module
 from mmkit.errors import MMKitError, one_line
-from mmkit.hub import cached_only_if_unreachable
+from mmkit.hub import hub_file
+from mmkit.weights import load_weights, weights_file
+
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
 class TimmImageEncoder(Encoder):
@@ -19,7 +22,9 @@ class TimmImageEncoder(Encoder):
 
     Args:
         model_name: a timm model name, e.g. "vit_small_patch16_224", "resnet50", "convnext_tiny".
-        pretrained: false, true (timm's hub weights, downloaded once) or a local weights file.
+        pretrained: false, true (timm's hub weights for the name, downloaded once), a hub repo id
+            ("timm/resnet18.a1_in1k") or a local weights file or folder (.safetensors, or .bin/.pt
+            holding only tensors).
         image_size: side in pixels that images are resized and center-cropped to.
         model_args: extra arguments for timm.create_model, e.g. {depth = 4, patch_size = 8}.
         freeze: keep the backbone's weights fixed.
@@ -51,43 +56,64 @@ class TimmImageEncoder(Encoder):
     def forward(self, images: torch.Tensor) -> Encoded:
         features = self.model.forward_features(images)
         pooled = self.model.forward_head(features, pre_logits=True)
-        tokens = features.flatten(2).transpose(1, 2) if features.ndim == 4 else features
+        if features.ndim == 4:  # a CNN's feature map [B, C, H', W']: its cells, row by row
+            tokens, prefix, grid = features.flatten(2).transpose(1, 2), 0, tuple(features.shape[-2:])
+        else:
+            tokens, prefix = features, getattr(self.model, "num_prefix_tokens", 0)
+            grid = patch_grid(self.model, images.shape[-2:], tokens.shape[1] - prefix)
         mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
-        return Encoded(tokens=tokens, pooled=pooled, mask=mask)
+        return Encoded(tokens=tokens, pooled=pooled, mask=mask, grid=grid, prefix=prefix)
+
+
+def patch_grid(model: nn.Module, size: tuple[int, int], patches: int) -> tuple[int, int] | None:
+    """Rows and columns of a ViT's patch tokens for images of ``size``; None for models whose
+    tokens are no such grid (pooled or merged tokens)."""
+    embed = getattr(model, "patch_embed", None)
+    if embed is None:
+        return None
+    grid = embed.dynamic_feat_size(tuple(size)) if hasattr(embed, "dynamic_feat_size") else embed.grid_size
+    grid = tuple(int(n) for n in grid)
+    return grid if grid[0] * grid[1] == patches else None
 
 
 def create_timm_model(name: str, pretrained: bool | str, image_size: int, args: dict[str, Any]) -> nn.Module:
     """timm.create_model with a headless model, the image size where the model takes one,
-    and one-line errors for unknown names and unreachable weights."""
+    weights read by mmkit (never unpickled), and one-line errors."""
     import timm
 
-    overlay = None
-    if isinstance(pretrained, str):
-        if not Path(pretrained).is_file():
-            raise MMKitError(f"pretrained weights file not found: {pretrained}")
-        overlay = {"file": str(pretrained)}
     if not timm.is_model(name):
         raise MMKitError(f"unknown timm model {name!r}; see timm.list_models('*{name[:4]}*')")
+    what = f"timm model {name!r}"
+    overlay = {"state_dict": load_weights(timm_weights(name, pretrained, what), what)} if pretrained else None
     kwargs = dict(pretrained=bool(pretrained), pretrained_cfg_overlay=overlay, num_classes=0, **args)
-    hub = cached_only_if_unreachable() if pretrained is True else contextlib.nullcontext()
     try:
-        with hub:
-            try:
-                return timm.create_model(name, img_size=image_size, **kwargs)
-            except TypeError as error:  # CNNs take any size and have no img_size argument
-                if "img_size" not in str(error):
-                    raise
-                return timm.create_model(name, **kwargs)
+        try:
+            return timm.create_model(name, img_size=image_size, **kwargs)
+        except TypeError as error:  # CNNs take any size and have no img_size argument
+            if "img_size" not in str(error):
+                raise
+            return timm.create_model(name, **kwargs)
     except TypeError as error:
-        raise MMKitError(f"timm model {name!r}: bad model_args: {error}") from None
-    except Exception as error:
-        if not pretrained:
-            raise
-        raise MMKitError(
-            f"timm model {name!r}: pretrained weights could not be loaded ({one_line(error)}); "
-            "offline, download them once with network access (they are cached), "
-            "set pretrained to a local weights file, or set pretrained = false"
-        ) from None
+        raise MMKitError(f"{what}: bad model_args: {error}") from None
+    except RuntimeError as error:  # load_state_dict: names or shapes that do not fit
+        raise MMKitError(f"{what}: the pretrained weights do not fit the model: {one_line(error)}") from None
+
+
+def timm_weights(name: str, pretrained: bool | str, what: str) -> Path:
+    """Where the weights are: a local file or folder, a hub repo id ("timm/resnet18.a1_in1k"),
+    or for ``true`` the hub repo timm names for the model."""
+    import timm
+
+    if isinstance(pretrained, str) and (Path(pretrained).exists() or not HUB_ID.fullmatch(pretrained)):
+        if not Path(pretrained).exists():
+            raise MMKitError(f"pretrained weights file not found: {pretrained}")
+        return weights_file(pretrained, what)
+    repo = pretrained if isinstance(pretrained, str) else getattr(timm.models.get_pretrained_cfg(name), "hf_hub_id", None)
+    if not repo:
+        raise MMKitError(f"{what}: timm has no hub weights for it; set pretrained to a local weights file")
+    return hub_file(repo, ("model.safetensors", "pytorch_model.bin"), f"{what}: pretrained weights could not be loaded",
+                    advice="offline, download them once with network access (they are cached), "
+                           "set pretrained to a local weights file, or set pretrained = false")
 
 
 def image_transform(model: nn.Module, image_size: int):

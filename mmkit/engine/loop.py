@@ -128,8 +128,13 @@ def micro_batches(loader: DataLoader, sampler: EpochBatches, start: int) -> Iter
         epoch, skip = epoch + 1, 0
 
 
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+def to_device(value: Any, device: torch.device) -> Any:
+    """A batch on ``device``: its tensors, also those inside nested dicts (input_ids + attention_mask)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, dict):
+        return {key: to_device(inner, device) for key, inner in value.items()}
+    return value
 
 
 def on_device(batches: Iterable[dict[str, Any]], device: torch.device) -> Iterator[dict[str, Any]]:

@@ -84,7 +84,7 @@ class Run:
             write_recipe(tree, paths.recipe)
 
         pin = accelerator.device.type == "cuda"
-        loader = train_loader(train_set, sampler, self.train.num_workers, pin)
+        loader = train_loader(train_set, sampler, self.train.num_workers, pin, parts.collate)
         val_loader = self._val_loader(parts, self.train.num_workers, pin)
         tracker = Tracker(paths.folder, accelerator.is_main_process, resume_step=resume_step)
         result = fit(parts.task, loader, sampler, val_loader, self.train, self.evaluation,
@@ -154,7 +154,7 @@ class Run:
         if parts.val_set is None:
             return None
         return eval_loader(Preprocessed(parts.val_set, parts.transforms),
-                           self.evaluation.batch_size or self.train.batch_size, num_workers, pin)
+                           self.evaluation.batch_size or self.train.batch_size, num_workers, pin, parts.collate)
 
     def _folder(self, accelerator: Any) -> Path:
         """runs/<name>; a new run never overwrites one: it takes <name>-2, <name>-3, ..."""

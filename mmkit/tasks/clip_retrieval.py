@@ -65,7 +65,7 @@ class ClipRetrieval(Task):
             for m in self.modalities:
                 embeddings[m].append(self.embed(batch, m).cpu())
             if "text" in self.modalities:  # the raw text where the loader kept it, else the tokens
-                captions += batch.get("raw_text") or [tuple(ids) for ids in batch["text"].tolist()]
+                captions += batch.get("raw_text") or [tuple(ids) for ids in token_ids(batch["text"]).tolist()]
         out = {m: torch.cat(e) for m, e in embeddings.items()}
         groups: dict[Any, int] = {}
         keys = captions or range(len(next(iter(out.values()))))
@@ -92,6 +92,11 @@ class ClipRetrieval(Task):
 
 
 MAX_SCALE = 100.0
+
+
+def token_ids(text: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
+    """A text batch's token ids, whether it is a tensor of ids or a tokenizer's dict."""
+    return text["input_ids"] if isinstance(text, dict) else text
 
 
 def clamped_scale(logit_scale: torch.Tensor) -> torch.Tensor:

@@ -23,12 +23,13 @@ class GRUTextEncoder(Encoder):
         super().__init__()
         self.preprocess = Tokenize(context_length)
         self.dim = width
-        self.embedding = nn.Embedding(self.preprocess.vocab_size, width, padding_idx=0)
+        self.vocab_size, self.pad_id, self.mask_id = self.preprocess.vocab_size, Tokenize.pad_id, self.preprocess.mask_id
+        self.embedding = nn.Embedding(self.vocab_size, width, padding_idx=self.pad_id)
         self.gru = nn.GRU(width, width // 2, num_layers=layers, batch_first=True, bidirectional=True)
         self.norm = nn.LayerNorm(width)
 
     def forward(self, ids: torch.Tensor) -> Encoded:
-        mask = ids != 0
+        mask = ids != self.pad_id
         lengths = mask.sum(1).clamp(min=1).cpu()
         packed = pack_padded_sequence(self.embedding(ids), lengths, batch_first=True, enforce_sorted=False)
         states, _ = self.gru(packed)  # packing keeps padding out of the backward direction
