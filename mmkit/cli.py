@@ -87,13 +87,21 @@ def list_components(kind: str | None, pattern: str) -> None:
 def info(kind: str, name: str) -> None:
     """Show a component's parameters (types, defaults) and documentation."""
     from mmkit.plugins import get_registry
-    from mmkit.registry import KINDS
+    from mmkit.registry import KINDS, PART_KINDS, read_params
+    from mmkit.specs import PartSpec
 
     component = get_registry().get(kind, name)
     click.echo(f'{KINDS[component.kind]} "{component.name}" from plugin {component.plugin}\n')
     click.echo(component.description + "\n")
     click.echo("parameters:" if component.params else "parameters: none")
-    for param in component.params.values():
+    _echo_params(component.params)
+    if component.kind in PART_KINDS:
+        click.echo("\nkeys mmkit applies to every [model.*] part:")
+        _echo_params(read_params("", PartSpec))
+
+
+def _echo_params(params: dict[str, Any]) -> None:
+    for param in params.values():
         default = "required" if param.required else f"default {param.default!r}"
         click.echo(f"  {param.name}: {param.type_name}  ({default})")
         if param.doc:

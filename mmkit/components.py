@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch.utils.data import Dataset
 
 from mmkit.data.loader import Collate
 from mmkit.errors import MMKitError, one_line
+from mmkit.parts import PLACES, parameter_counts, prepare_part
 from mmkit.plugins import get_registry
 from mmkit.recipe import MODALITIES, Recipe, val_params
 from mmkit.registry import KINDS, PROVIDED, Component, Registry, check_type
 from mmkit.samples import DatasetInfo
+from mmkit.specs import PART_KEYS, PartSpec
 from mmkit.tasks.base import Task
 
 
@@ -21,11 +23,20 @@ def build(kind: str, name: str, **params: Any) -> Any:
     """Build one registered component, checking ``params`` against its schema first.
 
     ``build("image_encoders", "timm", model_name="resnet18", image_size=64)``; a task also
-    takes the ``encoders`` (and ``fusion``) that a recipe run would build for it.
+    takes the ``encoders`` (and ``fusion``, ``data``) that a recipe run would build for it.
+    Encoders and fusion heads take the part keys too (``freeze``, ``lora``, ``init_from``).
     """
     component = get_registry().get(kind, name)
     provided = {k: params.pop(k) for k in PROVIDED.get(component.kind, ()) if k in params}
-    return instantiate(component, params, **provided)
+    if component.kind not in PLACES:
+        return instantiate(component, params, **provided)
+    spec = PartSpec(**{k: params.pop(k) for k in PART_KEYS if k in params})
+    where = f"{KINDS[component.kind]} {component.name!r}"
+    if spec.lr_scale != 1.0:
+        raise MMKitError(f"{where}: lr_scale sets a learning rate for training; give it in a recipe's [model.<part>]")
+    part = instantiate(component, params, **provided)
+    prepare_part(part, spec, where, PLACES[component.kind])
+    return part
 
 
 def instantiate(component: Component, params: dict[str, Any], **provided: Any) -> Any:
@@ -44,12 +55,15 @@ def instantiate(component: Component, params: dict[str, Any], **provided: Any) -
 
 @dataclass
 class Parts:
-    """What a recipe builds: the task (which holds the model), its encoders and the datasets."""
+    """What a recipe builds: the task (which holds the model), its parts (encoders by modality,
+    and the fusion head), the datasets, and each part's learning-rate scale."""
 
     task: Task
     encoders: dict[str, Any]
     train_set: Dataset
     val_set: Dataset | None
+    fusion: Any = None
+    lr_scales: dict[str, float] = field(default_factory=dict)
 
     @property
     def transforms(self) -> dict[str, Any]:
@@ -61,9 +75,23 @@ class Parts:
         """Batching with the encoders' own collate functions where they bring one."""
         return Collate({m: e.collate for m, e in self.encoders.items() if getattr(e, "collate", None)})
 
+    @property
+    def modules(self) -> dict[str, Any]:
+        """Every part by its [model.<key>] name."""
+        return {**self.encoders, **({"fusion": self.fusion} if self.fusion is not None else {})}
+
+    def parameters(self) -> dict[str, dict[str, int]]:
+        """Trainable and total parameters of each part and of the whole task."""
+        return {**{key: parameter_counts(part) for key, part in self.modules.items()},
+                "task": parameter_counts(self.task)}
+
+    def scaled(self) -> dict[Any, float]:
+        """The parts whose learning rate is scaled, for the optimizer's groups."""
+        return {self.modules[key]: scale for key, scale in self.lr_scales.items() if scale != 1.0}
+
 
 def build_parts(recipe: Recipe, registry: Registry) -> Parts:
-    """Build encoders, fusion head, task and datasets from a checked recipe."""
+    """Build datasets, encoders (with their part keys applied), fusion head and task."""
 
     def make(key: str, kind: str, extra: dict[str, Any] | None = None, **provided: Any) -> Any:
         keys = key.split(".")
@@ -76,13 +104,19 @@ def build_parts(recipe: Recipe, registry: Registry) -> Parts:
         except Exception as error:  # the factory refused its parameters
             raise MMKitError(f"{recipe.source}: {key} ({name}): cannot build: {one_line(error)}") from error
 
+    def make_part(key: str, kind: str, **provided: Any) -> Any:
+        part = make(f"model.{key}", kind, **provided)
+        prepare_part(part, recipe.part(key), f"{recipe.origin(f'model.{key}')}: model.{key}", PLACES[kind])
+        return part
+
     train_set = make("data", "datasets")
     val_set = make("data", "datasets", extra=val_params(recipe, registry)) if "val" in recipe.table("data") else None
     info = _check_modalities(recipe, train_set)
-    encoders = {m: make(f"model.{m}", MODALITIES[m]) for m in recipe.modalities}
-    fusion = make("model.fusion", "fusion_heads", encoders=encoders) if "fusion" in recipe.table("model") else None
+    encoders = {m: make_part(m, MODALITIES[m]) for m in recipe.modalities}
+    fusion = make_part("fusion", "fusion_heads", encoders=encoders) if "fusion" in recipe.table("model") else None
     task = make("task", "tasks", encoders=encoders, fusion=fusion, data=info)
-    return Parts(task, encoders, train_set, val_set)
+    scales = {key: recipe.part(key).lr_scale for key in recipe.table("model")}
+    return Parts(task, encoders, train_set, val_set, fusion, scales)
 
 
 def dataset_info(dataset: Dataset, name: str) -> DatasetInfo:

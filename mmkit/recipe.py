@@ -15,7 +15,7 @@ from typing import Any, Iterable
 from mmkit.errors import MMKitError, RecipeError
 from mmkit.files import write_text_atomic
 from mmkit.registry import Param, Registry, check_type, read_params
-from mmkit.specs import EvalSpec, RunSpec, TrainSpec
+from mmkit.specs import PART_KEYS, EvalSpec, InitFrom, LoraSpec, PartSpec, RunSpec, TrainSpec
 
 SPECS = {"run": RunSpec, "train": TrainSpec, "eval": EvalSpec}
 MODALITIES = {"image": "image_encoders", "text": "text_encoders", "audio": "audio_encoders"}
@@ -49,9 +49,15 @@ class Recipe:
         return node
 
     def params(self, *keys: str) -> dict[str, Any]:
-        """A component table's parameters: all but its ``name`` and, in [data], [data.val]."""
-        nested = ("val",) if keys == ("data",) else ()
+        """A component table's parameters: all but its ``name``, [data.val] in [data], and
+        in a [model.<part>] table the keys mmkit applies itself (freeze, lora, ...)."""
+        nested = ("val",) if keys == ("data",) else PART_KEYS if keys[0] == "model" else ()
         return {k: v for k, v in self.table(*keys).items() if k != "name" and k not in nested}
+
+    def part(self, key: str) -> PartSpec:
+        """The keys mmkit applies to the part of [model.<key>]."""
+        table = self.table("model", key)
+        return PartSpec(**{k: table[k] for k in PART_KEYS if k in table})
 
     @property
     def modalities(self) -> list[str]:
@@ -144,12 +150,13 @@ def _load_tree(path: Path, seen: tuple[Path, ...], origins: dict[str, str]) -> d
 
 def merge(base: dict[str, Any], top: dict[str, Any], path: tuple[str, ...] = ()) -> dict[str, Any]:
     """Deep-merge two tables, ``top`` winning. A layer that names another
-    component drops the old one's params (and [data.val] too if it brings its own), and a
-    layer that sets one of train.epochs / train.max_steps drops the other."""
+    component drops the old one's params (not [data.val] unless it brings its own, nor a
+    part's freeze, lora, init_from and lr_scale), and a layer that sets one of
+    train.epochs / train.max_steps drops the other."""
     out = copy.deepcopy(base)
     if path and path[0] != "run" and "name" in top and top["name"] != base.get("name"):
-        keep_val = path == ("data",) and "val" in out and "val" not in top
-        out = {"val": out["val"]} if keep_val else {}
+        kept = ("val",) if path == ("data",) and "val" not in top else PART_KEYS if path[0] == "model" else ()
+        out = {key: out[key] for key in kept if key in out}
     if path == ("train",):
         for one, other in (("epochs", "max_steps"), ("max_steps", "epochs")):
             if top.get(one) and other not in top:  # max_steps = 0 means "use epochs": keep them
@@ -197,11 +204,11 @@ def check_recipe(recipe: Recipe, registry: Registry) -> None:
         problems.add("model", f"expected at least one of {', '.join(f'[model.{m}]' for m in MODALITIES)}")
     else:
         _unknown_keys(problems, "model", model, (*MODALITIES, "fusion"))
-        for modality, kind in MODALITIES.items():
-            if modality in model:
-                _check_component(problems, registry, f"model.{modality}", model[modality], kind)
+        for part, kind in {**MODALITIES, "fusion": "fusion_heads"}.items():
+            if part in model:
+                _check_component(problems, registry, f"model.{part}", model[part], kind, nested=PART_KEYS)
+                _check_part(problems, f"model.{part}", model[part])
         if "fusion" in model:
-            _check_component(problems, registry, "model.fusion", model["fusion"], "fusion_heads")
             task = tree.get("task")
             if isinstance(task, dict) and registry.has("tasks", task.get("name")) \
                     and not registry.get("tasks", task["name"]).takes("fusion"):
@@ -211,6 +218,11 @@ def check_recipe(recipe: Recipe, registry: Registry) -> None:
         for table in SPECS:
             for key, message in recipe.spec(table).problems().items():
                 problems.add(f"{table}.{key}", message)
+        for part in recipe.table("model"):
+            spec = recipe.part(part)
+            lora = {} if spec.lora is None else LoraSpec(**spec.lora).problems()
+            for key, message in [*spec.problems().items(), *((f"lora.{k}", m) for k, m in lora.items())]:
+                problems.add(f"model.{part}.{key}", message)
     if problems:
         raise RecipeError(problems.lines)
 
@@ -252,6 +264,17 @@ def _check_table(problems: _Problems, prefix: str, table: Any, params: dict[str,
             problems.add(f"{prefix}.{name}", f"missing; expected {param.type_name}")
 
 
+def _check_part(problems: _Problems, prefix: str, table: Any) -> None:
+    """The keys mmkit applies to every part, and the tables inside them."""
+    if not isinstance(table, dict):
+        return
+    _check_table(problems, prefix, {k: table[k] for k in PART_KEYS if k in table}, read_params("", PartSpec))
+    if isinstance(table.get("lora"), dict):
+        _check_table(problems, f"{prefix}.lora", table["lora"], read_params("", LoraSpec))
+    if isinstance(table.get("init_from"), dict):
+        _check_table(problems, f"{prefix}.init_from", table["init_from"], read_params("", InitFrom))
+
+
 def _check_component(problems: _Problems, registry: Registry, prefix: str, table: Any, kind: str,
                      nested: tuple[str, ...] = ()) -> None:
     if not isinstance(table, dict):
@@ -278,7 +301,8 @@ def resolved_tree(recipe: Recipe, registry: Registry, versions: dict[str, str]) 
     if "val" in recipe.table("data"):
         tree["data"]["val"] = val_params(recipe, registry)
     tree["model"] = {
-        key: _component_with_defaults(registry, MODALITIES.get(key, "fusion_heads"), recipe, "model", key)
+        key: {**_component_with_defaults(registry, MODALITIES.get(key, "fusion_heads"), recipe, "model", key),
+              **_with_defaults(read_params("", PartSpec), recipe.table("model", key))}
         for key in recipe.table("model")
     }
     tree["task"] = _component_with_defaults(registry, "tasks", recipe, "task")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mmkit.errors import MMKitError
+from mmkit.specs import PART_KEYS
 
 KINDS: dict[str, str] = {
     "image_encoders": "image encoder",
@@ -27,6 +28,9 @@ KINDS: dict[str, str] = {
 # Parameters mmkit builds and passes itself; they are not part of a recipe table.
 # ``data`` is the training set's DatasetInfo (keys, class names, label kind).
 PROVIDED: dict[str, tuple[str, ...]] = {"tasks": ("encoders", "fusion", "data"), "fusion_heads": ("encoders",)}
+
+# Kinds built as parts of a model, whose [model.*] tables also take mmkit's part keys.
+PART_KINDS = ("image_encoders", "text_encoders", "audio_encoders", "fusion_heads")
 
 REQUIRED = inspect.Parameter.empty
 
@@ -125,6 +129,9 @@ class Registry:
         except (TypeError, ValueError, NameError) as error:
             raise MMKitError(f'plugin "{plugin}" registers {KINDS[kind]} "{name}" with a factory '
                              f"whose signature cannot be read ({error}); ignored") from None
+        if kind in PART_KINDS and (taken := sorted(set(params) & set(PART_KEYS))):
+            raise MMKitError(f'plugin "{plugin}" registers {KINDS[kind]} "{name}" with the parameter '
+                             f"{taken[0]!r}, a key mmkit applies to every [model.*] table itself; rename it; ignored")
         component = Component(kind, name, factory, plugin, params)
         self._components[kind][name] = component
         return component

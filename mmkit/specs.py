@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, fields
+from typing import Any, Literal
 
 
 @dataclass(frozen=True)
@@ -100,3 +100,70 @@ class EvalSpec:
         if self.batch_size is not None and self.batch_size < 1:
             found["batch_size"] = "must be at least 1"
         return found
+
+
+@dataclass(frozen=True)
+class PartSpec:
+    """Keys every [model.<part>] table accepts beside its component's own: mmkit applies them
+    to the built part, the same way for every encoder and fusion head, builtin or plugin.
+
+    Args:
+        freeze: true keeps the whole part fixed (and in eval mode, so its norm statistics stay);
+            a list of parameter-name globs (["blocks.0.*", "patch_embed.*"]) freezes those.
+        lora: {r, alpha, dropout, target_modules} adds LoRA adapters (peft) and trains only
+            them in this part; target_modules defaults to every linear layer.
+        init_from: a run folder or .safetensors file whose tensors of the same names are
+            loaded; {path, prefix} takes only the keys under prefix (a run folder's default
+            prefix is the part's place in its task, e.g. "encoders.text.").
+        lr_scale: this part's learning rate is train.lr x lr_scale.
+    """
+
+    freeze: bool | list[str] = False
+    lora: dict[str, Any] | None = None
+    init_from: str | dict[str, str] | None = None
+    lr_scale: float = 1.0
+
+    def problems(self) -> dict[str, str]:
+        found = {"lr_scale": "must be positive (freeze = true stops a part training)"} if self.lr_scale <= 0 else {}
+        if self.freeze is True and self.lora is not None:
+            found["lora"] = "a part with freeze = true trains no adapters; drop one of the two"
+        return found
+
+
+PART_KEYS = tuple(f.name for f in fields(PartSpec))
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """A [model.<part>.lora] table: low-rank adapters added with peft.
+
+    Args:
+        r: rank of the adapters.
+        alpha: scaling; the update is (alpha / r) x B A.
+        dropout: dropout on the adapters' input.
+        target_modules: names (or name suffixes) of the layers to adapt; empty: every linear layer.
+    """
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = ()
+
+    def problems(self) -> dict[str, str]:
+        found = {"r": "must be at least 1"} if self.r < 1 else {}
+        if not 0 <= self.dropout < 1:
+            found["dropout"] = "must be in [0, 1)"
+        return found
+
+
+@dataclass(frozen=True)
+class InitFrom:
+    """An init_from table: where the weights are and which of their keys to take.
+
+    Args:
+        path: a run folder or a .safetensors file.
+        prefix: take the keys under this prefix, without it.
+    """
+
+    path: str
+    prefix: str | None = None

@@ -55,9 +55,3 @@ def masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over the real tokens only: [B, T, D] with a [B, T] mask -> [B, D]."""
     weights = mask.unsqueeze(-1).to(tokens.dtype)
     return (tokens * weights).sum(1) / weights.sum(1).clamp(min=1.0)
-
-
-def freeze(module: nn.Module) -> None:
-    """Stop training a module's parameters (for frozen pretrained backbones)."""
-    for p in module.parameters():
-        p.requires_grad_(False)

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmkit.encoders.base import Encoded, Encoder, freeze as freeze_module
+from mmkit.encoders.base import Encoded, Encoder
 from mmkit.errors import MMKitError, one_line
 from mmkit.hub import hub_file
 from mmkit.weights import load_weights, weights_file
@@ -27,7 +27,6 @@ class TimmImageEncoder(Encoder):
             holding only tensors).
         image_size: side in pixels that images are resized and center-cropped to.
         model_args: extra arguments for timm.create_model, e.g. {depth = 4, patch_size = 8}.
-        freeze: keep the backbone's weights fixed.
     """
 
     def __init__(
@@ -36,22 +35,11 @@ class TimmImageEncoder(Encoder):
         pretrained: bool | str = False,
         image_size: int = 224,
         model_args: dict[str, Any] | None = None,
-        freeze: bool = False,
     ):
         super().__init__()
         self.model = create_timm_model(model_name, pretrained, image_size, model_args or {})
         self.dim = self.model.num_features
         self.preprocess = image_transform(self.model, image_size)
-        self.frozen = freeze
-        if freeze:
-            freeze_module(self.model)
-
-    def train(self, mode: bool = True) -> "TimmImageEncoder":
-        """A frozen backbone stays in eval mode, so its batch-norm statistics stay fixed too."""
-        super().train(mode)
-        if self.frozen:
-            self.model.eval()
-        return self
 
     def forward(self, images: torch.Tensor) -> Encoded:
         features = self.model.forward_features(images)

@@ -6,7 +6,7 @@ import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 from torch.utils.data import DataLoader
@@ -32,12 +32,14 @@ class FitResult:
 
 def fit(task: Task, loader: DataLoader, sampler: EpochBatches, val_loader: DataLoader | None,
         train: TrainSpec, evaluation: EvalSpec, accelerator: Any, tracker: Tracker,
-        checkpoints: Path, resume_from: Path | None) -> FitResult:
+        checkpoints: Path, resume_from: Path | None, lr_scales: Mapping[torch.nn.Module, float] | None = None,
+        ) -> FitResult:
     """Train ``task`` for train.max_steps (or train.epochs), evaluating, logging and
     checkpointing on the way; returns after the last optimizer step. ``resume_from`` is a
-    checkpoint that ``check_checkpoint`` accepted for this recipe."""
+    checkpoint that ``check_checkpoint`` accepted for this recipe; ``lr_scales`` scale the
+    learning rate of some parts."""
     steps_per_epoch, total = step_plan(train, sampler, accelerator.num_processes)
-    optimizer = adamw(task, train.lr, train.weight_decay, fused=accelerator.device.type == "cuda")
+    optimizer = adamw(task, train.lr, train.weight_decay, accelerator.device.type == "cuda", lr_scales)
     scheduler = warmup_cosine(optimizer, train.warmup, total)
     layout = data_layout(train, accelerator.num_processes)
     step = 0
@@ -60,7 +62,8 @@ def fit(task: Task, loader: DataLoader, sampler: EpochBatches, val_loader: DataL
         if step % train.log_every == 0 or step == total:
             rate = samples_per_step * interval_steps / (time.perf_counter() - interval_start)
             values = {f"train/{k}": v.item() for k, v in losses.items()}
-            tracker.log(step, {**values, "lr": scheduler.get_last_lr()[0], "samples_per_s": rate})
+            lr = optimizer.param_groups[0]["lr"] / optimizer.param_groups[0]["lr_scale"]  # train.lr, scheduled
+            tracker.log(step, {**values, "lr": lr, "samples_per_s": rate})
             progress.set_postfix(loss=f"{values['train/loss']:.4f}", samples_s=f"{rate:.0f}")
             interval_start, interval_steps = time.perf_counter(), 0
         if val_loader is not None and evaluation.every and step % evaluation.every == 0 and step < total:

@@ -75,7 +75,7 @@ class Run:
         train_set = Preprocessed(parts.train_set, parts.transforms)
         sampler = EpochBatches(len(train_set), self.train.batch_size, self.spec.seed,
                                accelerator.process_index, accelerator.num_processes)
-        resume_step = self._check_resume(resume_from, parts.task, sampler, accelerator.num_processes)
+        resume_step = self._check_resume(resume_from, parts, sampler, accelerator.num_processes)
         self.paths = paths = RunPaths(self._folder(accelerator))
         if accelerator.is_main_process:
             paths.checkpoints.mkdir(parents=True, exist_ok=True)
@@ -87,14 +87,16 @@ class Run:
         loader = train_loader(train_set, sampler, self.train.num_workers, pin, parts.collate)
         val_loader = self._val_loader(parts, self.train.num_workers, pin)
         tracker = Tracker(paths.folder, accelerator.is_main_process, resume_step=resume_step)
+        if accelerator.is_main_process:
+            print(describe_parameters(parts.parameters()))
         result = fit(parts.task, loader, sampler, val_loader, self.train, self.evaluation,
-                     accelerator, tracker, paths.checkpoints, resume_from)
+                     accelerator, tracker, paths.checkpoints, resume_from, parts.scaled())
         metrics = evaluate(parts.task, val_loader, accelerator) if val_loader else {}
         summary: dict[str, Any] = {}
         if accelerator.is_main_process:
             tracker.log(result.steps, metrics)
             write_atomic_model(parts.task, paths.weights)
-            summary = self._summary(result, metrics, accelerator)
+            summary = self._summary(result, metrics, accelerator, parts.parameters())
             _write_json(paths.summary, summary)
             self._report(parts, val_loader, tracker, summary, accelerator)
         tracker.close()
@@ -131,7 +133,7 @@ class Run:
                              "(set train.checkpoint_every); run without --resume to start over")
         return found
 
-    def _check_resume(self, resume_from: Path | None, task: Any, sampler: Any, processes: int) -> int | None:
+    def _check_resume(self, resume_from: Path | None, parts: Any, sampler: Any, processes: int) -> int | None:
         """Refuse a step bigger than the data or a checkpoint that does not fit or has no steps
         left; the step to resume from, if any."""
         from mmkit.engine.checkpoint import check_checkpoint
@@ -141,8 +143,8 @@ class Run:
         _, total = step_plan(self.train, sampler, processes)
         if resume_from is None:
             return None
-        groups = param_groups(task, self.train.weight_decay)
-        step = check_checkpoint(resume_from, task, groups, data_layout(self.train, processes))
+        groups = param_groups(parts.task, self.train.weight_decay, parts.scaled())
+        step = check_checkpoint(resume_from, parts.task, groups, data_layout(self.train, processes))
         if step >= total:
             raise MMKitError(f"nothing to resume: {resume_from} is step {step} of the {total} this recipe "
                              "trains for; raise train.max_steps (or train.epochs) to train further")
@@ -172,7 +174,8 @@ class Run:
             broadcast_object_list(chosen)
         return chosen[0]
 
-    def _summary(self, result: Any, metrics: dict[str, float], accelerator: Any) -> dict[str, Any]:
+    def _summary(self, result: Any, metrics: dict[str, float], accelerator: Any,
+                 parameters: dict[str, dict[str, int]]) -> dict[str, Any]:
         held_out = {k.removeprefix("val/"): v for k, v in metrics.items() if not k.startswith("val/chance/")}
         chance = {k.removeprefix("val/chance/"): v for k, v in metrics.items() if k.startswith("val/chance/")}
         return {
@@ -188,6 +191,7 @@ class Run:
             "precision": self.spec.precision,
             "metrics": held_out,
             "chance": chance,
+            "parameters": parameters,
             "versions": self.versions,
         }
 
@@ -202,6 +206,12 @@ class Run:
             with accelerator.autocast():
                 figures |= parts.task.figures(parts.val_set, on_device(val_loader, accelerator.device))
         write_report(self.paths.folder, summary, figures)
+
+
+def describe_parameters(counts: dict[str, dict[str, int]]) -> str:
+    """One line for the run log: each part's trainable and total parameters, then the task's."""
+    return "parameters: " + ", ".join(f"{part} {c['trainable']:,} trainable of {c['total']:,}"
+                                      for part, c in counts.items())
 
 
 def _versions(plugins: dict[str, str]) -> dict[str, Any]:

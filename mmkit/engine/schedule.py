@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -21,16 +21,22 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """The trainable parameters in two groups: matrices decay; biases, norms, embeddings'
-    scales and temperatures are left alone, as CLIP and timm do."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    return [
-        {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
-    ]
+def param_groups(model: nn.Module, weight_decay: float,
+                 lr_scales: Mapping[nn.Module, float] | None = None) -> list[dict[str, Any]]:
+    """The trainable parameters grouped by learning-rate scale (a part's ``lr_scale``) and by
+    decay: matrices decay; biases, norms, embeddings' scales and temperatures are left alone,
+    as CLIP and timm do. Each group carries its ``lr_scale``."""
+    scale_of = {id(p): scale for part, scale in (lr_scales or {}).items() for p in part.parameters()}
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    for p in model.parameters():
+        if p.requires_grad:
+            groups.setdefault((scale_of.get(id(p), 1.0), p.ndim < 2), []).append(p)
+    return [{"params": params, "weight_decay": 0.0 if no_decay else weight_decay, "lr_scale": scale}
+            for (scale, no_decay), params in sorted(groups.items(), key=lambda item: item[0])]
 
 
-def adamw(model: nn.Module, lr: float, weight_decay: float, fused: bool) -> torch.optim.AdamW:
-    """AdamW over ``param_groups``: it decays matrices only."""
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, fused=fused or None)
+def adamw(model: nn.Module, lr: float, weight_decay: float, fused: bool,
+          lr_scales: Mapping[nn.Module, float] | None = None) -> torch.optim.AdamW:
+    """AdamW over ``param_groups``: it decays matrices only, and a group trains at lr x its scale."""
+    groups = [{**group, "lr": lr * group["lr_scale"]} for group in param_groups(model, weight_decay, lr_scales)]
+    return torch.optim.AdamW(groups, lr=lr, fused=fused or None)
