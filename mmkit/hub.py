@@ -31,13 +31,15 @@ def hub_file(repo_id: str, filenames: tuple[str, ...], what: str, advice: str = 
     raise MMKitError(f"{what}: {repo_id}: {why}; {advice}")
 
 
-def hub_snapshot(repo_id: str, what: str, advice: str = OFFLINE_ADVICE) -> Path:
-    """A local folder with the hub repo ``repo_id`` (a transformers model: config, weights, tokenizer)."""
+def hub_snapshot(repo_id: str, what: str, advice: str = OFFLINE_ADVICE,
+                 allow_patterns: list[str] | None = None) -> Path:
+    """A local folder with the hub repo ``repo_id`` (a transformers model: config, weights, tokenizer);
+    with ``allow_patterns``, only its files that match one (not every framework's copy of the weights)."""
     from huggingface_hub import snapshot_download
 
     cached_only = not hub_reachable()
     try:
-        return Path(snapshot_download(repo_id, local_files_only=cached_only))
+        return Path(snapshot_download(repo_id, local_files_only=cached_only, allow_patterns=allow_patterns))
     except Exception as error:
         why = "not in the cache, and the hub cannot be reached" if cached_only else one_line(error)
         raise MMKitError(f"{what}: {repo_id}: {why}; {advice}") from None

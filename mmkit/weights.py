@@ -53,3 +53,34 @@ def load_weights(path: str | Path, what: str) -> dict[str, torch.Tensor]:
     if not isinstance(loaded, dict):
         raise MMKitError(f"{what}: {path} holds a {type(loaded).__name__}, not named tensors")
     return {k: v for k, v in loaded.items() if isinstance(v, torch.Tensor)}
+
+
+# Suffixes that make a weights setting a file path rather than the name of published weights.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+
+def names_a_file(value: str) -> bool:
+    """Whether a weights setting is a path (it exists, or looks like one) rather than a name
+    such as "IMAGENET1K_V1" or "laion2b_s34b_b79k"."""
+    path = Path(value)
+    return path.exists() or path.suffix in WEIGHT_SUFFIXES or "/" in value or "\\" in value
+
+
+def load_into(module: torch.nn.Module, weights: dict[str, torch.Tensor], what: str) -> None:
+    """Load ``weights`` into ``module`` when every name and shape fits; otherwise say in one line
+    which names are missing, unexpected or of another shape, and load nothing."""
+    own = module.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} (the model has {tuple(own[k].shape)})"
+             for k, v in weights.items() if k in own and v.shape != own[k].shape]
+    problems = [(label, names) for label, names in (("missing", [k for k in own if k not in weights]),
+                                                    ("unexpected", [k for k in weights if k not in own]),
+                                                    ("other shape", wrong)) if names]
+    if problems:
+        listed = "; ".join(f"{label}: {_some(names)}" for label, names in problems)
+        raise MMKitError(f"{what}: the weights do not fit the model: {listed}")
+    module.load_state_dict(weights)
+
+
+def _some(names: list[str], shown: int = 5) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more

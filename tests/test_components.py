@@ -18,12 +18,20 @@ from mmkit.errors import MMKitError
 from mmkit.plugins import get_registry
 from mmkit.samples import DatasetInfo, Waveform
 
+from tiny_hf import tiny_bert_dir, tiny_wav2vec2_dir
+from tiny_vision import tiny_open_clip
+
 # Small settings for builtins; components without an entry are built with their defaults. A
 # callable entry returns the settings (e.g. the path of a tiny model it saved), made on first use.
 TINY: dict[tuple[str, str], dict | Callable[[], dict]] = {
     ("image_encoders", "timm"): {"model_name": "test_vit", "image_size": 32},
     ("text_encoders", "transformer"): {"width": 32, "layers": 1, "heads": 2, "context_length": 16},
     ("audio_encoders", "logmel_cnn"): {"channels": 4, "blocks": 2, "dim": 16, "n_mels": 32},
+    ("text_encoders", "hf"): lambda: {"model": str(tiny_bert_dir()), "max_length": 16},
+    ("audio_encoders", "hf_audio"): lambda: {"model": str(tiny_wav2vec2_dir())},
+    ("image_encoders", "torchvision"): {"model_name": "resnet18", "image_size": 64},
+    ("image_encoders", "open_clip"): tiny_open_clip,
+    ("text_encoders", "open_clip"): tiny_open_clip,
 }
 MODALITY = {"image_encoders": "image", "text_encoders": "text", "audio_encoders": "audio"}
 
@@ -51,7 +59,7 @@ def tiny_encoder(kind: str, name: str):
 def test_every_encoder_runs_forward_and_backward(kind):
     for name in [c.name for c in get_registry().components(kind)]:
         encoder = tiny_encoder(kind, name)
-        batch = torch.stack([encoder.preprocess(v) for v in raw_samples(MODALITY[kind])])
+        batch = default_collate([encoder.preprocess(v) for v in raw_samples(MODALITY[kind])])
         out = encoder(batch)
         assert isinstance(out, Encoded)
         b, t, d = out.tokens.shape
@@ -83,6 +91,15 @@ def test_vit_tokens_are_a_prefix_then_the_patch_grid():
     assert (out.prefix, out.grid, out.tokens.shape[1]) == (3, (4, 4), 19)  # cls + 2 registers, 64 / 16 = 4
     with pytest.raises(ValueError, match="3 prefix tokens and a 4x5 grid do not make the 19 tokens"):
         Encoded(out.tokens, out.pooled, out.mask, grid=(4, 5), prefix=3)
+
+
+@pytest.mark.parametrize("name", ["transformer", "open_clip"])
+def test_open_clips_token_zero_is_text_not_padding(name):
+    encoder = tiny_encoder("text_encoders", name)
+    ids = encoder.preprocess('wow !"!!')  # byte-pair id 0 is "!" inside a word, a real token
+    assert 0 in ids.tolist() and encoder.pad_id != 0
+    out = encoder(ids.unsqueeze(0))
+    assert out.mask[0].tolist() == [i <= ids.tolist().index(49407) for i in range(len(ids))]
 
 
 @pytest.mark.parametrize("name", components("text_encoders"))

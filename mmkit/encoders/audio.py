@@ -9,18 +9,13 @@ from mmkit.encoders.base import Encoded, Encoder
 from mmkit.samples import Waveform
 
 
-class LogMel:
-    """Waveform -> log-mel spectrogram [1, n_mels, frames]: resampled, mixed to mono and
-    padded or cut to a fixed length, so clips batch without further work."""
+class FitClip:
+    """Waveform -> mono samples at ``sample_rate``, padded with silence or cut to
+    ``clip_seconds``, so clips from any source batch without further work."""
 
-    def __init__(self, sample_rate: int, clip_seconds: float, n_mels: int, n_fft: int, hop_length: int):
-        import torchaudio
-
+    def __init__(self, sample_rate: int, clip_seconds: float):
         self.sample_rate = sample_rate
         self.length = int(round(sample_rate * clip_seconds))
-        self.mel = torchaudio.transforms.MelSpectrogram(
-            sample_rate=sample_rate, n_fft=n_fft, hop_length=hop_length, n_mels=n_mels
-        )
         self.resamplers: dict[int, nn.Module] = {}  # by source rate: each kernel is built once
 
     def __call__(self, clip: Waveform) -> torch.Tensor:
@@ -28,8 +23,7 @@ class LogMel:
         samples = samples.mean(0) if samples.ndim == 2 else samples
         if clip.sample_rate != self.sample_rate:
             samples = self._resampler(clip.sample_rate)(samples)
-        samples = nn.functional.pad(samples[: self.length], (0, max(0, self.length - samples.shape[-1])))
-        return torch.log(self.mel(samples) + 1e-6).unsqueeze(0)
+        return nn.functional.pad(samples[: self.length], (0, max(0, self.length - samples.shape[-1])))
 
     def _resampler(self, rate: int) -> nn.Module:
         if rate not in self.resamplers:
@@ -37,6 +31,21 @@ class LogMel:
 
             self.resamplers[rate] = torchaudio.transforms.Resample(rate, self.sample_rate)
         return self.resamplers[rate]
+
+
+class LogMel:
+    """Waveform -> log-mel spectrogram [1, n_mels, frames] of the fitted clip."""
+
+    def __init__(self, sample_rate: int, clip_seconds: float, n_mels: int, n_fft: int, hop_length: int):
+        import torchaudio
+
+        self.fit = FitClip(sample_rate, clip_seconds)
+        self.mel = torchaudio.transforms.MelSpectrogram(
+            sample_rate=sample_rate, n_fft=n_fft, hop_length=hop_length, n_mels=n_mels
+        )
+
+    def __call__(self, clip: Waveform) -> torch.Tensor:
+        return torch.log(self.mel(self.fit(clip)) + 1e-6).unsqueeze(0)
 
 
 class LogMelCNNEncoder(Encoder):

@@ -10,10 +10,9 @@ from mmkit.encoders.base import Encoded, Encoder, masked_mean
 
 class Tokenize:
     """Text -> fixed-length token ids with open_clip's byte-pair tokenizer (its vocabulary
-    ships inside the package, so this works offline). Padding id is 0; one id past the
-    byte-pair vocabulary is the mask token, which no text is tokenized to."""
-
-    pad_id = 0
+    ships inside the package, so this works offline). Two ids past the byte-pair vocabulary
+    are the mask token, which no text is tokenized to, and padding (open_clip pads with 0,
+    which is also the token "!")."""
 
     def __init__(self, context_length: int):
         from open_clip.tokenizer import SimpleTokenizer
@@ -21,10 +20,20 @@ class Tokenize:
         self.tokenizer = SimpleTokenizer()
         self.context_length = context_length
         self.mask_id = len(self.tokenizer.encoder)
-        self.vocab_size = self.mask_id + 1
+        self.pad_id = self.mask_id + 1
+        self.vocab_size = self.pad_id + 1
 
     def __call__(self, text: str) -> torch.Tensor:
-        return self.tokenizer([text], context_length=self.context_length)[0]
+        ids = self.tokenizer([text], context_length=self.context_length)[0]
+        return pad_after_end(ids, self.tokenizer.eot_token_id, self.pad_id)
+
+
+def pad_after_end(ids: torch.Tensor, end_id: int, pad_id: int) -> torch.Tensor:
+    """``ids`` with every position after the first end-of-text token set to ``pad_id``."""
+    end = int((ids == end_id).nonzero()[0]) + 1
+    padded = ids.clone()
+    padded[end:] = pad_id
+    return padded
 
 
 class TransformerTextEncoder(Encoder):
@@ -45,7 +54,7 @@ class TransformerTextEncoder(Encoder):
             raise ValueError(f"context_length must be at least 2 (start and end tokens), got {context_length}")
         self.preprocess = Tokenize(context_length)
         self.dim = width
-        self.vocab_size, self.pad_id, self.mask_id = self.preprocess.vocab_size, Tokenize.pad_id, self.preprocess.mask_id
+        self.vocab_size, self.pad_id, self.mask_id = self.preprocess.vocab_size, self.preprocess.pad_id, self.preprocess.mask_id
         self.token_embedding = nn.Embedding(self.vocab_size, width)
         self.position_embedding = nn.Parameter(torch.randn(context_length, width) * 0.01)
         block = nn.TransformerEncoderLayer(

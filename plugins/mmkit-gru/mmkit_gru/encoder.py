@@ -23,7 +23,7 @@ class GRUTextEncoder(Encoder):
         super().__init__()
         self.preprocess = Tokenize(context_length)
         self.dim = width
-        self.vocab_size, self.pad_id, self.mask_id = self.preprocess.vocab_size, Tokenize.pad_id, self.preprocess.mask_id
+        self.vocab_size, self.pad_id, self.mask_id = self.preprocess.vocab_size, self.preprocess.pad_id, self.preprocess.mask_id
         self.embedding = nn.Embedding(self.vocab_size, width, padding_idx=self.pad_id)
         self.gru = nn.GRU(width, width // 2, num_layers=layers, batch_first=True, bidirectional=True)
         self.norm = nn.LayerNorm(width)

@@ -1,0 +1,297 @@
+"""The torchvision and open_clip encoders: weights load exactly (and never unpickle code), tokens
+are what the models compute, pooled features equal open_clip's own embeddings, and missing
+downloads fail in one line that says what to do."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from conftest import run_mmkit
+from mmkit import build
+from mmkit.errors import MMKitError
+from test_cli import unreachable_hub
+from tiny_vision import tiny_open_clip_models
+
+RESNET18_FILE = "resnet18-f37072fd.pth"  # torchvision's file name for ResNet18_Weights.IMAGENET1K_V1
+
+
+def torchvision_resnet18() -> dict[str, torch.Tensor]:
+    """A whole torchvision resnet18 state dict (classifier included), with random weights."""
+    from torchvision.models import resnet18
+
+    return resnet18().state_dict()
+
+
+def same_weights(module: torch.nn.Module, weights: dict[str, torch.Tensor]) -> bool:
+    return all(torch.equal(v, weights[k]) for k, v in module.state_dict().items())
+
+
+# torchvision
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_torchvision_loads_a_weights_file_by_path(tmp_path, suffix):
+    weights = torchvision_resnet18()
+    path = tmp_path / f"resnet18{suffix}"
+    save_file(weights, path) if suffix == ".safetensors" else torch.save(weights, path)
+    encoder = build("image_encoders", "torchvision", model_name="resnet18", weights=str(path), image_size=64)
+    assert same_weights(encoder.model, weights) and "fc.weight" not in encoder.model.state_dict()
+
+
+def test_torchvision_refuses_weights_that_do_not_fit_by_name(tmp_path):
+    weights = torchvision_resnet18()
+    del weights["layer4.1.bn2.weight"]
+    weights["layer1.0.conv1.weight"] = torch.zeros(1)
+    save_file(weights, tmp_path / "w.safetensors")
+    with pytest.raises(MMKitError) as caught:
+        build("image_encoders", "torchvision", model_name="resnet18", weights=str(tmp_path / "w.safetensors"))
+    assert str(caught.value) == ("torchvision model 'resnet18': the weights do not fit the model: missing: "
+                                 "layer4.1.bn2.weight; other shape: layer1.0.conv1.weight (1,) (the model has "
+                                 "(64, 64, 3, 3))")
+
+
+def test_torchvision_tokens_are_the_last_feature_map_row_by_row():
+    encoder = build("image_encoders", "torchvision", model_name="resnet18", image_size=64).eval()
+    images = torch.randn(2, 3, 64, 96)
+    m = encoder.model
+    feature_map = m.layer4(m.layer3(m.layer2(m.layer1(m.maxpool(m.relu(m.bn1(m.conv1(images))))))))  # [2, 512, 2, 3]
+    out = encoder(images)
+    assert (out.grid, out.prefix, encoder.dim) == ((2, 3), 0, 512)
+    assert torch.equal(out.tokens, feature_map.flatten(2).transpose(1, 2))
+    assert torch.equal(out.tokens[:, 3], feature_map[:, :, 1, 0])  # token 3: row 1, column 0
+    assert torch.allclose(out.pooled, feature_map.mean(dim=(2, 3)), atol=1e-6)  # the model's own average pool
+
+
+def test_torchvision_vit_has_the_class_token_then_its_patches():
+    encoder = build("image_encoders", "torchvision", model_name="vit_b_16", image_size=32).eval()
+    out = encoder(torch.randn(2, 3, 32, 32))
+    assert (out.prefix, out.grid, tuple(out.tokens.shape)) == (1, (2, 2), (2, 5, 768))
+    assert torch.equal(out.pooled, out.tokens[:, 0])  # the model's pre-logits feature is its class token
+    assert not any("heads" in k for k in encoder.state_dict())
+
+
+def test_torchvision_weights_name_that_is_not_cached_fails_in_one_line_while_offline(tiny_recipe, tmp_path):
+    # The download host is made unreachable inside the mmkit process; a download would fail the test.
+    code = textwrap.dedent("""
+        import sys, torch.hub, mmkit.encoders.torchvision_image as tv
+        tv.reachable = lambda url, timeout: False
+        torch.hub.download_url_to_file = None  # a download attempt fails the test
+        from mmkit.cli import main
+        sys.argv = ["mmkit"] + sys.argv[1:]
+        main()
+    """)
+    override = "model.image={name='torchvision', model_name='resnet18', weights='IMAGENET1K_V1'}"
+    out = subprocess.run([sys.executable, "-c", code, "run", str(tiny_recipe), override], capture_output=True,
+                         text=True, env={**os.environ, "TORCH_HOME": str(tmp_path / "torch")}, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    [line] = out.stderr.strip().splitlines()
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / RESNET18_FILE
+    assert line == (f"mmkit: error: {tiny_recipe}: model.image: torchvision model 'resnet18': weights "
+                    f"'IMAGENET1K_V1' are not in torch.hub's cache ({cached}) and download.pytorch.org cannot "
+                    "be reached; download them once with network access (they are cached), or set weights to a "
+                    "local weights file")
+
+
+def test_torchvision_weights_name_loads_from_torch_hubs_cache_without_network(tmp_path, monkeypatch):
+    import mmkit.encoders.torchvision_image as tv
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(tv, "reachable", lambda url, timeout: pytest.fail("the network was consulted"))
+    weights = torchvision_resnet18()
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(weights, tmp_path / "hub" / "checkpoints" / RESNET18_FILE)
+    encoder = build("image_encoders", "torchvision", model_name="resnet18", weights="DEFAULT")
+    assert same_weights(encoder.model, weights)
+    assert encoder.preprocess(Image.new("L", (300, 200))).shape == (3, 224, 224)  # the weights' own transforms
+
+
+def test_torchvision_refuses_a_pickle_that_would_run_code(tmp_path):
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return open, (str(marker), "w")
+
+    path = tmp_path / "weights.pth"
+    torch.save({"conv1.weight": torch.zeros(1), "payload": Payload()}, path)
+    with pytest.raises(MMKitError, match="needs pickled Python objects to load, which mmkit refuses"):
+        build("image_encoders", "torchvision", model_name="resnet18", weights=str(path))
+    assert not marker.exists()
+
+
+def test_torchvision_names_its_weights_when_one_is_unknown():
+    with pytest.raises(MMKitError, match="torchvision model 'resnet18' has no weights 'IMAGENET'; its weights are "
+                                         "IMAGENET1K_V1, DEFAULT, or set weights to a local weights file"):
+        build("image_encoders", "torchvision", model_name="resnet18", weights="IMAGENET")
+
+
+def test_torchvision_brings_old_densenet_names_up_to_date():
+    from mmkit.encoders.torchvision_image import renamed
+
+    old = {"features.denseblock1.denselayer1.norm.1.weight": torch.ones(1), "classifier.weight": torch.ones(1)}
+    assert list(renamed(old, ("classifier.",))) == ["features.denseblock1.denselayer1.norm1.weight"]
+
+
+# open_clip
+
+
+@pytest.fixture(scope="module")
+def tiny_models() -> tuple[str, ...]:
+    return tiny_open_clip_models()
+
+
+def saved_open_clip(name: str, folder: Path, layout: str = "whole") -> tuple[torch.nn.Module, Path]:
+    """An open_clip model with random weights, and its checkpoint in one of the layouts people have."""
+    import open_clip
+
+    model = open_clip.create_model(name, force_custom_text=layout == "custom_text").eval()
+    weights = {"whole": model.state_dict, "custom_text": model.state_dict,
+               "visual": model.visual.state_dict}[layout]()
+    path = folder / f"{name}-{layout}.safetensors"
+    save_file({k: v.contiguous() for k, v in weights.items()}, path)
+    return model, path
+
+
+@pytest.mark.parametrize("layout", ["whole", "custom_text", "visual"])
+def test_open_clip_image_tower_loads_by_path(tiny_models, tmp_path, layout):
+    model, path = saved_open_clip("mmkit-tiny-vit", tmp_path, layout)
+    encoder = build("image_encoders", "open_clip", model_name="mmkit-tiny-vit", pretrained=str(path))
+    assert same_weights(encoder.visual, model.visual.state_dict())
+
+
+@pytest.mark.parametrize("layout", ["whole", "custom_text"])
+def test_open_clip_text_tower_loads_by_path_and_grows_a_mask_row(tiny_models, tmp_path, layout):
+    model, path = saved_open_clip("mmkit-tiny-vit", tmp_path, layout)
+    tower = model.text if layout == "custom_text" else model
+    encoder = build("text_encoders", "open_clip", model_name="mmkit-tiny-vit", pretrained=str(path))
+    embedding = encoder.text.token_embedding.weight
+    assert embedding.shape[0] == tower.token_embedding.weight.shape[0] + 2 == encoder.vocab_size == 49410
+    assert torch.equal(embedding[:-2], tower.token_embedding.weight)
+    assert (encoder.mask_id, encoder.pad_id) == (49408, 49409)
+    reference = tower.state_dict() if layout == "custom_text" else \
+        {k: v for k, v in model.state_dict().items() if not k.startswith(("visual.", "logit_"))}
+    own = encoder.text.state_dict()
+    assert own.keys() == reference.keys()
+    assert all(torch.equal(own[k], v) for k, v in reference.items() if k != "token_embedding.weight")
+
+
+TEXTS = ["a large red circle in the top left", "frontal chest radiograph, no effusion!", "a"]
+
+
+def test_open_clip_text_pooled_is_encode_text(tiny_models, tmp_path):
+    model, path = saved_open_clip("mmkit-tiny-vit", tmp_path)
+    encoder = build("text_encoders", "open_clip", model_name="mmkit-tiny-vit", pretrained=str(path)).eval()
+    ids = torch.stack([encoder.preprocess(t) for t in TEXTS])
+    out = encoder(ids)
+    with torch.no_grad():  # open_clip pads with 0; causal attention makes padding irrelevant
+        assert torch.allclose(out.pooled, model.encode_text(ids.where(ids != encoder.pad_id, 0)), atol=1e-5)
+    end = (ids == 49407).int().argmax(dim=1)  # the end-of-text token; the tokens share the pooled width
+    assert torch.allclose(out.tokens[torch.arange(3), end], out.pooled, atol=1e-6)
+    assert out.tokens.shape == (3, 16, encoder.dim)
+    assert out.mask.tolist() == (torch.arange(16) <= end.unsqueeze(1)).tolist() and out.grid is None
+
+
+def test_open_clip_text_pools_at_the_end_of_text_when_tokens_are_masked(tiny_models):
+    encoder = build("text_encoders", "open_clip", model_name="mmkit-tiny-vit").eval()
+    ids = encoder.preprocess(TEXTS[0])
+    assert encoder.mask_id not in ids.tolist() and encoder.mask_id > max(encoder.preprocess.tokenizer.encoder.values())
+    end = int((ids == 49407).int().argmax())
+    masked = ids.clone()
+    masked[2] = encoder.mask_id  # the highest id now, yet pooling stays at the end-of-text token
+    out = encoder(masked.unsqueeze(0))
+    assert torch.allclose(out.pooled[0], out.tokens[0, end], atol=1e-6)
+    assert not torch.allclose(out.pooled[0], out.tokens[0, 2], atol=1e-3)
+
+
+def test_open_clip_shorter_context_keeps_the_first_positions(tiny_models, tmp_path):
+    model, path = saved_open_clip("mmkit-tiny-vit", tmp_path)
+    encoder = build("text_encoders", "open_clip", model_name="mmkit-tiny-vit", pretrained=str(path),
+                    context_length=8).eval()
+    ids = torch.stack([encoder.preprocess(t) for t in TEXTS])
+    assert ids.shape == (3, 8) and ids[1, -1] == 49407  # truncated text still ends with end-of-text
+    with torch.no_grad():  # causal attention: the first 8 positions of a 16-token context give the same
+        expected = model.encode_text(torch.nn.functional.pad(ids.where(ids != encoder.pad_id, 0), (0, 8)))
+    assert torch.allclose(encoder(ids).pooled, expected, atol=1e-5)
+    with pytest.raises(MMKitError, match="context_length must be between 2 and the model's 16, got 32"):
+        build("text_encoders", "open_clip", model_name="mmkit-tiny-vit", context_length=32)
+
+
+# Prefix and grid of each tiny tower: 32 px / 8 px patches; 64 px / the ResNet's stride of 32;
+# timm's test_vit: a class token, then 32 px / 16 px patches.
+TOKENS = {"mmkit-tiny-vit": (0, (4, 4)), "mmkit-tiny-rn": (0, (2, 2)), "mmkit-tiny-timm": (1, (2, 2))}
+
+
+@pytest.mark.parametrize("name", list(TOKENS))
+def test_open_clip_image_pooled_is_encode_image(tiny_models, tmp_path, name):
+    model, path = saved_open_clip(name, tmp_path)
+    encoder = build("image_encoders", "open_clip", model_name=name, pretrained=str(path)).eval()
+    generator = torch.Generator().manual_seed(0)
+    pictures = [Image.fromarray(torch.randint(0, 256, (48, 80, 3), generator=generator, dtype=torch.uint8).numpy())
+                for _ in range(2)]
+    images = torch.stack([encoder.preprocess(p) for p in pictures])
+    out = encoder(images)
+    with torch.no_grad():
+        assert torch.allclose(out.pooled, model.encode_image(images), atol=1e-5)
+    prefix, grid = TOKENS[name]
+    assert (out.prefix, out.grid, out.tokens.shape) == (prefix, grid, (2, prefix + grid[0] * grid[1], encoder.dim))
+
+
+def test_open_clip_vit_tokens_are_its_own_token_outputs(tiny_models, tmp_path):
+    model, path = saved_open_clip("mmkit-tiny-vit", tmp_path)
+    encoder = build("image_encoders", "open_clip", model_name="mmkit-tiny-vit", pretrained=str(path)).eval()
+    images = torch.randn(2, 3, 32, 32)
+    model.visual.output_tokens = True
+    with torch.no_grad():
+        _, tokens = model.visual(images)
+        out = encoder(images)
+    assert (out.prefix, out.grid) == (0, (4, 4))  # open_clip's ViT gives its patches; the class token pools
+    assert torch.allclose(out.tokens, tokens @ model.visual.proj, atol=1e-6)
+
+
+def test_open_clip_preprocessing_pickles_for_dataloader_workers(tiny_models):
+    image = build("image_encoders", "open_clip", model_name="mmkit-tiny-vit")
+    text = build("text_encoders", "open_clip", model_name="mmkit-tiny-vit")
+    picture = Image.new("RGB", (50, 40), "red")
+    assert torch.equal(pickle.loads(pickle.dumps(image.preprocess))(picture), image.preprocess(picture))
+    assert torch.equal(pickle.loads(pickle.dumps(text.preprocess))(TEXTS[0]), text.preprocess(TEXTS[0]))
+
+
+def test_open_clip_tag_fails_in_one_line_when_the_hub_is_unreachable(tiny_recipe, tmp_path):
+    override = "model.image={name='open_clip', model_name='ViT-B-32', pretrained='laion2b_s34b_b79k'}"
+    out = run_mmkit("run", tiny_recipe, override, env=unreachable_hub(tmp_path), timeout=30)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    [line] = out.stderr.strip().splitlines()
+    assert line == (f"mmkit: error: {tiny_recipe}: model.image: open_clip model 'ViT-B-32': pretrained "
+                    "'laion2b_s34b_b79k': laion/CLIP-ViT-B-32-laion2B-s34B-b79K: not in the cache, and the hub "
+                    "cannot be reached; offline, download it once with network access (it is cached), or set "
+                    "pretrained to a local checkpoint file")
+
+
+def test_open_clip_tags_it_cannot_fetch_say_to_give_a_local_file(monkeypatch):
+    import open_clip
+
+    with pytest.raises(MMKitError, match="open_clip model 'RN50' has no pretrained tag 'laion9b'; its tags: "
+                                         "openai, yfcc15m, cc12m; or set pretrained to a local checkpoint file"):
+        build("image_encoders", "open_clip", model_name="RN50", pretrained="laion9b")
+    monkeypatch.setattr(open_clip, "get_pretrained_cfg", lambda name, tag: {"url": "https://example.org/rn50.pt"})
+    with pytest.raises(MMKitError, match=r"open_clip model 'RN50': open_clip publishes pretrained 'openai' only at "
+                                         r"https://example.org/rn50.pt, which mmkit does not download; download "
+                                         r"it and set pretrained to the local file"):
+        build("text_encoders", "open_clip", model_name="RN50", pretrained="openai")
+
+
+def test_open_clip_names_what_it_does_not_build():
+    with pytest.raises(MMKitError, match="unknown open_clip model 'ViT-B-23'; did you mean 'ViT-B-32'"):
+        build("image_encoders", "open_clip", model_name="ViT-B-23")
+    with pytest.raises(MMKitError, match="its text tower is the Hugging Face model 'roberta-base'"):
+        build("text_encoders", "open_clip", model_name="roberta-ViT-B-32")
