@@ -55,3 +55,26 @@ def masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over the real tokens only: [B, T, D] with a [B, T] mask -> [B, D]."""
     weights = mask.unsqueeze(-1).to(tokens.dtype)
     return (tokens * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def resize_crop_normalize(image_size: int, mean: tuple[float, ...] = IMAGENET_MEAN,
+                          std: tuple[float, ...] = IMAGENET_STD) -> Callable[[Any], torch.Tensor]:
+    """PIL image -> RGB, resized and center-cropped to ``image_size``, normalised tensor [3, H, W]."""
+    from torchvision import transforms
+
+    return transforms.Compose([
+        transforms.Lambda(to_rgb),
+        transforms.Resize(image_size),
+        transforms.CenterCrop(image_size),
+        transforms.ToTensor(),
+        transforms.Normalize(mean, std),
+    ])
+
+
+def to_rgb(image: Any) -> Any:
+    """Grayscale, palette and RGBA images as RGB (a module-level function, so workers can pickle it)."""
+    return image.convert("RGB")

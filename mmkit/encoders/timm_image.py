@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmkit.encoders.base import Encoded, Encoder
+from mmkit.encoders.base import IMAGENET_MEAN, IMAGENET_STD, Encoded, Encoder, resize_crop_normalize
 from mmkit.errors import MMKitError, one_line
 from mmkit.hub import hub_file
 from mmkit.weights import load_weights, weights_file
@@ -106,19 +106,5 @@ def timm_weights(name: str, pretrained: bool | str, what: str) -> Path:
 
 def image_transform(model: nn.Module, image_size: int):
     """Resize, center-crop and normalise with the model's own mean and std."""
-    from torchvision import transforms
-
     config = getattr(model, "pretrained_cfg", {}) or {}
-    mean = config.get("mean", (0.485, 0.456, 0.406))
-    std = config.get("std", (0.229, 0.224, 0.225))
-    return transforms.Compose([
-        transforms.Lambda(_to_rgb),
-        transforms.Resize(image_size),
-        transforms.CenterCrop(image_size),
-        transforms.ToTensor(),
-        transforms.Normalize(mean, std),
-    ])
-
-
-def _to_rgb(image):
-    return image.convert("RGB")
+    return resize_crop_normalize(image_size, config.get("mean", IMAGENET_MEAN), config.get("std", IMAGENET_STD))

@@ -11,13 +11,10 @@ from urllib.parse import urlsplit
 import torch
 from torch import nn
 
-from mmkit.encoders.base import Encoded, Encoder
+from mmkit.encoders.base import Encoded, Encoder, resize_crop_normalize, to_rgb
 from mmkit.errors import MMKitError, one_line
 from mmkit.hub import reachable
 from mmkit.weights import load_into, load_weights, names_a_file, weights_file
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # torchvision's DenseNet files name some layers the old way ("norm.1" for "norm1"); its own loader renames them.
 OLD_DENSENET_KEY = re.compile(
@@ -214,15 +211,5 @@ def image_transform(published: Any, image_size: int):
     from torchvision import transforms
 
     if published is not None:
-        return transforms.Compose([transforms.Lambda(_to_rgb), published.transforms()])
-    return transforms.Compose([
-        transforms.Lambda(_to_rgb),
-        transforms.Resize(image_size),
-        transforms.CenterCrop(image_size),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
-
-
-def _to_rgb(image):
-    return image.convert("RGB")
+        return transforms.Compose([transforms.Lambda(to_rgb), published.transforms()])
+    return resize_crop_normalize(image_size)
