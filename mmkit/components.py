@@ -34,6 +34,8 @@ def build(kind: str, name: str, **params: Any) -> Any:
     where = f"{KINDS[component.kind]} {component.name!r}"
     if spec.lr_scale != 1.0:
         raise MMKitError(f"{where}: lr_scale sets a learning rate for training; give it in a recipe's [model.<part>]")
+    if problems := spec.problems():
+        raise MMKitError(f"{where}: " + "; ".join(f"{key}: {message}" for key, message in problems.items()))
     part = instantiate(component, params, **provided)
     prepare_part(part, spec, where, PLACES[component.kind])
     return part

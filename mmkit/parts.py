@@ -5,7 +5,8 @@ builtin or plugin; the learning-rate scale is applied where the optimizer is bui
 from __future__ import annotations
 
 import fnmatch
-import types
+import functools
+import os
 from pathlib import Path
 
 from torch import nn
@@ -30,8 +31,9 @@ def prepare_part(module: nn.Module, spec: PartSpec, where: str, place: str) -> d
     if spec.init_from is not None:
         source = InitFrom(spec.init_from) if isinstance(spec.init_from, str) else InitFrom(**spec.init_from)
         counts = init_from(module, source, where, place)
-        print(f"{where}: init_from {source.path}: {counts['loaded']} tensors loaded, "
-              f"{counts['skipped']} skipped, {counts['created']} newly created")
+        if os.environ.get("RANK", "0") == "0":  # once, not from every process of a launch
+            print(f"{where}: init_from {source.path}: {counts['loaded']} tensors loaded, "
+                  f"{counts['skipped']} skipped, {counts['created']} newly created")
     if spec.freeze:
         freeze(module, spec.freeze, where)
     return counts
@@ -41,7 +43,7 @@ def add_lora(module: nn.Module, lora: LoraSpec, where: str) -> None:
     """Wrap the target layers with peft's LoRA in place; only the adapters of this part train."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    targets = list(lora.target_modules) or linear_layers(module)
+    targets = lora.target_modules or linear_layers(module)
     if not targets:
         raise MMKitError(f"{where}: lora: the part has no linear layers to adapt; name them in lora.target_modules")
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets)
@@ -73,6 +75,9 @@ def init_from(module: nn.Module, source: InitFrom, where: str, place: str) -> di
         raise MMKitError(f"{where}: init_from: {path} has no tensors under the prefix {prefix!r}; "
                          "set init_from = {path = ..., prefix = ...}")
     state = module.state_dict()
+    if (adapters := sorted(k for k in tensors if ".lora_" in k)) and not any(".lora_" in k for k in state):
+        raise MMKitError(f"{where}: init_from {path} holds LoRA adapters ({prefix}{adapters[0]}, ...), which "
+                         "this part lacks; give it the lora table of the run that trained them")
     chosen, used = {}, set()
     for key, current in state.items():
         name = key if key in tensors else key.replace(".base_layer.", ".")
@@ -83,6 +88,9 @@ def init_from(module: nn.Module, source: InitFrom, where: str, place: str) -> di
                              f"{list(current.shape)} here")
         chosen[key] = tensors[name]
         used.add(name)
+    if not chosen:
+        raise MMKitError(f"{where}: init_from {path}: none of its tensors under {prefix!r} is named like this "
+                         f"part's (e.g. {next(iter(state), '-')!r}); set init_from = {{path = ..., prefix = ...}}")
     module.load_state_dict(chosen, strict=False)
     return {"loaded": len(chosen), "skipped": len(tensors) - len(used), "created": len(state) - len(chosen)}
 
@@ -96,17 +104,23 @@ def freeze(module: nn.Module, which: bool | list[str], where: str) -> None:
     names = [name for name, _ in module.named_parameters()]
     for pattern in which:
         if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
-            raise MMKitError(f"{where}: freeze: {pattern!r} matches no parameter (they are named like {names[0]!r})")
+            like = f"they are named like {names[0]!r}" if names else "the part has none"
+            raise MMKitError(f"{where}: freeze: {pattern!r} matches no parameter ({like})")
     for name, parameter in module.named_parameters():
         if any(fnmatch.fnmatchcase(name, pattern) for pattern in which):
             parameter.requires_grad_(False)
 
 
 def keep_in_eval(module: nn.Module) -> None:
-    """Make ``module.train()`` a no-op for this module, so a frozen backbone's batch-norm
-    statistics and dropout stay fixed however its task switches modes."""
+    """Make ``module.train()`` keep this module in eval mode, so a frozen backbone's batch-norm
+    statistics and dropout stay fixed however its task switches modes (picklable, for workers
+    and spawned processes)."""
     module.eval()
-    module.train = types.MethodType(lambda self, mode=True: nn.Module.train(self, False), module)
+    module.train = functools.partial(_train_in_eval, module)
+
+
+def _train_in_eval(module: nn.Module, mode: bool = True) -> nn.Module:
+    return nn.Module.train(module, False)
 
 
 def parameter_counts(module: nn.Module) -> dict[str, int]:

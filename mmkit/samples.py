@@ -28,6 +28,11 @@ class DatasetInfo:
     class_names: tuple[str, ...] = ()
     label_kind: Literal["none", "single", "multi"] = "none"
 
+    def __post_init__(self) -> None:
+        if self.label_kind != "none" and ("label" not in self.keys or not self.class_names):
+            raise ValueError(f"a dataset with {self.label_kind} labels gives a 'label' key and names its classes")
+
     @property
     def num_classes(self) -> int:
+        """How many classes the labels index (0 for unlabelled data)."""
         return len(self.class_names)

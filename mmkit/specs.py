@@ -124,6 +124,7 @@ class PartSpec:
     lr_scale: float = 1.0
 
     def problems(self) -> dict[str, str]:
+        """Values of the right type that still cannot work, by key."""
         found = {"lr_scale": "must be positive (freeze = true stops a part training)"} if self.lr_scale <= 0 else {}
         if self.freeze is True and self.lora is not None:
             found["lora"] = "a part with freeze = true trains no adapters; drop one of the two"
@@ -141,15 +142,16 @@ class LoraSpec:
         r: rank of the adapters.
         alpha: scaling; the update is (alpha / r) x B A.
         dropout: dropout on the adapters' input.
-        target_modules: names (or name suffixes) of the layers to adapt; empty: every linear layer.
+        target_modules: names (or name suffixes) of the layers to adapt; unset: every linear layer.
     """
 
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
-    target_modules: list[str] = ()
+    target_modules: list[str] | None = None
 
     def problems(self) -> dict[str, str]:
+        """Values of the right type that still cannot work, by key."""
         found = {"r": "must be at least 1"} if self.r < 1 else {}
         if not 0 <= self.dropout < 1:
             found["dropout"] = "must be in [0, 1)"

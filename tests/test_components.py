@@ -64,6 +64,7 @@ def test_every_encoder_runs_forward_and_backward(kind):
         assert isinstance(out, Encoded)
         b, t, d = out.tokens.shape
         assert b == 2 and t >= 1 and out.pooled.shape == (2, encoder.dim) and out.mask.shape == (2, t)
+        assert d == encoder.token_dim, name
         assert out.mask.dtype == torch.bool and out.mask.any(dim=1).all()
         if kind == "text_encoders":
             assert out.grid is None and out.prefix == 0
@@ -82,6 +83,13 @@ def test_timm_encoder_takes_cnns_too():
     feature_map = encoder.model.forward_features(images)  # [B, C, H', W']
     assert out.pooled.shape == (2, encoder.dim) and out.prefix == 0 and out.grid == tuple(feature_map.shape[-2:])
     assert torch.equal(out.tokens[:, 1], feature_map[:, :, 0, 1])  # row by row: token 1 is row 0, column 1
+
+
+def test_a_timm_cnn_whose_head_widens_the_pooled_features():
+    encoder = build("image_encoders", "timm", model_name="mobilenetv3_small_050", image_size=64)
+    out = encoder(torch.randn(2, 3, 64, 64))
+    assert (encoder.dim, encoder.token_dim) == (1024, 288)  # conv_head widens 288 channels to 1024
+    assert out.pooled.shape == (2, 1024) and out.tokens.shape == (2, 4, 288) and out.grid == (2, 2)
 
 
 def test_vit_tokens_are_a_prefix_then_the_patch_grid():
@@ -160,6 +168,12 @@ def test_every_dataset_declares_what_it_gives(name):
     if info.label_kind == "single":
         assert info.num_classes > max(dataset[i]["label"] for i in range(5))
         assert len(set(info.class_names)) == info.num_classes
+
+
+def test_labelled_data_must_name_its_classes():
+    with pytest.raises(ValueError, match="a dataset with single labels gives a 'label' key and names its classes"):
+        DatasetInfo(keys=("image", "label"), label_kind="single")
+    assert DatasetInfo(keys=("image", "label"), class_names=("cat", "dog"), label_kind="multi").num_classes == 2
 
 
 @pytest.mark.parametrize("name", components("datasets"))

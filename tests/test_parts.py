@@ -107,6 +107,11 @@ def test_a_run_trains_a_scaled_part_at_its_scaled_rate(tiny_recipe):
     assert {(g["lr_scale"], g["initial_lr"]) for g in groups} == {(1.0, 0.002), (0.5, 0.001)}
     text = dict(parts_of(tiny_recipe).encoders["text"].named_parameters())
     assert sum(len(g["params"]) for g in groups if g["lr_scale"] == 0.5) == len(text)
+    rescaled = Run(load_recipe(tiny_recipe, ["model.text.lr_scale=0.25", "train.lr=0.002", "train.max_steps=9"]),
+                   resume=True)
+    with pytest.raises(MMKitError, match=r"optimizer groups of \[.* at lr x 0.5 decayed, .*\] there, \[.* at lr x "
+                                         r"0.25 decayed, .*\] here: was freeze, lora or lr_scale changed\?"):
+        rescaled.fit()
 
 
 def test_init_from_a_run_folder_loads_its_towers(tiny_recipe, capsys):
@@ -136,6 +141,29 @@ def test_init_from_a_file_with_a_prefix_and_a_mismatch_named(tiny_recipe, tmp_pa
     with pytest.raises(MMKitError, match=r"model.text: init_from .*towers.safetensors: towers.text.position_embedding "
                                          r"is \[16, 32\] there, \[16, 64\] here"):
         parts_of(tiny_recipe, f"model.text.init_from={table}", "model.text.width=64")
+
+
+def test_init_from_refuses_adapters_the_part_lacks_and_names_it_loads_nothing(tiny_recipe, tmp_path):
+    Run(load_recipe(tiny_recipe, ["model.text.lora={r=2}", "run.name=lora"])).fit()
+    run = str(tiny_recipe.parent / "runs" / "lora")
+    with pytest.raises(MMKitError, match=r"model.text: init_from .*model.safetensors holds LoRA adapters "
+                                         r"\(encoders.text.blocks.layers.0.linear1.lora_A.default.weight, ...\)"):
+        parts_of(tiny_recipe, f"model.text.init_from={run!r}")
+    adapted = parts_of(tiny_recipe, f"model.text.init_from={run!r}", "model.text.lora={r=2}").encoders["text"]
+    trained = load_file(tiny_recipe.parent / "runs" / "lora" / "model.safetensors")
+    assert all(torch.equal(trained[f"encoders.text.{k}"], v) for k, v in adapted.state_dict().items())
+    save_file({"other.weight": torch.ones(2)}, tmp_path / "other.safetensors")
+    with pytest.raises(MMKitError, match=r"none of its tensors under '' is named like this part's"):
+        parts_of(tiny_recipe, f"model.text.init_from={str(tmp_path / 'other.safetensors')!r}")
+
+
+def test_a_frozen_part_pickles():
+    from mmkit import build
+
+    encoder = build("text_encoders", "transformer", width=32, layers=1, heads=2, context_length=16, freeze=True)
+    again = pickle.loads(pickle.dumps(encoder))
+    again.train()
+    assert not again.training and not any(p.requires_grad for p in again.parameters())
 
 
 class RunsCode:

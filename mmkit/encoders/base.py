@@ -47,8 +47,19 @@ class Encoder(nn.Module):
     preprocess: Callable[[Any], Any]
     collate: Callable[[list[Any]], Any] | None = None
 
-    def forward(self, inputs: torch.Tensor) -> Encoded:  # pragma: no cover - abstract
+    @property
+    def token_dim(self) -> int:
+        """Width of ``Encoded.tokens``; the pooled width ``dim`` unless the encoder says otherwise
+        (a CNN whose head widens its pooled features)."""
+        return self.dim
+
+    def forward(self, inputs: Any) -> Encoded:  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+def feature_map_cells(features: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    """A CNN's feature map [B, C, H', W'] as tokens [B, H'*W', C], row by row, and its grid."""
+    return features.flatten(2).transpose(1, 2), tuple(features.shape[-2:])
 
 
 def masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -55,11 +55,12 @@ class HFTextEncoder(Encoder):
         add_pad_and_mask_tokens(tokenizer, backbone)
         self.model = encoder_only(backbone)
         keep_pooler(self.model, pooling == "pooler", what)
-        if not 2 <= max_length <= tokenizer.model_max_length:
+        positions = min(tokenizer.model_max_length, getattr(self.model.config, "max_position_embeddings", None) or 10**9)
+        if not 2 <= max_length <= positions:
             raise MMKitError(f"{what}: max_length must be at least 2 and at most the model's "
-                             f"{tokenizer.model_max_length} positions, got {max_length}")
+                             f"{positions} positions, got {max_length}")
         self.pooling = pooling
-        self.preprocess = Tokenize(tokenizer, max_length)
+        self.preprocess = HFTokenize(tokenizer, max_length)
         self.dim = self.model.config.hidden_size
         self.vocab_size = self.model.get_input_embeddings().num_embeddings
         self.pad_id, self.mask_id = tokenizer.pad_token_id, tokenizer.mask_token_id
@@ -79,7 +80,7 @@ class HFTextEncoder(Encoder):
         return Encoded(tokens=tokens, pooled=pooled, mask=mask)
 
 
-class Tokenize:
+class HFTokenize:
     """Text -> {"input_ids", "attention_mask"} of ``max_length`` tokens, with the model's tokenizer.
 
     Special tokens written in a text ("[MASK]", "</s>") stay text, so no text tokenizes to the

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmkit.encoders.base import Encoded, Encoder
+from mmkit.encoders.base import Encoded, Encoder, feature_map_cells
 from mmkit.encoders.text import pad_after_end
 from mmkit.errors import MMKitError, one_line
 from mmkit.hub import hub_file
@@ -68,23 +68,19 @@ class OpenClipImageEncoder(Encoder):
         (the dense reading of CLIP's ResNets, as in MaskCLIP), so they share the pooled width."""
         visual = self.visual
         features = visual.layer4(visual.layer3(visual.layer2(visual.layer1(visual.stem(images)))))
-        cells = features.flatten(2).transpose(1, 2)
+        cells, grid = feature_map_cells(features)
         tokens = visual.attnpool.c_proj(visual.attnpool.v_proj(cells))
-        return visual.attnpool(features), tokens, 0, tuple(features.shape[-2:])
+        return visual.attnpool(features), tokens, 0, grid
 
     def _timm(self, images: torch.Tensor) -> tuple:
         """The timm trunk's features through the tower's token-wise projection head."""
-        from mmkit.encoders.timm_image import patch_grid
+        from mmkit.encoders.timm_image import timm_tokens
 
         trunk = self.visual.trunk
         features = trunk.forward_features(images)
         pooled = self.visual.head(trunk.forward_head(features))
-        if features.ndim == 4:  # a CNN's feature map: its cells, row by row
-            tokens, prefix, grid = features.flatten(2).transpose(1, 2), 0, tuple(features.shape[-2:])
-        else:
-            prefix = getattr(trunk, "num_prefix_tokens", 0)
-            tokens, grid = features, patch_grid(trunk, images.shape[-2:], features.shape[1] - prefix)
-        return pooled, self.visual.head(tokens), prefix if grid else 0, grid
+        tokens, prefix, grid = timm_tokens(trunk, features, images.shape[-2:])
+        return pooled, self.visual.head(tokens), prefix, grid
 
 
 class OpenClipTextEncoder(Encoder):
@@ -109,6 +105,9 @@ class OpenClipTextEncoder(Encoder):
         if "hf_model_name" in text_config:
             raise MMKitError(f"{what}: its text tower is the Hugging Face model {text_config['hf_model_name']!r}, "
                              "which this encoder does not build; see `mmkit list text_encoders`")
+        if "hf_tokenizer_name" in text_config or text_config.get("pool_type", "argmax") not in ("argmax", "eos"):
+            raise MMKitError(f"{what}: its text tower uses another tokenizer or pools another token than open_clip's "
+                             "own BPE end-of-text token (a SigLIP-style tower), which this encoder does not support")
         longest = text_config.get("context_length", 77)
         if context_length is not None and not 2 <= context_length <= longest:
             raise MMKitError(f"{what}: context_length must be between 2 and the model's {longest}, "
@@ -127,14 +126,14 @@ class OpenClipTextEncoder(Encoder):
         self.mask_id, self.pad_id = add_mask_and_pad_tokens(self.text)
         self.vocab_size = self.text.vocab_size
         self.dim = self.text.output_dim if self.text.text_projection is not None else self.text.width
-        self.preprocess = Tokenize(tokenizer, self.pad_id)
+        self.preprocess = OpenClipTokenize(tokenizer, self.pad_id)
 
     def forward(self, ids: torch.Tensor) -> Encoded:
         pooled, tokens = self.text(ids)
         return Encoded(tokens=project(tokens, self.text.text_projection), pooled=pooled, mask=ids != self.pad_id)
 
 
-class Tokenize:
+class OpenClipTokenize:
     """Text -> LongTensor[context_length] with the model's own open_clip tokenizer, padded with
     ``pad_id`` (open_clip pads with 0, which is also the token "!")."""
 

@@ -9,7 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmkit.encoders.base import IMAGENET_MEAN, IMAGENET_STD, Encoded, Encoder, resize_crop_normalize
+from mmkit.encoders.base import (IMAGENET_MEAN, IMAGENET_STD, Encoded, Encoder, feature_map_cells,
+                                 resize_crop_normalize)
 from mmkit.errors import MMKitError, one_line
 from mmkit.hub import hub_file
 from mmkit.weights import load_weights, weights_file
@@ -38,19 +39,31 @@ class TimmImageEncoder(Encoder):
     ):
         super().__init__()
         self.model = create_timm_model(model_name, pretrained, image_size, model_args or {})
-        self.dim = self.model.num_features
+        self.dim = getattr(self.model, "head_hidden_size", None) or self.model.num_features  # what forward_head gives
         self.preprocess = image_transform(self.model, image_size)
+
+    @property
+    def token_dim(self) -> int:
+        return self.model.num_features
 
     def forward(self, images: torch.Tensor) -> Encoded:
         features = self.model.forward_features(images)
         pooled = self.model.forward_head(features, pre_logits=True)
-        if features.ndim == 4:  # a CNN's feature map [B, C, H', W']: its cells, row by row
-            tokens, prefix, grid = features.flatten(2).transpose(1, 2), 0, tuple(features.shape[-2:])
-        else:
-            tokens, prefix = features, getattr(self.model, "num_prefix_tokens", 0)
-            grid = patch_grid(self.model, images.shape[-2:], tokens.shape[1] - prefix)
+        tokens, prefix, grid = timm_tokens(self.model, features, images.shape[-2:])
         mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
         return Encoded(tokens=tokens, pooled=pooled, mask=mask, grid=grid, prefix=prefix)
+
+
+def timm_tokens(model: nn.Module, features: torch.Tensor,
+                size: tuple[int, int]) -> tuple[torch.Tensor, int, tuple[int, int] | None]:
+    """Tokens, prefix count and grid of a timm model's forward_features: a CNN's feature-map
+    cells, or a ViT's prefix tokens then its patches."""
+    if features.ndim == 4:
+        tokens, grid = feature_map_cells(features)
+        return tokens, 0, grid
+    prefix = getattr(model, "num_prefix_tokens", 0)
+    grid = patch_grid(model, size, features.shape[1] - prefix)
+    return features, prefix if grid else 0, grid
 
 
 def patch_grid(model: nn.Module, size: tuple[int, int], patches: int) -> tuple[int, int] | None:
@@ -84,6 +97,8 @@ def create_timm_model(name: str, pretrained: bool | str, image_size: int, args: 
     except TypeError as error:
         raise MMKitError(f"{what}: bad model_args: {error}") from None
     except RuntimeError as error:  # load_state_dict: names or shapes that do not fit
+        if not pretrained:
+            raise
         raise MMKitError(f"{what}: the pretrained weights do not fit the model: {one_line(error)}") from None
 
 
@@ -94,7 +109,7 @@ def timm_weights(name: str, pretrained: bool | str, what: str) -> Path:
 
     if isinstance(pretrained, str) and (Path(pretrained).exists() or not HUB_ID.fullmatch(pretrained)):
         if not Path(pretrained).exists():
-            raise MMKitError(f"pretrained weights file not found: {pretrained}")
+            raise MMKitError(f"{what}: pretrained weights file not found: {pretrained}")
         return weights_file(pretrained, what)
     repo = pretrained if isinstance(pretrained, str) else getattr(timm.models.get_pretrained_cfg(name), "hf_hub_id", None)
     if not repo:

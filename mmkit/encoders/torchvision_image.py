@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 import torch
 from torch import nn
 
-from mmkit.encoders.base import Encoded, Encoder, resize_crop_normalize, to_rgb
+from mmkit.encoders.base import Encoded, Encoder, feature_map_cells, resize_crop_normalize, to_rgb
 from mmkit.errors import MMKitError, one_line
 from mmkit.hub import reachable
 from mmkit.weights import load_into, load_weights, names_a_file, weights_file
@@ -57,7 +57,7 @@ class TorchvisionImageEncoder(Encoder):
             side = self.model.image_size // self.model.patch_size
             tokens, prefix, grid = features, 1, (side, side)
         else:
-            tokens, prefix, grid = features.flatten(2).transpose(1, 2), 0, tuple(features.shape[-2:])
+            (tokens, grid), prefix = feature_map_cells(features), 0
         mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
         return Encoded(tokens=tokens, pooled=pooled, mask=mask, grid=grid, prefix=prefix)
 

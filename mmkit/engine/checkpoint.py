@@ -83,13 +83,22 @@ def check_checkpoint(path: Path, model: nn.Module, param_groups: list[dict[str, 
     if mismatch:
         raise MMKitError(f"cannot resume from {path}: the recipe builds another model ({mismatch}); "
                          "resume with the recipe.toml of that run")
-    saved_groups = [len(group["params"]) for group in state["optimizer"]["param_groups"]]
-    groups = [len(group["params"]) for group in param_groups]
+    saved_groups = [_group_layout(group) for group in state["optimizer"]["param_groups"]]
+    groups = [_group_layout(group) for group in param_groups]
     if saved_groups != groups:
         raise MMKitError(f"cannot resume from {path}: the recipe trains other parameters (optimizer groups of "
-                         f"{saved_groups} there, {groups} here: was `freeze` changed?); "
-                         "resume with the recipe.toml of that run")
+                         f"{_show(saved_groups)} there, {_show(groups)} here: was freeze, lora or lr_scale "
+                         "changed?); resume with the recipe.toml of that run")
     return int(state["step"])
+
+
+def _group_layout(group: dict[str, Any]) -> tuple[int, float, float]:
+    """What an optimizer group trains and how: its parameter count, lr scale and decay."""
+    return len(group["params"]), group.get("lr_scale", 1.0), group["weight_decay"]
+
+
+def _show(groups: list[tuple[int, float, float]]) -> str:
+    return "[" + ", ".join(f"{n} at lr x {scale:g}" + (" decayed" if decay else "") for n, scale, decay in groups) + "]"
 
 
 def _weights_mismatch(path: Path, model: nn.Module) -> str | None:
