@@ -6,9 +6,11 @@ Both sides import them from here, so a dataset never depends on an encoder modul
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
+
+from mmkit.errors import MMKitError
 
 
 @dataclass
@@ -22,7 +24,10 @@ class Waveform:
 @dataclass(frozen=True)
 class DatasetInfo:
     """What a dataset gives, known without loading a sample: the keys of its samples and,
-    for labelled data, the class names and whether a sample has one label or several."""
+    for labelled data, the class names and whether a sample has one label or several.
+
+    A single label is an int (the class index); multi-label values are float multi-hot
+    tensors [num_classes], so batches stack into [B, num_classes] targets."""
 
     keys: tuple[str, ...]
     class_names: tuple[str, ...] = ()
@@ -36,3 +41,38 @@ class DatasetInfo:
     def num_classes(self) -> int:
         """How many classes the labels index (0 for unlabelled data)."""
         return len(self.class_names)
+
+
+class SampleError(MMKitError):
+    """One sample that cannot be used: where it is (the file it was listed in and its row or
+    key, the path it names) and what is wrong, as a short ``kind`` and a sentence.
+
+    Datasets raise it for bad data; mmkit's loaders turn it into a counted skip or a
+    one-line error, as ``data.on_error`` says. Any other exception is a bug, not bad data.
+    """
+
+    KINDS = ("missing file", "empty file", "truncated image", "not an image", "image too large",
+             "unreadable audio", "empty audio", "nan audio", "empty text", "missing text",
+             "unknown label", "bad value", "unreadable shard")
+
+    def __init__(self, kind: str, message: str, source: str, row: int | str | None = None,
+                 path: str | None = None):
+        if kind not in self.KINDS:
+            raise ValueError(f"unknown sample problem {kind!r}; one of {self.KINDS}")
+        self.kind, self.message, self.source, self.row, self.path = kind, message, source, row, path
+        super().__init__(self.line())
+
+    def line(self) -> str:
+        """``source row 7: images/a.jpg: truncated image (...)``, the form errors and logs use."""
+        where = self.source + (f" {self.row}" if isinstance(self.row, str) else
+                               f" row {self.row}" if self.row is not None else "")
+        return f"{where}: {self.path + ': ' if self.path else ''}{self.kind}: {self.message}"
+
+    def record(self) -> dict[str, Any]:
+        """A plain dict (it crosses worker processes and goes into summary.json)."""
+        return {"kind": self.kind, "source": self.source, "row": self.row, "path": self.path,
+                "message": self.message}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> SampleError:
+        return cls(record["kind"], record["message"], record["source"], record["row"], record["path"])
