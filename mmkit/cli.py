@@ -37,11 +37,16 @@ def cli(debug: bool) -> None:
 @click.option("--resume", is_flag=True, help="Continue the run folder from its last checkpoint.")
 def run(recipe: str, overrides: tuple[str, ...], resume: bool) -> None:
     """Train and evaluate RECIPE; OVERRIDES are dotted KEY=VALUE pairs (train.lr=3e-4)."""
+    from mmkit.engine.loop import Stopped
     from mmkit.engine.run import Run
     from mmkit.recipe import load_recipe
 
     job = Run(load_recipe(recipe, overrides), resume=resume)
-    summary = job.fit()
+    try:
+        summary = job.fit()
+    except Stopped as stopped:
+        click.echo(f"mmkit: {stopped}", err=True)
+        sys.exit(stopped.code)
     if summary:
         click.echo(f"run folder: {job.paths.folder}")
         for key, value in summary["metrics"].items():
@@ -118,6 +123,54 @@ def plugins() -> None:
         click.echo(f"{info.name} {info.version}")
         for kind, names in info.registers.items():
             click.echo(f"  {kind}: {', '.join(names)}")
+
+
+@cli.group()
+def data() -> None:
+    """Look over datasets before training on them."""
+
+
+@data.command()
+@click.argument("source", type=click.Path(dir_okay=False))
+@click.argument("overrides", nargs=-1)
+@click.option("--column", "columns", multiple=True, metavar="KEY=COLUMN",
+              help="For a manifest: the column giving sample KEY (repeat a key to list several columns).")
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="Reader processes (default: one per CPU, four at most; 0 reads in this process).")
+def check(source: str, overrides: tuple[str, ...], columns: tuple[str, ...], workers: int | None) -> None:
+    """Read every sample of SOURCE's datasets and list the bad ones by kind.
+
+    SOURCE is a recipe (its [data] set and [data.val]; OVERRIDES are dotted KEY=VALUE pairs)
+    or a .csv/.jsonl manifest (each split it names; OVERRIDES are the manifest's parameters,
+    such as split=val). Exits 1 if any sample is bad.
+    """
+    from pathlib import Path
+
+    from tqdm.auto import tqdm
+
+    from mmkit.data.check import (check_dataset, default_workers, format_checks, manifest_datasets,
+                                  manifest_params, recipe_datasets)
+    from mmkit.data.manifest import SUFFIXES
+    from mmkit.plugins import get_registry
+    from mmkit.recipe import load_recipe
+
+    registry = get_registry()
+    if Path(source).suffix.lower() in SUFFIXES:
+        datasets = manifest_datasets(source, manifest_params(overrides, columns), registry)
+    elif columns:
+        raise MMKitError("--column is for a manifest path; map a recipe's columns in its [data] columns")
+    else:
+        datasets = recipe_datasets(load_recipe(source, overrides), registry)
+    workers = default_workers() if workers is None else workers
+    checks = {}
+    for name, dataset in datasets.items():
+        total = None if hasattr(dataset, "records") else len(dataset)
+        with tqdm(total=total, desc=name, unit="sample", dynamic_ncols=True, disable=None) as bar:
+            checks[name] = check_dataset(dataset, workers, bar.update)
+    for line in format_checks(checks):
+        click.echo(line)
+    if any(checked.problems for checked in checks.values()):
+        sys.exit(1)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,7 +6,7 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset
 
 from mmkit.data.loader import Collate
 from mmkit.errors import MMKitError, one_line
@@ -112,13 +112,23 @@ def build_parts(recipe: Recipe, registry: Registry) -> Parts:
         return part
 
     train_set = make("data", "datasets")
-    val_set = make("data", "datasets", extra=val_params(recipe, registry)) if "val" in recipe.table("data") else None
     info = _check_modalities(recipe, train_set)
+    val_set = make("data", "datasets", extra=held_out_params(recipe, registry, info)) \
+        if "val" in recipe.table("data") else None
     encoders = {m: make_part(m, MODALITIES[m]) for m in recipe.modalities}
     fusion = make_part("fusion", "fusion_heads", encoders=encoders) if "fusion" in recipe.table("model") else None
     task = make("task", "tasks", encoders=encoders, fusion=fusion, data=info)
     scales = {key: recipe.part(key).lr_scale for key in recipe.table("model")}
     return Parts(task, encoders, train_set, val_set, fusion, scales)
+
+
+def held_out_params(recipe: Recipe, registry: Registry, train: DatasetInfo) -> dict[str, Any]:
+    """[data.val]'s parameters; a dataset taking ``classes`` is given the training set's, so
+    label i means the same class in both (a held-out label outside them is a bad sample)."""
+    params = val_params(recipe, registry)
+    if "classes" in registry.get("datasets", recipe.table("data")["name"]).params and train.class_names:
+        params.setdefault("classes", list(train.class_names))
+    return params
 
 
 def dataset_info(dataset: Dataset, name: str) -> DatasetInfo:
@@ -133,7 +143,7 @@ def dataset_info(dataset: Dataset, name: str) -> DatasetInfo:
 def _check_modalities(recipe: Recipe, dataset: Dataset) -> DatasetInfo:
     """Every encoder needs its key in the samples; say so before anything else is built."""
     name = recipe.table("data")["name"]
-    if not len(dataset):
+    if not isinstance(dataset, IterableDataset) and not len(dataset):
         raise MMKitError(f"{recipe.source}: data: dataset {name!r} is empty")
     info = dataset_info(dataset, name)
     for modality in recipe.modalities:

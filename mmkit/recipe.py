@@ -15,7 +15,7 @@ from typing import Any, Iterable
 from mmkit.errors import MMKitError, RecipeError
 from mmkit.files import write_text_atomic
 from mmkit.registry import Param, Registry, check_type, read_params
-from mmkit.specs import PART_KEYS, EvalSpec, InitFrom, LoraSpec, PartSpec, RunSpec, TrainSpec
+from mmkit.specs import DATA_KEYS, PART_KEYS, DataSpec, EvalSpec, Example, InitFrom, LoraSpec, PartSpec, RunSpec, TrainSpec
 
 SPECS = {"run": RunSpec, "train": TrainSpec, "eval": EvalSpec}
 MODALITIES = {"image": "image_encoders", "text": "text_encoders", "audio": "audio_encoders"}
@@ -49,10 +49,15 @@ class Recipe:
         return node
 
     def params(self, *keys: str) -> dict[str, Any]:
-        """A component table's parameters: all but its ``name``, [data.val] in [data], and
-        in a [model.<part>] table the keys mmkit applies itself (freeze, lora, ...)."""
-        nested = ("val",) if keys == ("data",) else PART_KEYS if keys[0] == "model" else ()
+        """A component table's parameters: all but its ``name``, and the keys mmkit applies
+        itself: in [data] its val table and on_error, in [model.<part>] freeze, lora, ..."""
+        nested = DATA_KEYS if keys == ("data",) else PART_KEYS if keys[0] == "model" else ()
         return {k: v for k, v in self.table(*keys).items() if k != "name" and k not in nested}
+
+    def data(self) -> DataSpec:
+        """The keys mmkit applies to any dataset in [data]."""
+        table = self.table("data")
+        return DataSpec(**{k: table[k] for k in DATA_KEYS if k in table and k != "val"})
 
     def part(self, key: str) -> PartSpec:
         """The keys mmkit applies to the part of [model.<key>]."""
@@ -150,12 +155,13 @@ def _load_tree(path: Path, seen: tuple[Path, ...], origins: dict[str, str]) -> d
 
 def merge(base: dict[str, Any], top: dict[str, Any], path: tuple[str, ...] = ()) -> dict[str, Any]:
     """Deep-merge two tables, ``top`` winning. A layer that names another
-    component drops the old one's params (not [data.val] unless it brings its own, nor a
-    part's freeze, lora, init_from and lr_scale), and a layer that sets one of
+    component drops the old one's params (not data.on_error, nor [data.val] unless it brings
+    its own, nor a part's freeze, lora, init_from and lr_scale), and a layer that sets one of
     train.epochs / train.max_steps drops the other."""
     out = copy.deepcopy(base)
     if path and path[0] != "run" and "name" in top and top["name"] != base.get("name"):
-        kept = ("val",) if path == ("data",) and "val" not in top else PART_KEYS if path[0] == "model" else ()
+        kept = tuple(k for k in DATA_KEYS if k not in top) if path == ("data",) else \
+            PART_KEYS if path[0] == "model" else ()
         out = {key: out[key] for key in kept if key in out}
     if path == ("train",):
         for one, other in (("epochs", "max_steps"), ("max_steps", "epochs")):
@@ -191,7 +197,12 @@ def check_recipe(recipe: Recipe, registry: Registry) -> None:
     for table, spec in SPECS.items():
         _check_table(problems, table, tree.get(table, {}), read_params("", spec))
     data = tree.get("data")
-    _check_component(problems, registry, "data", data, "datasets", nested=("val",))
+    _check_component(problems, registry, "data", data, "datasets", nested=DATA_KEYS)
+    if isinstance(data, dict):
+        _check_table(problems, "data", {k: data[k] for k in DATA_KEYS if k in data and k != "val"},
+                     read_params("", DataSpec))
+        if isinstance(data.get("example"), dict):
+            _check_table(problems, "data.example", data["example"], read_params("", Example))
     if isinstance(data, dict) and "val" in data:
         if not isinstance(data["val"], dict):
             problems.add("data.val", f"expected a table of dataset parameters, got {data['val']!r}")
@@ -297,7 +308,8 @@ def resolved_tree(recipe: Recipe, registry: Registry, versions: dict[str, str]) 
     for table, spec in SPECS.items():
         tree[table] = _with_defaults(read_params("", spec), recipe.table(table))
     tree["run"]["name"] = recipe.spec("run").name
-    tree["data"] = _component_with_defaults(registry, "datasets", recipe, "data")
+    tree["data"] = {**_component_with_defaults(registry, "datasets", recipe, "data"),
+                    **_with_defaults(read_params("", DataSpec), recipe.table("data"))}
     if "val" in recipe.table("data"):
         tree["data"]["val"] = val_params(recipe, registry)
     tree["model"] = {
@@ -311,9 +323,12 @@ def resolved_tree(recipe: Recipe, registry: Registry, versions: dict[str, str]) 
 
 
 def val_params(recipe: Recipe, registry: Registry) -> dict[str, Any]:
-    """[data.val] as the held-out set is built: ``split = "val"`` unless it says otherwise."""
+    """[data.val] as the held-out set is built: ``split = "val"`` unless it says otherwise
+    or names its own source (a required parameter: its own manifest, folder or shards)."""
     params = dict(recipe.table("data", "val"))
-    if "split" in registry.get("datasets", recipe.table("data")["name"]).params:
+    schema = registry.get("datasets", recipe.table("data")["name"]).params
+    own_source = any(schema[key].required for key in params if key in schema)
+    if "split" in schema and not own_source:
         params.setdefault("split", "val")
     return params
 

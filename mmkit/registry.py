@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mmkit.errors import MMKitError
-from mmkit.specs import PART_KEYS
+from mmkit.specs import DATA_KEYS, PART_KEYS
 
 KINDS: dict[str, str] = {
     "image_encoders": "image encoder",
@@ -132,6 +132,9 @@ class Registry:
         if kind in PART_KINDS and (taken := sorted(set(params) & set(PART_KEYS))):
             raise MMKitError(f'plugin "{plugin}" registers {KINDS[kind]} "{name}" with the parameter '
                              f"{taken[0]!r}, a key mmkit applies to every [model.*] table itself; rename it; ignored")
+        if kind == "datasets" and (taken := sorted(set(params) & set(DATA_KEYS))):
+            raise MMKitError(f'plugin "{plugin}" registers dataset "{name}" with the parameter {taken[0]!r}, '
+                             "a key mmkit applies to every [data] table itself; rename it; ignored")
         component = Component(kind, name, factory, plugin, params)
         self._components[kind][name] = component
         return component

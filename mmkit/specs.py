@@ -52,6 +52,8 @@ class TrainSpec:
         log_every: log training metrics every N steps.
         num_workers: DataLoader worker processes.
         compile: wrap the model in torch.compile.
+        on_nan: a loss that is not a number stops the run ("raise") or skips that update ("skip",
+            counted in summary.json).
     """
 
     epochs: int | None = None
@@ -67,6 +69,7 @@ class TrainSpec:
     log_every: int = 10
     num_workers: int = 0
     compile: bool = False
+    on_nan: Literal["raise", "skip"] = "raise"
 
     def problems(self) -> dict[str, str]:
         """Values of the right type that still cannot work, by key."""
@@ -81,6 +84,47 @@ class TrainSpec:
         if self.epochs is not None and self.max_steps:
             found.setdefault("max_steps", "set train.epochs or train.max_steps, not both")
         return dict(sorted(found.items(), key=lambda item: list(vars(self)).index(item[0])))
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Keys of [data] that mmkit applies to any dataset, beside the dataset's own parameters
+    and [data.val].
+
+    Args:
+        on_error: a sample that cannot be read (missing or broken file, empty text, unknown
+            label) stops the run in one line naming it ("raise"), or is dropped, its batch
+            filled from the next sample, and counted and listed in summary.json ("skip").
+        example: {name, train, val, params}: a generated dataset written in this dataset's
+            format where [data] and [data.val] read, when those files are missing (never
+            over existing ones), so a file-based recipe runs as shipped.
+    """
+
+    on_error: Literal["raise", "skip"] = "raise"
+    example: dict[str, Any] | None = None
+
+    def problems(self) -> dict[str, str]:
+        return {}
+
+
+DATA_KEYS = ("val", *(f.name for f in fields(DataSpec)))
+
+
+@dataclass(frozen=True)
+class Example:
+    """A [data.example] table: which generated dataset to write, and how many samples per split.
+
+    Args:
+        name: a generated dataset (e.g. "synthetic_shapes").
+        train: samples written for the training split.
+        val: samples written for the held-out split ([data.val]).
+        params: the generated dataset's own parameters (e.g. {image_size = 64}).
+    """
+
+    name: str
+    train: int = 1000
+    val: int = 200
+    params: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,8 @@ def test_checkpoints_hold_only_safetensors_and_json(tiny_recipe):
     checkpoints = tiny_recipe.parent / "runs" / "tiny" / "checkpoints"
     assert [p.name for p in checkpoints.iterdir()] == ["step_00000006"]
     files = sorted(p.name for p in (checkpoints / "step_00000006").iterdir())
-    assert files == ["model.safetensors", "optimizer.safetensors", "rng_0.json", "rng_0.safetensors", "trainer.json"]
+    assert files == ["data_0.json", "model.safetensors", "optimizer.safetensors", "rng_0.json", "rng_0.safetensors",
+                     "trainer.json"]
     (checkpoints / ".partial-step_00000009").mkdir()  # what a crash mid-write leaves
     assert latest_checkpoint(checkpoints).name == "step_00000006"
 
@@ -132,8 +133,8 @@ def test_a_resume_that_cannot_work_says_why_and_changes_nothing(tiny_recipe):
     assert frozen.returncode == 2
     assert "the recipe trains other parameters (optimizer groups of [" in frozen.stderr
     finished = run_mmkit("run", tiny_recipe, "--resume")
-    assert finished.returncode == 2
-    assert "step_00000006 is step 6 of the 6 this recipe trains for; raise train.max_steps" in finished.stderr
+    assert finished.returncode == 0, finished.stderr
+    assert f"{folder} is finished (summary.json written); nothing to resume" in finished.stdout
     assert files(folder) == before
     assert sorted(p.name for p in folder.parent.iterdir()) == ["tiny"]
 
@@ -144,10 +145,16 @@ def test_a_step_bigger_than_the_data_is_refused_before_the_folder(tiny_recipe):
     assert not (tiny_recipe.parent / "runs").exists()
 
 
-def test_resume_without_a_checkpoint_says_what_to_do(tiny_recipe):
-    done = run_mmkit("run", tiny_recipe, "--resume")
-    assert done.returncode == 2
-    assert "nothing to resume: " in done.stderr and "Traceback" not in done.stderr
+def test_resume_without_a_checkpoint_starts_over_in_the_same_folder(tiny_recipe):
+    folder = tiny_recipe.parent / "runs" / "tiny"
+    folder.mkdir(parents=True)
+    (folder / "metrics.jsonl").write_text('{"step": 1, "train/loss": 9.0, "time": 0}\n')  # killed before step 3
+    started = run_mmkit("run", tiny_recipe, "--resume")
+    assert started.returncode == 0, started.stderr
+    assert f"no checkpoint in {folder} yet: starting the run over there" in started.stdout
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["tiny"]
+    assert [r["step"] for r in records(folder) if "train/loss" in r] == [2, 4, 6]  # the stale line is gone
+    assert (folder / "summary.json").exists()
 
 
 def test_bf16_and_gradient_accumulation_run_on_cpu(tiny_recipe):
@@ -217,7 +224,7 @@ def test_two_accumulated_half_batches_step_like_one_batch():
         optimizer = torch.optim.SGD(task.parameters(), lr=0.5)  # plain SGD shows a wrong gradient scale
         batches = iter([{"x": x[i:i + batch_size], "y": y[i:i + batch_size]} for i in range(0, 24, batch_size)])
         spec = TrainSpec(batch_size=batch_size, grad_accum=grad_accum)
-        losses = optimizer_step(task, optimizer, batches, spec, Accelerator(cpu=True))
+        losses = optimizer_step(task, optimizer, batches, spec, Accelerator(cpu=True), 1)
         return task.linear, losses["loss"], next(batches)["x"]
 
     whole, whole_loss, _ = one_step(16, 1)

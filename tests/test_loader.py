@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from mmkit.data.loader import EpochBatches, Preprocessed, train_loader
-from mmkit.engine.loop import micro_batches
+from mmkit.engine.feed import micro_batches
 
 
 class Items(torch.utils.data.Dataset):

@@ -37,7 +37,7 @@ def one_training_step(parts, lr: float = 1e-2) -> None:
     loader = train_loader(dataset, EpochBatches(len(dataset), 16, seed=0), 0, False, parts.collate)
     optimizer = adamw(parts.task, lr, 0.1, False, parts.scaled())
     parts.task.train()
-    optimizer_step(parts.task, optimizer, iter(loader), TrainSpec(batch_size=16), Accelerator(cpu=True))
+    optimizer_step(parts.task, optimizer, iter(loader), TrainSpec(batch_size=16), Accelerator(cpu=True), 1)
 
 
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -7,17 +7,27 @@ import json
 import pytest
 
 from conftest import ROOT, run_mmkit
+from mmkit.data.examples import write_example
 from mmkit.engine.run import Run
+from mmkit.plugins import get_registry
 from mmkit.recipe import load_recipe
 
 RECIPES = sorted((ROOT / "recipes").glob("*.toml"))
-SHORT = ["train.max_steps=4", "train.batch_size=16", "data.num_samples=64", "data.val.num_samples=32",
-         "eval.batch_size=32", "eval.every=2", "train.checkpoint_every=2", "train.log_every=1"]
+COMMON = ["train.max_steps=4", "train.batch_size=16", "eval.batch_size=32", "eval.every=2",
+          "train.checkpoint_every=2", "train.log_every=1"]
+GENERATED = ["data.num_samples=64", "data.val.num_samples=32"]
+WRITTEN = ["data.example.train=64", "data.example.val=32"]  # file recipes: their example data, smaller
+
+
+def writes_files(recipe) -> bool:
+    return "example" in load_recipe(recipe).table("data")
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
-def test_each_recipe_runs_end_to_end(recipe, tmp_path):
-    done = run_mmkit("run", recipe, *SHORT, f"run.output_dir={tmp_path}")
+def test_each_recipe_runs_end_to_end(recipe, tmp_path, monkeypatch):
+    """Run from an empty folder: a file recipe writes its example data there first."""
+    short = COMMON + (WRITTEN if writes_files(recipe) else GENERATED)
+    done = run_mmkit("run", recipe, *short, f"run.output_dir={tmp_path}", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     folder = tmp_path / recipe.stem
     summary = json.loads((folder / "summary.json").read_text())
@@ -25,6 +35,13 @@ def test_each_recipe_runs_end_to_end(recipe, tmp_path):
     assert f"run folder: {folder}" in done.stdout
     for name in ("recipe.toml", "metrics.jsonl", "model.safetensors", "report.html", "checkpoints/step_00000004"):
         assert (folder / name).exists(), name
+    if writes_files(recipe):
+        assert "writing [data.example]: synthetic_shapes, 64 + 32 samples" in done.stdout
+        assert summary["skipped_samples"]["train"]["samples"] == 0
+        monkeypatch.chdir(tmp_path)
+        said: list[str] = []
+        write_example(load_recipe(recipe, short), get_registry(), said.append)
+        assert said == []  # written once: the files are there now, and nothing is ever overwritten
 
 
 def test_training_beats_chance_by_far(tmp_path):

@@ -5,8 +5,14 @@ from mmkit.hookspecs import hookimpl
 
 @hookimpl
 def register_datasets(register):
+    from mmkit.data.image_folder import ImageFolder
+    from mmkit.data.manifest import Manifest
     from mmkit.data.shapes import SyntheticShapes
+    from mmkit.data.shards import WebDataset
     from mmkit.data.sounds import SyntheticAudio
 
     register("synthetic_shapes", SyntheticShapes)
     register("synthetic_audio", SyntheticAudio)
+    register("manifest", Manifest)
+    register("image_folder", ImageFolder)
+    register("webdataset", WebDataset)

@@ -3,12 +3,36 @@
 from __future__ import annotations
 
 import random
+import signal
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, default_collate, get_worker_info
+
+from mmkit.errors import MMKitError
+from mmkit.samples import SampleError
+
+
+PROBLEMS = "_problems"  # bad samples met while making a sample or batch (SampleError records)
+POSITION = "_position"  # a streamed sample's place: (worker share, epoch, records read)
+
+
+def transform(sample: dict[str, Any], transforms: Mapping[str, Callable[[Any], Any]], *seed: int) -> dict[str, Any]:
+    """A raw sample through each modality's ``preprocess``, the random draws seeded by ``seed``.
+
+    A tokenized text's raw string is kept as ``raw_text``, for tasks that compare captions."""
+    sample = dict(sample)
+    if "text" in transforms and isinstance(sample.get("text"), str):
+        sample["raw_text"] = sample["text"]
+    with _seeded(*seed):
+        for key, function in transforms.items():
+            if key not in sample:
+                raise KeyError(f"sample {sample.get('id')!r} has no {key!r}; the recipe has a "
+                               f"model.{key} encoder, but the dataset gives {sorted(sample)}")
+            sample[key] = function(sample[key])
+    return sample
 
 
 class Preprocessed(Dataset):
@@ -17,29 +41,98 @@ class Preprocessed(Dataset):
     Items are an index, or ``(index, epoch_seed)`` from EpochBatches: the transforms' random
     draws (torch's CPU generator, ``random``, ``numpy.random``) are seeded by the item alone,
     so augmentation is the same whichever worker runs it and however far into the epoch a
-    resumed run starts. A tokenized text's raw string is kept as ``raw_text``, for tasks that
-    compare captions.
+    resumed run starts. A sample that raises SampleError is reported under ``_problems``;
+    with ``fill`` the next readable sample takes its place (training batches stay full),
+    without it the item carries only the report (held-out sets keep each item once).
     """
 
-    def __init__(self, dataset: Dataset, transforms: Mapping[str, Callable[[Any], Any]]):
+    def __init__(self, dataset: Dataset, transforms: Mapping[str, Callable[[Any], Any]], fill: bool = True):
         self.dataset = dataset
         self.transforms = dict(transforms)
+        self.fill = fill
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Any]:
         index, epoch_seed = item if isinstance(item, tuple) else (item, 0)
-        sample = dict(self.dataset[index])
-        if "text" in self.transforms and isinstance(sample.get("text"), str):
-            sample["raw_text"] = sample["text"]
-        with _seeded(epoch_seed, index):
-            for key, transform in self.transforms.items():
-                if key not in sample:
-                    raise KeyError(f"sample {sample.get('id', index)!r} has no {key!r}; the recipe "
-                                   f"has a model.{key} encoder, but the dataset gives {sorted(sample)}")
-                sample[key] = transform(sample[key])
-        return sample
+        problems = []
+        for tried in range(len(self.dataset)):
+            at = (index + tried) % len(self.dataset)
+            try:
+                sample = transform(self.dataset[at], self.transforms, epoch_seed, at)
+            except SampleError as error:
+                problems.append({**error.record(), "index": at})
+                if not self.fill:
+                    return {PROBLEMS: problems}
+                continue
+            return {**sample, PROBLEMS: problems} if problems else sample
+        raise MMKitError(f"no sample of the dataset can be read; the first: {SampleError.from_record(problems[0])}")
+
+
+class Streamed(IterableDataset):
+    """A stream's samples for one process, preprocessed in workers and never ending.
+
+    Worker w of process r reads share r x workers + w of each epoch of the stream (see
+    ``records`` of mmkit.data.shards.WebDataset), epoch after epoch, so no share runs dry
+    before another. Batches come from the workers in turn; ``resume`` puts each share back
+    at its (epoch, records read) and turns the workers so the next batch comes from the
+    share that was next.
+    """
+
+    def __init__(self, stream: Any, transforms: Mapping[str, Callable[[Any], Any]], seed: int,
+                 rank: int = 0, world: int = 1, workers: int = 0):
+        self.stream, self.transforms, self.seed = stream, dict(transforms), seed
+        self.rank, self.world, self.num_workers, self.workers = rank, world, workers, max(workers, 1)
+        self.positions: dict[int, tuple[int, int]] = {}
+        self.turn = 0
+        if stream.max_parts < self.world * self.workers:
+            raise MMKitError(f"{stream.max_parts} shards cannot feed {self.world} processes x {self.workers} "
+                             "workers; write more shards or lower train.num_workers")
+
+    def resume(self, positions: Mapping[int, tuple[int, int]], batches_read: int) -> None:
+        """Continue each share where it stood after ``batches_read`` batches of this process."""
+        self.positions, self.turn = dict(positions), batches_read % self.workers
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        share = ((info.id if info else 0) + self.turn) % self.workers
+        part, parts = self.rank * self.workers + share, self.world * self.workers
+        epoch, read = self.positions.get(share, (0, 0))
+        problems: list[dict[str, Any]] = []
+        while True:
+            yielded = False
+            for record in self.stream.records(epoch, part, parts, self.seed, start=read):
+                read += 1
+                if isinstance(record, SampleError):
+                    problems.append(record.record())
+                    continue
+                sample = transform(record, self.transforms, self.seed, epoch, part, read)
+                yield {**sample, PROBLEMS: problems, POSITION: (share, epoch, read)}
+                problems, yielded = [], True
+            if not yielded and read == 0:
+                raise MMKitError(f"share {part} of {parts} of the stream has no readable sample in epoch {epoch}")
+            epoch, read = epoch + 1, 0
+
+
+class StreamedOnce(IterableDataset):
+    """One pass over a stream for evaluation: process r's workers read shares r::world of
+    epoch 0; a bad record is reported in a sample-less item."""
+
+    def __init__(self, stream: Any, transforms: Mapping[str, Callable[[Any], Any]], seed: int,
+                 rank: int = 0, world: int = 1):
+        self.stream, self.transforms, self.seed, self.rank, self.world = stream, dict(transforms), seed, rank, world
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        parts = min(self.stream.max_parts, self.world)
+        for part in range(self.rank, parts, self.world)[worker::workers]:
+            for read, record in enumerate(self.stream.records(0, part, parts, self.seed), 1):
+                if isinstance(record, SampleError):
+                    yield {PROBLEMS: [record.record()]}
+                else:
+                    yield transform(record, self.transforms, self.seed, 0, part, read)
 
 
 @contextmanager
@@ -89,14 +182,22 @@ class EpochBatches(Sampler[list[int]]):
 
 class Collate:
     """Samples -> a batch: a key with its encoder's own ``collate`` uses it, every other key
-    torch's default_collate (dicts of tensors become dicts of batched tensors)."""
+    torch's default_collate (dicts of tensors become dicts of batched tensors). The bad
+    samples' reports are joined under ``_problems``, the last sample's stream position kept;
+    items that are only a report (a bad held-out sample) are left out of the batch."""
 
     def __init__(self, collates: Mapping[str, Callable[[list[Any]], Any]] | None = None):
         self.collates = dict(collates or {})
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        return {key: self.collates.get(key, default_collate)([sample[key] for sample in samples])
-                for key in samples[0]}
+        batch: dict[str, Any] = {PROBLEMS: [p for sample in samples for p in sample.get(PROBLEMS, ())]}
+        if POSITION in samples[-1]:
+            batch[POSITION] = samples[-1][POSITION]
+        kept = [sample for sample in samples if set(sample) - {PROBLEMS, POSITION}]
+        for key in kept[0] if kept else ():
+            if key not in (PROBLEMS, POSITION):
+                batch[key] = self.collates.get(key, default_collate)([sample[key] for sample in kept])
+        return batch
 
 
 def train_loader(dataset: Dataset, sampler: EpochBatches, num_workers: int, pin_memory: bool,
@@ -105,12 +206,26 @@ def train_loader(dataset: Dataset, sampler: EpochBatches, num_workers: int, pin_
     draws from the global RNG that dropout uses: resumed runs stay exact."""
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
                       collate_fn=collate or Collate(), persistent_workers=num_workers > 0,
+                      worker_init_fn=_leave_signals_to_the_main_process,
                       generator=torch.Generator().manual_seed(sampler.seed))
+
+
+def stream_loader(stream: Streamed, batch_size: int, pin_memory: bool, collate: Collate | None = None) -> DataLoader:
+    """Batches of a never-ending stream, each made whole in one worker from its own share."""
+    return DataLoader(stream, batch_size=batch_size, num_workers=stream.num_workers, pin_memory=pin_memory,
+                      collate_fn=collate or Collate(), worker_init_fn=_leave_signals_to_the_main_process,
+                      generator=torch.Generator())
 
 
 def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, pin_memory: bool,
                 collate: Collate | None = None) -> DataLoader:
     """Held-out batches in order; workers stay up between evaluations."""
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                      pin_memory=pin_memory, collate_fn=collate or Collate(),
-                      persistent_workers=num_workers > 0, generator=torch.Generator())
+    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
+                      collate_fn=collate or Collate(), persistent_workers=num_workers > 0,
+                      worker_init_fn=_leave_signals_to_the_main_process, generator=torch.Generator())
+
+
+def _leave_signals_to_the_main_process(worker_id: int) -> None:
+    """Workers ignore Ctrl-C and SIGTERM: the main process checkpoints, then shuts them down."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -41,11 +41,14 @@ def latest_checkpoint(folder: Path) -> Path | None:
 
 
 def save_checkpoint(folder: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, accelerator: Any, layout: dict[str, int], keep: int) -> Path:
-    """Write a checkpoint atomically: every process adds its RNG state, the main one the rest.
+                    scheduler: Any, accelerator: Any, layout: dict[str, int], keep: int,
+                    progress: dict[str, Any], data: dict[str, Any]) -> Path:
+    """Write a checkpoint atomically: every process adds its RNG state and its ``data``
+    state (stream positions, bad samples met), the main one the rest.
 
     ``layout`` (processes, batch size, accumulation) fixes where in the data a step ends,
-    so resuming checks it is unchanged."""
+    so resuming checks it is unchanged; ``progress`` (training seconds, skipped steps)
+    carries totals across resumes."""
     final = folder / checkpoint_name(step)
     partial = partial_path(final)
     if accelerator.is_main_process:
@@ -54,12 +57,13 @@ def save_checkpoint(folder: Path, step: int, model: nn.Module, optimizer: torch.
         save_model(model, str(partial / "model.safetensors"))
         tensors, meta = _flatten_optimizer(optimizer.state_dict())
         save_file(tensors, partial / "optimizer.safetensors")
-        state = {"step": step, "layout": layout, "optimizer": meta, "scheduler": scheduler.state_dict()}
+        state = {"step": step, "layout": layout, "optimizer": meta, "scheduler": scheduler.state_dict(), **progress}
         if accelerator.scaler is not None:  # fp16 loss scaling
             state["scaler"] = accelerator.scaler.state_dict()
         (partial / "trainer.json").write_text(json.dumps(state))
     accelerator.wait_for_everyone()
     _save_rng(partial, accelerator.process_index)
+    (partial / f"data_{accelerator.process_index}.json").write_text(json.dumps(data))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         publish(partial, final)
@@ -122,9 +126,10 @@ def _storage(tensor: torch.Tensor) -> int:
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                    accelerator: Any) -> int:
+                    accelerator: Any) -> tuple[int, dict[str, Any]]:
     """Restore model, optimizer, schedule and this process's RNG from a checkpoint that
-    ``check_checkpoint`` accepted; return the step reached."""
+    ``check_checkpoint`` accepted; return the step reached and the progress totals and
+    this process's data state saved with it."""
     state = json.loads((path / "trainer.json").read_text())
     load_model(model, path / "model.safetensors", strict=True)
     optimizer.load_state_dict(_unflatten_optimizer(load_file(path / "optimizer.safetensors"), state["optimizer"]))
@@ -132,7 +137,10 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     if "scaler" in state and accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(state["scaler"])
     _load_rng(path, accelerator.process_index)
-    return int(state["step"])
+    data = path / f"data_{accelerator.process_index}.json"
+    progress = {"seconds": state.get("seconds", 0.0), "skipped_steps": state.get("skipped_steps", 0),
+                "data": json.loads(data.read_text()) if data.exists() else None}
+    return int(state["step"]), progress
 
 
 def write_atomic_model(model: nn.Module, path: Path) -> None:

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Mapping
 
 import torch
-from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
-from mmkit.data.loader import EpochBatches
 from mmkit.engine.checkpoint import load_checkpoint, save_checkpoint
+from mmkit.engine.evaluation import Evaluation
+from mmkit.engine.feed import TrainFeed
 from mmkit.engine.schedule import adamw, warmup_cosine
 from mmkit.engine.tracking import Tracker
 from mmkit.errors import MMKitError
@@ -22,87 +26,172 @@ from mmkit.tasks.base import Task
 
 @dataclass
 class FitResult:
-    """How far training went and how fast."""
+    """How far training went and how fast (seconds include the runs it resumed)."""
 
     steps: int
-    epochs: float
+    epochs: float | None
     seconds: float
     samples_per_second: float
+    skipped_steps: int = 0
 
 
-def fit(task: Task, loader: DataLoader, sampler: EpochBatches, val_loader: DataLoader | None,
-        train: TrainSpec, evaluation: EvalSpec, accelerator: Any, tracker: Tracker,
-        checkpoints: Path, resume_from: Path | None, lr_scales: Mapping[torch.nn.Module, float] | None = None,
+class Stopped(Exception):
+    """SIGTERM or Ctrl-C stopped training after a checkpoint; ``code`` is the exit status."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+def fit(task: Task, feed: TrainFeed, val: Evaluation | None, train: TrainSpec, evaluation: EvalSpec,
+        accelerator: Any, tracker: Tracker, checkpoints: Path, plan: tuple[int | None, int],
+        layout: dict[str, int], resume_from: Path | None, lr_scales: Mapping[torch.nn.Module, float] | None = None,
         ) -> FitResult:
-    """Train ``task`` for train.max_steps (or train.epochs), evaluating, logging and
-    checkpointing on the way; returns after the last optimizer step. ``resume_from`` is a
-    checkpoint that ``check_checkpoint`` accepted for this recipe; ``lr_scales`` scale the
-    learning rate of some parts."""
-    steps_per_epoch, total = step_plan(train, sampler, accelerator.num_processes)
-    optimizer = adamw(task, train.lr, train.weight_decay, accelerator.device.type == "cuda", lr_scales)
-    scheduler = warmup_cosine(optimizer, train.warmup, total)
-    layout = data_layout(train, accelerator.num_processes)
-    step = 0
-    if resume_from is not None:
-        step = load_checkpoint(resume_from, task, optimizer, scheduler, accelerator)
-    model = torch.compile(task) if train.compile else task
-    model, optimizer = accelerator.prepare(model, optimizer)
-    batches = micro_batches(loader, sampler, start=step * train.grad_accum)
-    samples_per_step = train.batch_size * train.grad_accum * accelerator.num_processes
-    progress = _progress(total, step, accelerator.is_main_process)
-    started, interval_start, interval_steps = time.perf_counter(), time.perf_counter(), 0
-    first_step = step
-    model.train()
-    while step < total:
-        losses = optimizer_step(model, optimizer, batches, train, accelerator)
-        scheduler.step()
-        step += 1
-        interval_steps += 1
-        progress.update(1)
-        if step % train.log_every == 0 or step == total:
-            rate = samples_per_step * interval_steps / (time.perf_counter() - interval_start)
-            values = {f"train/{k}": v.item() for k, v in losses.items()}
-            lr = optimizer.param_groups[0]["lr"] / optimizer.param_groups[0]["lr_scale"]  # train.lr, scheduled
-            tracker.log(step, {**values, "lr": lr, "samples_per_s": rate})
-            progress.set_postfix(loss=f"{values['train/loss']:.4f}", samples_s=f"{rate:.0f}")
-            interval_start, interval_steps = time.perf_counter(), 0
-        if val_loader is not None and evaluation.every and step % evaluation.every == 0 and step < total:
-            tracker.log(step, evaluate(task, val_loader, accelerator))
-        if train.checkpoint_every and step % train.checkpoint_every == 0:
-            tracker.flush()
-            save_checkpoint(checkpoints, step, task, optimizer, scheduler, accelerator, layout, train.keep_checkpoints)
-    progress.close()
-    seconds = time.perf_counter() - started
-    trained = step - first_step
-    return FitResult(step, step / steps_per_epoch, seconds, samples_per_step * trained / max(seconds, 1e-9))
+    """Train ``task`` for the ``plan``'s (steps per epoch, total steps), evaluating, logging
+    and checkpointing (with the data ``layout``) on the way; returns after the last optimizer
+    step. ``resume_from`` is a checkpoint that ``check_checkpoint`` accepted for this recipe;
+    ``lr_scales`` scale the learning rate of some parts."""
+    trainer = Trainer(task, feed, train, accelerator, tracker, checkpoints, plan[1], layout, lr_scales)
+    trainer.restore(resume_from)
+    trainer.run(lambda step: val.metrics(task, accelerator)
+                if val is not None and evaluation.every and step % evaluation.every == 0 else None)
+    steps, seconds = trainer.step, trainer.seconds
+    return FitResult(steps, steps / plan[0] if plan[0] else None, seconds,
+                     trainer.samples_per_step * steps / max(seconds, 1e-9), trainer.skipped)
 
 
-def step_plan(train: TrainSpec, sampler: EpochBatches, processes: int) -> tuple[int, int]:
-    """(optimizer steps per epoch, total steps); refuses a step bigger than the data."""
-    if len(sampler) < train.grad_accum:
+class Trainer:
+    """The optimizer, schedule and counters of one training, stepping until the total: logs,
+    checkpoints (every train.checkpoint_every steps and at the last), and stops cleanly when
+    SIGTERM or Ctrl-C asks (a checkpoint, then Stopped)."""
+
+    def __init__(self, task: Task, feed: TrainFeed, train: TrainSpec, accelerator: Any, tracker: Tracker,
+                 checkpoints: Path, total: int, layout: dict[str, int],
+                 lr_scales: Mapping[torch.nn.Module, float] | None):
+        self.task, self.feed, self.train, self.accelerator, self.tracker = task, feed, train, accelerator, tracker
+        self.checkpoints, self.total, self.layout = checkpoints, total, layout
+        self.optimizer = adamw(task, train.lr, train.weight_decay, accelerator.device.type == "cuda", lr_scales)
+        self.scheduler = warmup_cosine(self.optimizer, train.warmup, total)
+        self.samples_per_step = train.batch_size * train.grad_accum * accelerator.num_processes
+        self.step, self.seconds, self.skipped, self.before = 0, 0.0, 0, 0.0
+
+    def restore(self, checkpoint: Path | None) -> None:
+        """Start from ``checkpoint`` (weights, optimizer, schedule, RNG, data place), or afresh."""
+        state: dict[str, Any] = {}
+        if checkpoint is not None:
+            self.step, state = load_checkpoint(checkpoint, self.task, self.optimizer, self.scheduler, self.accelerator)
+        self.before, self.skipped = state.get("seconds", 0.0), state.get("skipped_steps", 0)
+        self.seconds = self.before
+        self.feed.start(self.step * self.train.grad_accum, state.get("data"))
+
+    def run(self, evaluate: Any) -> None:
+        """Step to the total; ``evaluate(step)`` gives held-out metrics to log, or None."""
+        model = torch.compile(self.task) if self.train.compile else self.task
+        model, self.optimizer = self.accelerator.prepare(model, self.optimizer)
+        started = time.perf_counter()
+        self.interval = (started, 0)
+        model.train()
+        with StopSignals() as stop, _progress(self.total, self.step, self.accelerator.is_main_process) as progress:
+            while self.step < self.total:
+                losses = optimizer_step(model, self.optimizer, self.feed, self.train, self.accelerator, self.step + 1)
+                self.scheduler.step()
+                self.step += 1
+                self.skipped += losses is None
+                self.seconds = self.before + time.perf_counter() - started
+                progress.update(1)
+                self._log(losses, progress)
+                if self.step < self.total and (metrics := evaluate(self.step)) is not None:
+                    self.tracker.log(self.step, metrics)
+                every = self.train.checkpoint_every
+                saved = every and (self.step % every == 0 or self.step == self.total)
+                if saved:
+                    self._save()
+                if stop.asked(self.accelerator) and self.step < self.total:
+                    self._stop(stop, saved)
+
+    def _log(self, losses: dict[str, torch.Tensor] | None, progress: Any) -> None:
+        start, steps = self.interval
+        self.interval = (start, steps + 1)
+        if losses is None or (self.step % self.train.log_every and self.step != self.total):
+            return
+        rate = self.samples_per_step * (steps + 1) / (time.perf_counter() - start)
+        values = {f"train/{k}": v.item() for k, v in losses.items()}
+        group = self.optimizer.param_groups[0]
+        self.tracker.log(self.step, {**values, "lr": group["lr"] / group["lr_scale"], "samples_per_s": rate})
+        progress.set_postfix(loss=f"{values['train/loss']:.4f}", samples_s=f"{rate:.0f}")
+        self.interval = (time.perf_counter(), 0)
+
+    def _save(self) -> None:
+        self.tracker.flush()
+        save_checkpoint(self.checkpoints, self.step, self.task, self.optimizer, self.scheduler, self.accelerator,
+                        self.layout, self.train.keep_checkpoints,
+                        {"seconds": self.seconds, "skipped_steps": self.skipped}, self.feed.state())
+
+    def _stop(self, stop: StopSignals, saved: bool) -> None:
+        if not saved:
+            self._save()
+        raise Stopped(f"stopped by {stop.name} at step {self.step} of {self.total}: checkpoint step {self.step} "
+                      "written; run again with --resume to continue", stop.code)
+
+
+def trained_result(checkpoint: Path, task: Task, feed: TrainFeed, accelerator: Any, train: TrainSpec,
+                   steps_per_epoch: int | None) -> FitResult:
+    """A run whose last step's checkpoint was written but not its final files: its weights,
+    bad samples and totals, so the final evaluation and files can follow."""
+    from safetensors.torch import load_model
+
+    load_model(task, checkpoint / "model.safetensors", strict=True)
+    state = json.loads((checkpoint / "trainer.json").read_text())
+    data = checkpoint / f"data_{accelerator.process_index}.json"
+    feed.start(state["step"] * train.grad_accum, json.loads(data.read_text()) if data.exists() else None)
+    step, seconds = state["step"], state.get("seconds", 0.0)
+    samples = step * train.batch_size * train.grad_accum * accelerator.num_processes
+    return FitResult(step, step / steps_per_epoch if steps_per_epoch else None, seconds,
+                     samples / max(seconds, 1e-9), state.get("skipped_steps", 0))
+
+
+def step_plan(train: TrainSpec, batches_per_epoch: int | None, processes: int, size: str) -> tuple[int | None, int]:
+    """(optimizer steps per epoch, total steps); refuses a step bigger than the data. A
+    stream (no batches per epoch) trains for train.max_steps."""
+    if batches_per_epoch is None:
+        if not train.max_steps:
+            raise MMKitError("a streamed dataset has no length, so train.epochs cannot be counted; set train.max_steps")
+        return None, train.max_steps
+    if batches_per_epoch < train.grad_accum:
         raise MMKitError(f"train.batch_size {train.batch_size} x grad_accum {train.grad_accum} x "
-                         f"{processes} processes is more than the {sampler.size} training samples; lower it")
-    steps_per_epoch = len(sampler) // train.grad_accum
+                         f"{processes} processes is more than the {size} training samples; lower it")
+    steps_per_epoch = batches_per_epoch // train.grad_accum
     return steps_per_epoch, train.max_steps or (train.epochs or 1) * steps_per_epoch
 
 
-def data_layout(train: TrainSpec, processes: int) -> dict[str, int]:
-    """What fixes where in the data a step ends; a checkpoint only resumes under the same."""
-    return {"processes": processes, "batch_size": train.batch_size, "grad_accum": train.grad_accum}
+def data_layout(train: TrainSpec, processes: int, streamed: bool = False) -> dict[str, int]:
+    """What fixes where in the data a step ends; a checkpoint only resumes under the same
+    (a stream's shares also depend on the worker count)."""
+    layout = {"processes": processes, "batch_size": train.batch_size, "grad_accum": train.grad_accum}
+    return layout | ({"num_workers": train.num_workers} if streamed else {})
 
 
-def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Iterator[dict],
-                   train: TrainSpec, accelerator: Any) -> dict[str, torch.Tensor]:
+def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, feed: TrainFeed,
+                   train: TrainSpec, accelerator: Any, step: int) -> dict[str, torch.Tensor] | None:
     """Accumulate gradients over grad_accum micro-batches (syncing processes only on the
-    last), clip, and step; returns the loss terms averaged over the micro-batches."""
+    last), clip, and step; returns the loss terms averaged over the micro-batches. A loss
+    that is not finite stops the run (train.on_nan = "raise") or skips the update (None)."""
     totals: dict[str, torch.Tensor] = {}
     for micro in range(train.grad_accum):
         last = micro == train.grad_accum - 1
         with contextlib.nullcontext() if last else accelerator.no_sync(model):
-            losses = model(to_device(next(batches), accelerator.device))
+            losses = model(to_device(next(feed), accelerator.device))
             accelerator.backward(losses["loss"] / train.grad_accum)
         for key, value in losses.items():
             totals[key] = totals.get(key, 0) + value.detach().float() / train.grad_accum
+    if not all_finite(totals["loss"], accelerator):
+        optimizer.zero_grad(set_to_none=True)
+        if train.on_nan == "raise":
+            raise MMKitError(f"step {step}: the loss is {totals['loss'].item():.4g}, not a number; stopped before "
+                             "the update (checkpoints so far are intact); lower train.lr, set train.clip_grad, "
+                             'or set train.on_nan = "skip" to skip such steps')
+        tqdm.write(f"step {step}: the loss is {totals['loss'].item():.4g}; update skipped (train.on_nan = \"skip\")")
+        return None
     if train.clip_grad:
         accelerator.clip_grad_norm_(model.parameters(), train.clip_grad)
     optimizer.step()
@@ -110,25 +199,55 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, bat
     return totals
 
 
-def evaluate(task: Task, loader: DataLoader, accelerator: Any) -> dict[str, float]:
-    """Held-out metrics on the main process, prefixed ``val/``; the others wait."""
-    metrics = {}
-    if accelerator.is_main_process:
-        task.eval()
-        with accelerator.autocast():
-            metrics = task.evaluate(on_device(loader, accelerator.device))
-        task.train()
-    accelerator.wait_for_everyone()
-    return {f"val/{k}": v for k, v in metrics.items()}
+def all_finite(loss: torch.Tensor, accelerator: Any) -> bool:
+    """Whether the loss is finite on every process (they must agree to step or skip)."""
+    finite = torch.isfinite(loss).float().reshape(1)
+    if accelerator.num_processes > 1:
+        finite = accelerator.reduce(finite, reduction="sum") / accelerator.num_processes
+    return bool(finite.item() == 1.0)
 
 
-def micro_batches(loader: DataLoader, sampler: EpochBatches, start: int) -> Iterator[dict]:
-    """Batches across epochs without end, beginning after ``start`` micro-batches."""
-    epoch, skip = divmod(start, len(sampler))
-    while True:
-        sampler.set_epoch(epoch, skip)
-        yield from loader
-        epoch, skip = epoch + 1, 0
+class StopSignals:
+    """Within the block, SIGTERM and Ctrl-C (SIGINT) ask training to stop after the step it
+    is in; a second Ctrl-C stops at once. Only the main thread can take signals."""
+
+    CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._ask) for s in self.CODES}
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+
+    def _ask(self, number: int, frame: Any) -> None:
+        if number == signal.SIGINT and self.received == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = number
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.received).name if self.received else "request"
+
+    @property
+    def code(self) -> int:
+        return self.CODES.get(self.received, 1)
+
+    def asked(self, accelerator: Any) -> bool:
+        """Whether any process was asked to stop (all of them then stop at the same step)."""
+        if accelerator.num_processes == 1:
+            return self.received is not None
+        flag = torch.tensor([float(self.received or 0)], device=accelerator.device)
+        flag = accelerator.reduce(flag, reduction="sum")
+        if flag.item() and self.received is None:
+            self.received = signal.SIGTERM
+        return bool(flag.item())
 
 
 def to_device(value: Any, device: torch.device) -> Any:
@@ -140,11 +259,5 @@ def to_device(value: Any, device: torch.device) -> Any:
     return value
 
 
-def on_device(batches: Iterable[dict[str, Any]], device: torch.device) -> Iterator[dict[str, Any]]:
-    return (to_device(batch, device) for batch in batches)
-
-
 def _progress(total: int, initial: int, enabled: bool):
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, initial=initial, unit="step", disable=not enabled, dynamic_ncols=True)

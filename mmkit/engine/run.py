@@ -57,52 +57,95 @@ class Run:
         self.train = recipe.spec("train")
         self.evaluation = recipe.spec("eval")
         self.paths: RunPaths | None = None
+        self.finished: dict[str, Any] = {}  # the summary of a run --resume found finished
 
     def fit(self) -> dict[str, Any]:
         from accelerate.utils import set_seed
 
         from mmkit.components import build_parts
-        from mmkit.data.loader import EpochBatches, Preprocessed, train_loader
-        from mmkit.engine.checkpoint import write_atomic_model
-        from mmkit.engine.loop import evaluate, fit
+        from mmkit.data.examples import write_example
+        from mmkit.engine.loop import fit, trained_result
         from mmkit.engine.tracking import Tracker
 
         accelerator = self._accelerator()
-        resume_from = self._resume_from()
+        resume_from = self._resume_from(accelerator)
+        if self.finished:
+            self._say(accelerator, f"{self.paths.folder} is finished (summary.json written); nothing to resume")
+            return self.finished
         set_seed(self.spec.seed)
+        if accelerator.is_main_process:
+            write_example(self.recipe, self.registry)
+        accelerator.wait_for_everyone()
         # Everything that can refuse the recipe runs before the folder: a failed start leaves none.
         parts = build_parts(self.recipe, self.registry)
-        train_set = Preprocessed(parts.train_set, parts.transforms)
-        sampler = EpochBatches(len(train_set), self.train.batch_size, self.spec.seed,
-                               accelerator.process_index, accelerator.num_processes)
-        resume_step = self._check_resume(resume_from, parts, sampler, accelerator.num_processes)
+        feed, plan, layout = self._train_feed(parts, accelerator)
+        resume_step = self._check_resume(resume_from, parts, plan[1], layout)
+        if self.finished:
+            self._say(accelerator, f"{self.paths.folder} is finished (summary.json written); nothing to resume")
+            return self.finished
         self.paths = paths = RunPaths(self._folder(accelerator))
         if accelerator.is_main_process:
             paths.checkpoints.mkdir(parents=True, exist_ok=True)
             tree = resolved_tree(self.recipe, self.registry, self.versions)
             tree["run"]["name"] = paths.folder.name
             write_recipe(tree, paths.recipe)
-
-        pin = accelerator.device.type == "cuda"
-        loader = train_loader(train_set, sampler, self.train.num_workers, pin, parts.collate)
-        val_loader = self._val_loader(parts, self.train.num_workers, pin)
-        tracker = Tracker(paths.folder, accelerator.is_main_process, resume_step=resume_step)
+        val = self._evaluation(parts, accelerator)
+        tracker = Tracker(paths.folder, accelerator.is_main_process,
+                          resume_step=0 if self.resume and resume_step is None else resume_step)
         if accelerator.is_main_process:
             print(describe_parameters(parts.parameters()))
-        result = fit(parts.task, loader, sampler, val_loader, self.train, self.evaluation,
-                     accelerator, tracker, paths.checkpoints, resume_from, parts.scaled())
-        metrics = evaluate(parts.task, val_loader, accelerator) if val_loader else {}
+        if resume_step is not None and resume_step >= plan[1]:
+            result = trained_result(resume_from, parts.task, feed, accelerator, self.train, plan[0])
+        else:
+            result = fit(parts.task, feed, val, self.train, self.evaluation, accelerator, tracker,
+                         paths.checkpoints, plan, layout, resume_from, parts.scaled())
+        return self._finish(parts, feed, val, result, tracker, accelerator)
+
+    def _finish(self, parts: Any, feed: Any, val: Any, result: Any, tracker: Any, accelerator: Any) -> dict[str, Any]:
+        """The final evaluation, weights, summary and report (the report from the same outputs)."""
+        from mmkit.engine.checkpoint import write_atomic_model
+        from mmkit.engine.evaluation import all_processes
+        from mmkit.engine.feed import Problems
+
+        outputs = val.outputs(parts.task, accelerator) if val else None
+        metrics = val.metrics(parts.task, accelerator, outputs) if val else {}
+        skipped = {"train": Problems.joined(all_processes(list(feed.problems.seen.values()), accelerator))}
+        if val:
+            skipped["val"] = val.all_problems(accelerator)
         summary: dict[str, Any] = {}
         if accelerator.is_main_process:
             tracker.log(result.steps, metrics)
-            write_atomic_model(parts.task, paths.weights)
-            summary = self._summary(result, metrics, accelerator, parts.parameters())
-            _write_json(paths.summary, summary)
-            self._report(parts, val_loader, tracker, summary, accelerator)
+            write_atomic_model(parts.task, self.paths.weights)
+            summary = self._summary(result, metrics, accelerator, parts.parameters(), skipped)
+            _write_json(self.paths.summary, summary)
+            self._report(parts, outputs, skipped.get("val"), tracker, summary)
         tracker.close()
         accelerator.wait_for_everyone()
         accelerator.end_training()
         return summary
+
+    def _train_feed(self, parts: Any, accelerator: Any) -> tuple[Any, tuple[int | None, int], dict[str, int]]:
+        """The training batches of this process, the step plan, and the data layout."""
+        from torch.utils.data import IterableDataset
+
+        from mmkit.data.loader import EpochBatches, Preprocessed, Streamed, stream_loader, train_loader
+        from mmkit.engine.feed import TrainFeed
+        from mmkit.engine.loop import data_layout, step_plan
+
+        pin = accelerator.device.type == "cuda"
+        rank, world = accelerator.process_index, accelerator.num_processes
+        streamed = isinstance(parts.train_set, IterableDataset)
+        if streamed:
+            source = Streamed(parts.train_set, parts.transforms, self.spec.seed, rank, world, self.train.num_workers)
+            loader, batches, size = stream_loader(source, self.train.batch_size, pin, parts.collate), None, ""
+        else:
+            train_set = Preprocessed(parts.train_set, parts.transforms)
+            source = EpochBatches(len(train_set), self.train.batch_size, self.spec.seed, rank, world)
+            loader = train_loader(train_set, source, self.train.num_workers, pin, parts.collate)
+            batches, size = len(source), str(len(train_set))
+        plan = step_plan(self.train, batches, world, size)
+        feed = TrainFeed(loader, source, self.recipe.data().on_error, self._log(accelerator))
+        return feed, plan, data_layout(self.train, world, streamed)
 
     def _accelerator(self) -> Any:
         import torch
@@ -118,45 +161,79 @@ class Run:
             raise MMKitError('run.precision = "fp16" needs a GPU, and this run found none; use "bf16" or "fp32"')
         return accelerator
 
-    def _resume_from(self) -> Path | None:
-        """With --resume, the newest checkpoint of runs/<name>; checked before anything is built."""
+    def _resume_from(self, accelerator: Any) -> Path | None:
+        """With --resume, the newest checkpoint of runs/<name>. A folder without one starts
+        over there; a finished run without one is left as it is (``self.finished``)."""
         from mmkit.engine.checkpoint import latest_checkpoint
 
         if not self.resume:
             return None
         folder = Path(self.spec.output_dir) / self.spec.name
-        if not folder.is_dir():
-            raise MMKitError(f"nothing to resume: {folder} does not exist")
         found = latest_checkpoint(folder / "checkpoints")
-        if found is None:
-            raise MMKitError(f"nothing to resume in {folder}: it has no checkpoint "
-                             "(set train.checkpoint_every); run without --resume to start over")
+        if found is None and not self._done(folder):
+            self._say(accelerator, f"no checkpoint in {folder} yet: starting the run over there")
         return found
 
-    def _check_resume(self, resume_from: Path | None, parts: Any, sampler: Any, processes: int) -> int | None:
-        """Refuse a step bigger than the data or a checkpoint that does not fit or has no steps
-        left; the step to resume from, if any."""
+    def _check_resume(self, resume_from: Path | None, parts: Any, total: int, layout: dict[str, int]) -> int | None:
+        """The step to resume from, once sure the checkpoint fits this recipe; a checkpoint at
+        the last step of a finished run leaves it as it is (``self.finished``)."""
         from mmkit.engine.checkpoint import check_checkpoint
-        from mmkit.engine.loop import data_layout, step_plan
         from mmkit.engine.schedule import param_groups
 
-        _, total = step_plan(self.train, sampler, processes)
         if resume_from is None:
             return None
         groups = param_groups(parts.task, self.train.weight_decay, parts.scaled())
-        step = check_checkpoint(resume_from, parts.task, groups, data_layout(self.train, processes))
-        if step >= total:
-            raise MMKitError(f"nothing to resume: {resume_from} is step {step} of the {total} this recipe "
+        step = check_checkpoint(resume_from, parts.task, groups, layout)
+        if step >= total and self._done(resume_from.parent.parent):
+            return step
+        if step > total:
+            raise MMKitError(f"nothing to resume: {resume_from} is step {step}, past the {total} this recipe "
                              "trains for; raise train.max_steps (or train.epochs) to train further")
         return step
 
-    def _val_loader(self, parts: Any, num_workers: int, pin: bool) -> Any:
-        from mmkit.data.loader import Preprocessed, eval_loader
+    def _done(self, folder: Path) -> bool:
+        """Whether ``folder`` holds a finished run (its summary.json); if so keep that summary."""
+        summary = folder / "summary.json"
+        if summary.exists():
+            self.paths = RunPaths(folder)
+            self.finished = json.loads(summary.read_text())
+        return bool(self.finished)
 
-        if parts.val_set is None:
+    def _evaluation(self, parts: Any, accelerator: Any) -> Any:
+        """This process's share of the held-out set, in order: contiguous slices of a
+        map-style set, shards of a stream."""
+        from torch.utils.data import IterableDataset, Subset
+
+        from mmkit.data.loader import Preprocessed, StreamedOnce, eval_loader
+        from mmkit.engine.evaluation import Evaluation
+
+        val, rank, world = parts.val_set, accelerator.process_index, accelerator.num_processes
+        if val is None:
             return None
-        return eval_loader(Preprocessed(parts.val_set, parts.transforms),
-                           self.evaluation.batch_size or self.train.batch_size, num_workers, pin, parts.collate)
+        if isinstance(val, IterableDataset):
+            if val.max_parts < world:
+                raise MMKitError(f"the held-out stream has {val.max_parts} shards, fewer than the {world} processes")
+            share, workers = StreamedOnce(val, parts.transforms, self.spec.seed, rank, world), 0
+        else:
+            if len(val) < world:
+                raise MMKitError(f"the held-out set has {len(val)} samples, fewer than the {world} processes")
+            share = Subset(Preprocessed(val, parts.transforms, fill=False),
+                           range(rank * len(val) // world, (rank + 1) * len(val) // world))
+            workers = self.train.num_workers
+        loader = eval_loader(share, self.evaluation.batch_size or self.train.batch_size, workers,
+                             accelerator.device.type == "cuda", parts.collate)
+        return Evaluation(loader, self.recipe.data().on_error, self._log(accelerator))
+
+    def _log(self, accelerator: Any) -> Any:
+        """Print a line above the progress bar, naming the process when there are several."""
+        from tqdm.auto import tqdm
+
+        prefix = f"[process {accelerator.process_index}] " if accelerator.num_processes > 1 else ""
+        return lambda line: tqdm.write(prefix + line)
+
+    def _say(self, accelerator: Any, line: str) -> None:
+        if accelerator.is_main_process:
+            print(line)
 
     def _folder(self, accelerator: Any) -> Path:
         """runs/<name>; a new run never overwrites one: it takes <name>-2, <name>-3, ..."""
@@ -164,9 +241,9 @@ class Run:
 
         base = Path(self.spec.output_dir) / self.spec.name
         chosen = [base]
-        if accelerator.is_main_process and not self.resume:
+        if accelerator.is_main_process:
             n = 2
-            while chosen[0].exists() and any(chosen[0].iterdir()):
+            while not self.resume and chosen[0].exists() and any(chosen[0].iterdir()):
                 chosen[0] = base.with_name(f"{base.name}-{n}")
                 n += 1
             chosen[0].mkdir(parents=True, exist_ok=True)
@@ -175,7 +252,7 @@ class Run:
         return chosen[0]
 
     def _summary(self, result: Any, metrics: dict[str, float], accelerator: Any,
-                 parameters: dict[str, dict[str, int]]) -> dict[str, Any]:
+                 parameters: dict[str, dict[str, int]], skipped: dict[str, Any]) -> dict[str, Any]:
         held_out = {k.removeprefix("val/"): v for k, v in metrics.items() if not k.startswith("val/chance/")}
         chance = {k.removeprefix("val/chance/"): v for k, v in metrics.items() if k.startswith("val/chance/")}
         return {
@@ -183,7 +260,7 @@ class Run:
             "recipe": str(self.recipe.source),
             "task": self.recipe.table("task")["name"],
             "steps": result.steps,
-            "epochs": round(result.epochs, 3),
+            "epochs": None if result.epochs is None else round(result.epochs, 3),
             "train_seconds": round(result.seconds, 2),
             "samples_per_second": round(result.samples_per_second, 2),
             "device": str(accelerator.device),
@@ -192,20 +269,37 @@ class Run:
             "metrics": held_out,
             "chance": chance,
             "parameters": parameters,
+            "skipped_samples": {split: problems.summary() for split, problems in skipped.items()},
+            "skipped_steps": result.skipped_steps,
             "versions": self.versions,
         }
 
-    def _report(self, parts: Any, val_loader: Any, tracker: Any, summary: dict[str, Any],
-                accelerator: Any) -> None:
-        from mmkit.engine.loop import on_device
+    def _report(self, parts: Any, outputs: dict[str, Any] | None, val_problems: Any, tracker: Any,
+                summary: dict[str, Any]) -> None:
+        from torch.utils.data import IterableDataset
+
         from mmkit.report import training_curves, write_report
 
         figures = {"training_curves": training_curves(tracker.records())}
-        if val_loader is not None:
-            parts.task.eval()
-            with accelerator.autocast():
-                figures |= parts.task.figures(parts.val_set, on_device(val_loader, accelerator.device))
+        if outputs is not None:
+            raw = None if isinstance(parts.val_set, IterableDataset) else Readable(parts.val_set, val_problems)
+            figures |= parts.task.figures(raw, outputs)
         write_report(self.paths.folder, summary, figures)
+
+
+class Readable:
+    """A held-out set without the samples that could not be read: item i is the i-th item
+    the task predicted, so figures draw the sample that was scored."""
+
+    def __init__(self, dataset: Any, problems: Any):
+        bad = {record.get("index") for record in problems.seen.values()}
+        self.dataset, self.indices = dataset, [i for i in range(len(dataset)) if i not in bad]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, item: int) -> Any:
+        return self.dataset[self.indices[item]]
 
 
 def describe_parameters(counts: dict[str, dict[str, int]]) -> str:

@@ -17,13 +17,19 @@ class Task(nn.Module):
         raise NotImplementedError
 
     @torch.no_grad()
-    def evaluate(self, batches: Iterable[dict[str, Any]]) -> dict[str, float]:
-        """Metrics over held-out batches; keys under ``chance/`` give the chance level."""
+    def predict(self, batches: Iterable[dict[str, Any]]) -> dict[str, Any]:
+        """Per-item outputs of held-out batches (embeddings, scores, captions): CPU tensors
+        whose first dimension is the item, or lists. Each process predicts its share of the
+        held-out set; mmkit joins the shares in order before ``evaluate`` and ``figures``."""
         raise NotImplementedError
 
-    @torch.no_grad()
-    def figures(self, dataset: Dataset, batches: Iterable[dict[str, Any]]) -> dict[str, Any]:
-        """Matplotlib figures for the run report, by file stem; ``dataset`` holds raw samples."""
+    def evaluate(self, outputs: dict[str, Any]) -> dict[str, float]:
+        """Metrics from the whole held-out set's outputs; keys under ``chance/`` give the chance level."""
+        raise NotImplementedError
+
+    def figures(self, dataset: Dataset | None, outputs: dict[str, Any]) -> dict[str, Any]:
+        """Matplotlib figures for the run report, by file stem, from the same outputs as the
+        final metrics; ``dataset`` gives item i's raw sample (None for a streamed held-out set)."""
         return {}
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:

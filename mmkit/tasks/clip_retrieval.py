@@ -57,38 +57,39 @@ class ClipRetrieval(Task):
         return {"loss": contrastive_loss(a, b, scale), "temperature": (1 / scale).detach()}
 
     @torch.no_grad()
-    def embed_all(self, batches: Iterable[dict[str, Any]]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Embeddings of every held-out item and the [N, N] matrix of which pairs match."""
+    def predict(self, batches: Iterable[dict[str, Any]]) -> dict[str, Any]:
+        """Each held-out item's embeddings and caption (raw text where the loader kept it,
+        else its tokens), which decides which items count as the same."""
         embeddings: dict[str, list[torch.Tensor]] = {m: [] for m in self.modalities}
         captions: list[Any] = []
         for batch in batches:
             for m in self.modalities:
                 embeddings[m].append(self.embed(batch, m).cpu())
-            if "text" in self.modalities:  # the raw text where the loader kept it, else the tokens
+            if "text" in self.modalities:
                 captions += batch.get("raw_text") or [tuple(ids) for ids in token_ids(batch["text"]).tolist()]
-        out = {m: torch.cat(e) for m, e in embeddings.items()}
-        groups: dict[Any, int] = {}
-        keys = captions or range(len(next(iter(out.values()))))
-        group = torch.tensor([groups.setdefault(key, len(groups)) for key in keys])
-        return out, group.unsqueeze(0) == group.unsqueeze(1)
+        return {**{m: torch.cat(e) for m, e in embeddings.items()}, "captions": captions}
 
-    @torch.no_grad()
-    def evaluate(self, batches: Iterable[dict[str, Any]]) -> dict[str, float]:
-        embeddings, relevant = self.embed_all(batches)
-        return both_directions(embeddings, relevant, *self.modalities)
+    def evaluate(self, outputs: dict[str, Any]) -> dict[str, float]:
+        return both_directions(outputs, same_caption(outputs), *self.modalities)
 
-    @torch.no_grad()
-    def figures(self, dataset: Dataset, batches: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    def figures(self, dataset: Dataset | None, outputs: dict[str, Any]) -> dict[str, Any]:
         from mmkit.report import retrieval_grid, similarity_heatmap
 
-        embeddings, relevant = self.embed_all(batches)
         query, gallery = ("text", next(m for m in self.modalities if m != "text")) \
             if "text" in self.modalities else tuple(self.modalities)
-        similarity = full_precision_similarity(embeddings[query], embeddings[gallery])
-        return {
-            "retrieval_examples": retrieval_grid(dataset, similarity, relevant, query, gallery),
-            "similarity": similarity_heatmap(similarity[:32, :32], query, gallery),
-        }
+        similarity = full_precision_similarity(outputs[query], outputs[gallery])
+        figures = {"similarity": similarity_heatmap(similarity[:32, :32], query, gallery)}
+        if dataset is not None:
+            figures["retrieval_examples"] = retrieval_grid(dataset, similarity, same_caption(outputs), query, gallery)
+        return figures
+
+
+def same_caption(outputs: dict[str, Any]) -> torch.Tensor:
+    """[N, N]: which held-out items share a caption (each item only itself without captions)."""
+    keys = outputs["captions"] or range(len(next(v for v in outputs.values() if isinstance(v, torch.Tensor))))
+    groups: dict[Any, int] = {}
+    group = torch.tensor([groups.setdefault(key, len(groups)) for key in keys])
+    return group.unsqueeze(0) == group.unsqueeze(1)
 
 
 MAX_SCALE = 100.0

@@ -1,0 +1,109 @@
+"""[data.example]: generated samples written as files in the recipe's own format, once, so a
+recipe for a manifest, an image folder or shards runs as shipped, with nothing to download."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from mmkit.errors import MMKitError
+from mmkit.specs import Example
+
+
+def write_example(recipe: Any, registry: Any, say: Callable[[str], None] = print) -> None:
+    """Write [data.example]'s samples where [data] (and [data.val]) read, unless every file
+    is already there: nothing is ever overwritten."""
+    from mmkit.components import instantiate
+    from mmkit.recipe import val_params
+
+    table = recipe.table("data").get("example")
+    if table is None:
+        return
+    example = Example(**table)
+    name = recipe.table("data")["name"]
+    if name not in WRITERS:
+        raise MMKitError(f"{recipe.origin('data.example')}: data.example: writes files for "
+                         f"{', '.join(WRITERS)}, not for dataset {name!r}")
+    splits = {"train": recipe.params("data")}
+    if "val" in recipe.table("data"):
+        splits["val"] = {**recipe.params("data"), **val_params(recipe, registry)}
+    writer = WRITERS[name]
+    targets = {split: writer.targets(params) for split, params in splits.items()}
+    if all(path.exists() for paths in targets.values() for path in paths):
+        return
+    generator = registry.get("datasets", example.name)
+    samples = {}
+    for split in splits:
+        count = getattr(example, split)
+        dataset = instantiate(generator, {**(example.params or {}), "num_samples": count, "split": split})
+        samples[split] = [{**dataset[i], "split": split} for i in range(count)]
+    class_names = list(dataset.info.class_names)
+    say(f"writing [data.example]: {example.name}, {example.train} + {example.val} samples, to "
+        f"{', '.join(sorted({str(p) for paths in targets.values() for p in paths[:1]}))}")
+    writer.write(splits, samples, class_names)
+
+
+class ManifestWriter:
+    """A manifest per path; splits sharing one file are told apart by its split column."""
+
+    @staticmethod
+    def targets(params: dict[str, Any]) -> list[Path]:
+        return [Path(params["path"])]
+
+    @staticmethod
+    def write(splits: dict[str, dict], samples: dict[str, list[dict]], class_names: list[str]) -> None:
+        from mmkit.data.manifest import write_manifest
+
+        by_path: dict[str, list[dict]] = {}
+        for split, params in splits.items():
+            by_path.setdefault(params["path"], []).extend(samples[split])
+        for path, rows in by_path.items():
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            write_manifest(rows, path, class_names)
+
+
+class FolderWriter:
+    """One class folder tree per split's root."""
+
+    @staticmethod
+    def targets(params: dict[str, Any]) -> list[Path]:
+        return [Path(params["root"])]
+
+    @staticmethod
+    def write(splits: dict[str, dict], samples: dict[str, list[dict]], class_names: list[str]) -> None:
+        from mmkit.data.image_folder import write_image_folder
+
+        for split, params in splits.items():
+            write_image_folder(({k: v for k, v in s.items() if k != "split"} for s in samples[split]),
+                               params["root"], class_names)
+
+
+class ShardWriter:
+    """Each split's samples spread evenly over the shards its urls name."""
+
+    @staticmethod
+    def targets(params: dict[str, Any]) -> list[Path]:
+        from mmkit.data.shards import expand_urls
+
+        return [Path(shard) for shard in expand_urls(params["urls"])]
+
+    @staticmethod
+    def write(splits: dict[str, dict], samples: dict[str, list[dict]], class_names: list[str]) -> None:
+        from mmkit.data.shards import write_shards
+
+        for split, params in splits.items():
+            shards = ShardWriter.targets(params)
+            if len(samples[split]) < len(shards):
+                raise MMKitError(f"data.example: {len(samples[split])} {split} samples cannot fill {len(shards)} shards")
+            per_shard = math.ceil(len(samples[split]) / len(shards))
+            for index, shard in enumerate(shards):
+                chunk = samples[split][index * per_shard:(index + 1) * per_shard]
+                shard.parent.mkdir(parents=True, exist_ok=True)
+                written = write_shards(({k: v for k, v in s.items() if k != "split"} for s in chunk),
+                                       f"{shard}.%d.partial", max(len(chunk), 1), class_names)
+                os.replace(written[0], shard)
+
+
+WRITERS = {"manifest": ManifestWriter, "image_folder": FolderWriter, "webdataset": ShardWriter}

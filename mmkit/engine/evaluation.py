@@ -1,0 +1,66 @@
+"""Held-out evaluation, shared by the processes: each predicts its share, the shares are joined."""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import torch
+from torch.utils.data import DataLoader
+
+from mmkit.engine.feed import OnError, Problems, take_problems
+from mmkit.tasks.base import Task
+
+
+class Evaluation:
+    """A held-out set's loader (this process's share) and the bad samples met in it."""
+
+    def __init__(self, loader: DataLoader, on_error: OnError, log: Any):
+        self.loader, self.on_error, self.log = loader, on_error, log
+        self.problems = Problems()
+
+    def outputs(self, task: Task, accelerator: Any) -> dict[str, Any]:
+        """The task's per-item outputs over the whole held-out set, in order, on every process."""
+        task.eval()
+        with torch.no_grad(), accelerator.autocast():
+            mine = task.predict(self._batches(accelerator.device))
+        task.train()
+        return join(all_processes(mine, accelerator))
+
+    def metrics(self, task: Task, accelerator: Any, outputs: dict[str, Any] | None = None) -> dict[str, float]:
+        """Held-out metrics (from ``outputs`` when given), prefixed ``val/``, on the main process."""
+        outputs = self.outputs(task, accelerator) if outputs is None else outputs
+        if not accelerator.is_main_process:
+            return {}
+        return {f"val/{key}": value for key, value in task.evaluate(outputs).items()}
+
+    def all_problems(self, accelerator: Any) -> Problems:
+        """The bad held-out samples every process met."""
+        return Problems.joined(all_processes(list(self.problems.seen.values()), accelerator))
+
+    def _batches(self, device: torch.device) -> Iterator[dict[str, Any]]:
+        from mmkit.engine.loop import to_device
+
+        for batch in self.loader:
+            batch = take_problems(batch, self.problems, self.on_error, self.log)
+            if batch:  # a batch of only bad samples has nothing left
+                yield to_device(batch, device)
+
+
+def all_processes(value: Any, accelerator: Any) -> list[Any]:
+    """``value`` from every process, in process order (just this one's when alone)."""
+    if accelerator.num_processes == 1:
+        return [value]
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * accelerator.num_processes
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def join(shares: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-item outputs of consecutive shares as one: tensors concatenated, lists chained."""
+    joined = {}
+    for key in shares[0]:
+        values = [share[key] for share in shares]
+        joined[key] = torch.cat(values) if isinstance(values[0], torch.Tensor) else [v for part in values for v in part]
+    return joined

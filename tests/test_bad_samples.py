@@ -1,0 +1,163 @@
+"""Bad samples through every file format and the engine: skipped ones are counted exactly and
+batches stay full; under on_error = "raise" the first one stops the run in one line."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY_IMAGE_TEXT, run_mmkit
+from corpus import BAD_IMAGES, BAD_TEXT, TEST_MAX_PIXELS, image_bytes
+from mmkit.data.image_folder import ImageFolder
+from mmkit.data.loader import EpochBatches, Preprocessed, Streamed, stream_loader, train_loader
+from mmkit.data.manifest import Manifest
+from mmkit.data.shards import WebDataset, write_shards
+from mmkit.engine.feed import TrainFeed
+from mmkit.errors import MMKitError
+
+BATCH = 4
+GOOD = 12  # good samples in the shards: three full batches of 4
+# map-style sets: good + bad is a whole number of batches, so one epoch visits every sample
+GOOD_MANIFEST = 13  # + 5 bad images + 2 bad texts = 20
+GOOD_FOLDER = 15  # + 5 bad images = 20
+
+
+def small(image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(image.resize((8, 8)))).float()
+
+
+def manifest_corpus(folder: Path) -> tuple[Manifest, set[tuple[str, str]]]:
+    """GOOD rows, then one row per bad image and bad text, mixed in; (kind, path) of the bad."""
+    (folder / "images").mkdir(parents=True)
+    rows, bad = [], set()
+    for i in range(GOOD_MANIFEST):
+        (folder / "images" / f"good{i}.jpg").write_bytes(image_bytes(i))
+        rows.append({"image": f"images/good{i}.jpg", "text": f"caption {i}"})
+    for n, (kind, data) in enumerate(BAD_IMAGES.items()):
+        name = f"images/{kind.replace(' ', '_')}.jpg"
+        if data is not None:
+            (folder / name).write_bytes(data)
+        rows.insert(2 * n + 1, {"image": name, "text": "fine"})
+        bad.add((kind, name))
+    for kind, text in BAD_TEXT.items():
+        rows.insert(3, {"image": "images/good0.jpg", "text": text})
+        bad.add((kind, None))
+    path = folder / "train.jsonl"
+    path.write_text("".join(json.dumps({k: v for k, v in row.items() if v is not None}) + "\n" for row in rows))
+    return Manifest(str(path), max_image_pixels=TEST_MAX_PIXELS), bad
+
+
+def folder_corpus(folder: Path) -> tuple[ImageFolder, set[tuple[str, str]]]:
+    for i in range(GOOD_FOLDER):
+        (folder / ("cat" if i % 2 else "dog")).mkdir(parents=True, exist_ok=True)
+        (folder / ("cat" if i % 2 else "dog") / f"good{i}.jpg").write_bytes(image_bytes(i))
+    bad = set()
+    for kind, data in BAD_IMAGES.items():
+        if data is not None:
+            (folder / "cat" / f"{kind.replace(' ', '_')}.jpg").write_bytes(data)
+            bad.add((kind, f"cat/{kind.replace(' ', '_')}.jpg"))
+    (folder / "cat" / "missing_file.jpg").symlink_to(folder / "nowhere.jpg")
+    bad.add(("missing file", "cat/missing_file.jpg"))
+    return ImageFolder(str(folder), classes=["cat", "dog"], max_image_pixels=TEST_MAX_PIXELS), bad
+
+
+def shard_corpus(folder: Path) -> tuple[WebDataset, set[tuple[str, str]]]:
+    """Three shards, each ending with a good record, so reading every good sample meets every bad one."""
+    samples = [{"id": f"good{i}", "image": image_bytes(i), "text": f"caption {i}"} for i in range(GOOD)]
+    bad = set()
+    for n, (kind, data) in enumerate(BAD_IMAGES.items()):
+        key = kind.replace(" ", "_")
+        samples.insert(2 * n, {"id": key, "image": data, "text": "fine"})
+        bad.add((kind, None if data is None else f"{key}.jpg"))
+    write_shards(samples, folder / "train-%06d.tar", per_shard=(len(samples) + 2) // 3)
+    return WebDataset(f"{folder}/train-{{000000..000002}}.tar", max_image_pixels=TEST_MAX_PIXELS), bad
+
+
+def feed_of(dataset, on_error: str, logged: list[str]) -> TrainFeed:
+    transforms = {"image": small}
+    if isinstance(dataset, WebDataset):
+        source = Streamed(dataset, transforms, seed=0)
+        loader = stream_loader(source, BATCH, False)
+    else:
+        data = Preprocessed(dataset, transforms)
+        source = EpochBatches(len(data), BATCH, seed=0)
+        loader = train_loader(data, source, 0, False)
+    feed = TrainFeed(loader, source, on_error, logged.append)
+    feed.start(0)
+    return feed
+
+
+CORPORA = {"manifest": manifest_corpus, "image_folder": folder_corpus, "webdataset": shard_corpus}
+
+
+@pytest.mark.parametrize("corpus", CORPORA)
+def test_skipped_samples_are_counted_once_each_and_batches_stay_full(tmp_path, corpus):
+    dataset, bad = CORPORA[corpus](tmp_path / corpus)
+    logged: list[str] = []
+    feed = feed_of(dataset, "skip", logged)
+    epoch = [next(feed) for _ in range(GOOD // BATCH if corpus == "webdataset" else len(dataset) // BATCH)]
+    assert all(len(batch["id"]) == BATCH and batch["image"].shape[0] == BATCH for batch in epoch)
+    assert all(not i.startswith(("bad", "images/bad")) for batch in epoch for i in batch["id"])
+    listed = feed.problems.summary()["list"]
+    assert {(r["kind"], r["path"]) for r in listed} == bad
+    assert len(listed) == len(bad) and len(logged) == len(bad)
+    assert all(line.startswith("skipped ") for line in logged)
+
+
+@pytest.mark.parametrize("corpus", CORPORA)
+def test_under_raise_the_first_bad_sample_stops_in_one_line_naming_it(tmp_path, corpus):
+    dataset, bad = CORPORA[corpus](tmp_path / corpus)
+    feed = feed_of(dataset, "raise", [])
+    with pytest.raises(MMKitError) as raised:
+        for _ in range(20):
+            next(feed)
+    message = str(raised.value)
+    assert "\n" not in message and 'set data.on_error = "skip"' in message
+    assert any(f"{kind}:" in message and (path is None or path in message) for kind, path in bad)
+
+
+def recipe(tmp_path: Path, data: str, *extra: str) -> Path:
+    text = textwrap.dedent(TINY_IMAGE_TEXT.format(runs=tmp_path / "runs"))
+    start, end = text.index("[data]"), text.index("[model.image]")
+    path = tmp_path / "bad.toml"
+    path.write_text(text[:start] + textwrap.dedent(data) + "\n" + text[end:] + "\n".join(extra))
+    return path
+
+
+def test_a_run_skips_bad_rows_and_lists_them_in_its_summary(tmp_path):
+    manifest, bad = manifest_corpus(tmp_path / "data")
+    path = recipe(tmp_path, f"""
+        [data]
+        name = "manifest"
+        path = "{manifest.source}"
+        max_image_pixels = {TEST_MAX_PIXELS}
+        on_error = "skip"
+        """)
+    done = run_mmkit("run", path, "train.max_steps=5", "train.batch_size=4", "train.checkpoint_every=2")  # one epoch
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((tmp_path / "runs" / "tiny" / "summary.json").read_text())
+    skipped = summary["skipped_samples"]["train"]
+    assert skipped["samples"] == len(bad) and {(r["kind"], r["path"]) for r in skipped["list"]} == bad
+    assert all(r["source"] == str(manifest.source) and isinstance(r["row"], int) for r in skipped["list"])
+    assert done.stderr.count("skipped ") + done.stdout.count("skipped ") == len(bad)
+
+
+def test_a_run_that_meets_a_bad_row_under_raise_names_it_and_writes_nothing_after(tmp_path):
+    manifest, _ = manifest_corpus(tmp_path / "data")
+    path = recipe(tmp_path, f"""
+        [data]
+        name = "manifest"
+        path = "{manifest.source}"
+        max_image_pixels = {TEST_MAX_PIXELS}
+        """)
+    failed = run_mmkit("run", path, "train.max_steps=4", "train.batch_size=4", "train.checkpoint_every=1")
+    assert failed.returncode == 2
+    last = failed.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"mmkit: error: {manifest.source} row ") and "Traceback" not in failed.stderr
+    folder = tmp_path / "runs" / "tiny"
+    assert not (folder / "summary.json").exists() and not list((folder / "checkpoints").iterdir())
