@@ -59,11 +59,19 @@ def run(recipe: str, overrides: tuple[str, ...], resume: bool) -> None:
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.argument("overrides", nargs=-1)
 def validate(recipe: str, overrides: tuple[str, ...]) -> None:
-    """Check RECIPE (with OVERRIDES) without building anything."""
+    """Check RECIPE (with OVERRIDES) without building a model: its tables, and that its
+    datasets give what its encoders take (a manifest's rows are read, no sample is)."""
+    from mmkit.components import build_datasets
+    from mmkit.data.examples import example_missing
     from mmkit.plugins import get_registry
     from mmkit.recipe import check_recipe, load_recipe
 
-    check_recipe(load_recipe(recipe, overrides), get_registry())
+    loaded, registry = load_recipe(recipe, overrides), get_registry()
+    check_recipe(loaded, registry)
+    if example_missing(loaded, registry):
+        click.echo(f"{recipe}: ok (its datasets are checked once [data.example] has written their files)")
+        return
+    build_datasets(loaded, registry)
     click.echo(f"{recipe}: ok")
 
 
@@ -93,7 +101,7 @@ def info(kind: str, name: str) -> None:
     """Show a component's parameters (types, defaults) and documentation."""
     from mmkit.plugins import get_registry
     from mmkit.registry import KINDS, PART_KINDS, read_params
-    from mmkit.specs import PartSpec
+    from mmkit.specs import DataSpec, PartSpec
 
     component = get_registry().get(kind, name)
     click.echo(f'{KINDS[component.kind]} "{component.name}" from plugin {component.plugin}\n')
@@ -103,6 +111,9 @@ def info(kind: str, name: str) -> None:
     if component.kind in PART_KINDS:
         click.echo("\nkeys mmkit applies to every [model.*] part:")
         _echo_params(read_params("", PartSpec))
+    if component.kind == "datasets":
+        click.echo("\nkeys mmkit applies to every [data] table:")
+        _echo_params(read_params("", DataSpec))
 
 
 def _echo_params(params: dict[str, Any]) -> None:

@@ -111,15 +111,33 @@ def build_parts(recipe: Recipe, registry: Registry) -> Parts:
         prepare_part(part, recipe.part(key), f"{recipe.origin(f'model.{key}')}: model.{key}", PLACES[kind])
         return part
 
-    train_set = make("data", "datasets")
-    info = _check_modalities(recipe, train_set)
-    val_set = make("data", "datasets", extra=held_out_params(recipe, registry, info)) \
-        if "val" in recipe.table("data") else None
+    train_set, val_set, info = build_datasets(recipe, registry)
     encoders = {m: make_part(m, MODALITIES[m]) for m in recipe.modalities}
     fusion = make_part("fusion", "fusion_heads", encoders=encoders) if "fusion" in recipe.table("model") else None
     task = make("task", "tasks", encoders=encoders, fusion=fusion, data=info)
     scales = {key: recipe.part(key).lr_scale for key in recipe.table("model")}
     return Parts(task, encoders, train_set, val_set, fusion, scales)
+
+
+def build_datasets(recipe: Recipe, registry: Registry) -> tuple[Dataset, Dataset | None, DatasetInfo]:
+    """[data] and [data.val] as a run builds them (the held-out set given the training set's
+    classes), and what they give, checked against the recipe's encoders; nothing else is built."""
+    name = recipe.table("data")["name"]
+    component = registry.get("datasets", name)
+
+    def make(key: str, params: dict[str, Any]) -> Dataset:
+        try:
+            return instantiate(component, params)
+        except MMKitError as error:
+            raise MMKitError(f"{recipe.source}: {key}: {error}") from None
+        except Exception as error:  # the factory refused its parameters
+            raise MMKitError(f"{recipe.source}: {key} ({name}): cannot build: {one_line(error)}") from error
+
+    train = make("data", recipe.params("data"))
+    info = _check_modalities(recipe, train)
+    val = make("data.val", {**recipe.params("data"), **held_out_params(recipe, registry, info)}) \
+        if "val" in recipe.table("data") else None
+    return train, val, info
 
 
 def held_out_params(recipe: Recipe, registry: Registry, train: DatasetInfo) -> dict[str, Any]:

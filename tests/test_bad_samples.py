@@ -28,7 +28,7 @@ GOOD_FOLDER = 15  # + 5 bad images = 20
 
 
 def small(image) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(image.resize((8, 8)))).float()
+    return torch.from_numpy(np.array(image.resize((8, 8)))).float()
 
 
 def manifest_corpus(folder: Path) -> tuple[Manifest, set[tuple[str, str]]]:
@@ -161,3 +161,18 @@ def test_a_run_that_meets_a_bad_row_under_raise_names_it_and_writes_nothing_afte
     assert last.startswith(f"mmkit: error: {manifest.source} row ") and "Traceback" not in failed.stderr
     folder = tmp_path / "runs" / "tiny"
     assert not (folder / "summary.json").exists() and not list((folder / "checkpoints").iterdir())
+
+
+def test_skip_counts_and_the_data_place_survive_a_checkpoint(tmp_path):
+    """A feed restarted from another's state (as --resume does) goes on with the same
+    batches and the same counts as the feed that never stopped."""
+    dataset, bad = manifest_corpus(tmp_path / "data")
+    straight = feed_of(dataset, "skip", [])
+    first = [next(straight)["id"] for _ in range(2)]
+    state = straight.state()
+    rest = [next(straight)["id"] for _ in range(6)]  # into the second epoch
+    resumed = feed_of(dataset, "skip", [])
+    resumed.start(2, state)
+    assert [next(resumed)["id"] for _ in range(6)] == rest and first
+    assert resumed.problems.summary() == straight.problems.summary()
+    assert straight.problems.summary()["times"] > len(bad)  # met again in the second epoch

@@ -78,3 +78,13 @@ def test_augmentation_is_the_items_and_the_epochs_not_the_workers():
     fourth = epoch_noise(dataset, epoch=4, workers=2)
     assert fourth.keys() == third.keys()
     assert all((fourth[i] != third[i]).all() for i in third)  # a new epoch, new draws for the same item
+
+
+def test_item_seeds_are_32_bit_and_differ_for_order_sign_and_length():
+    from mmkit.data.loader import mix_seed
+
+    seeds = [mix_seed(0, 1), mix_seed(1, 0), mix_seed(0, 1, 0), mix_seed(-1, 1), mix_seed(1, 1), mix_seed(0)]
+    assert len(set(seeds)) == len(seeds) and all(0 <= seed < 2**32 for seed in seeds)
+    assert mix_seed(7, 3) == mix_seed(7, 3)
+    many = {mix_seed(epoch, index) for epoch in range(4) for index in range(5000)}
+    assert len(many) >= 20000 - 2  # a 32-bit seed: a collision or two among 20,000 at most

@@ -239,3 +239,51 @@ def test_the_held_out_set_is_the_val_split_unless_it_says_otherwise(tiny_recipe)
     parts = build_parts(recipe, get_registry())
     assert (parts.train_set.split, parts.val_set.split) == ("train", "val")
     assert resolved_tree(recipe, get_registry(), {})["data"]["val"] == {"num_samples": 32, "split": "val"}
+
+
+def test_data_keys_mmkit_applies_are_checked_and_kept_across_a_dataset_switch(tmp_path, tiny_recipe):
+    assert problems(tiny_recipe, "data.on_error=maybe", "data.example={name='synthetic_shapes', trian=3}") == [
+        f"{tiny_recipe} (command line): data.on_error: expected 'raise' | 'skip', got 'maybe'",
+        f"{tiny_recipe} (command line): data.example.trian: unknown key; did you mean 'train'?"]
+    child = write(tmp_path / "child.toml", """
+        extends = "tiny.toml"
+        [data]
+        on_error = "skip"
+    """)
+    switched = load_recipe(child, ["data={name='synthetic_audio', num_samples=8}"])
+    assert switched.data().on_error == "raise"  # an inline table replaces [data] whole
+    grandchild = write(tmp_path / "grandchild.toml", """
+        extends = "child.toml"
+        [data]
+        name = "synthetic_audio"
+    """)
+    assert load_recipe(grandchild).data().on_error == "skip"
+    assert "on_error" not in load_recipe(grandchild).params("data")
+
+
+def test_a_dataset_cannot_declare_a_key_mmkit_applies_to_every_data_table():
+    from mmkit.registry import Registry
+
+    def files(path: str = "", on_error: str = "raise"):
+        """Reads files."""
+
+    with pytest.raises(MMKitError, match="registers dataset \"files\" with the parameter 'on_error', a key mmkit "
+                                         "applies to every \\[data\\] table itself; rename it"):
+        Registry().add("datasets", "files", files, "plugin-x")
+
+
+def test_a_held_out_set_with_its_own_file_is_not_told_split_val_but_gets_the_training_classes(tmp_path):
+    from mmkit.components import held_out_params
+    from mmkit.samples import DatasetInfo
+
+    recipe = write(tmp_path / "r.toml", """
+        [data]
+        name = "manifest"
+        path = "train.csv"
+        [data.val]
+        path = "val.csv"
+    """)
+    info = DatasetInfo(keys=("image", "label"), class_names=("cat", "dog"), label_kind="single")
+    assert held_out_params(load_recipe(recipe), get_registry(), info) == {"path": "val.csv", "classes": ["cat", "dog"]}
+    same_file = load_recipe(recipe, ["data.val={}"])
+    assert held_out_params(same_file, get_registry(), info) == {"split": "val", "classes": ["cat", "dog"]}

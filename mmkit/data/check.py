@@ -14,7 +14,7 @@ from typing import Any
 
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from mmkit.data.loader import _leave_signals_to_the_main_process
+from mmkit.data.loader import leave_signals_to_the_main_process
 from mmkit.errors import MMKitError, one_line
 from mmkit.recipe import Recipe
 from mmkit.registry import Registry
@@ -110,33 +110,19 @@ class _StreamProbe(IterableDataset):
 
 def _loader(probe: Dataset, workers: int) -> DataLoader:
     return DataLoader(probe, batch_size=CHUNK, num_workers=workers, collate_fn=list,
-                      worker_init_fn=_leave_signals_to_the_main_process if workers else None)
+                      worker_init_fn=leave_signals_to_the_main_process if workers else None)
 
 
 def recipe_datasets(recipe: Recipe, registry: Registry) -> dict[str, Dataset]:
     """The recipe's [data] training set and, with [data.val], its held-out set, built as a run
-    builds them (the held-out set given the training set's classes); nothing else is built."""
-    from mmkit.components import dataset_info, held_out_params, instantiate
+    builds them; nothing else is built."""
+    from mmkit.components import build_datasets
 
     name = recipe.table("data").get("name")
     if not isinstance(name, str):
         raise MMKitError(f"{recipe.source}: data.name: missing; name a dataset, see `mmkit list datasets`")
-    component = registry.get("datasets", name)
-
-    def make(key: str, params: dict[str, Any]) -> Dataset:
-        try:
-            return instantiate(component, params)
-        except MMKitError as error:
-            raise MMKitError(f"{recipe.source}: {key}: {error}") from None
-        except Exception as error:  # the factory refused its parameters
-            raise MMKitError(f"{recipe.source}: {key} ({name}): cannot build: {one_line(error)}") from error
-
-    datasets = {"train": make("data", recipe.params("data"))}
-    if "val" in recipe.table("data"):
-        info = dataset_info(datasets["train"], name)
-        datasets["val"] = make("data.val", {**recipe.params("data"),
-                                            **held_out_params(recipe, registry, info)})
-    return datasets
+    train, val, _ = build_datasets(recipe, registry)
+    return {"train": train} | ({"val": val} if val is not None else {})
 
 
 def manifest_datasets(path: str, params: dict[str, Any], registry: Registry) -> dict[str, Dataset]:

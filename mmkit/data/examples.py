@@ -16,33 +16,43 @@ def write_example(recipe: Any, registry: Any, say: Callable[[str], None] = print
     """Write [data.example]'s samples where [data] (and [data.val]) read, unless every file
     is already there: nothing is ever overwritten."""
     from mmkit.components import instantiate
-    from mmkit.recipe import val_params
 
-    table = recipe.table("data").get("example")
-    if table is None:
+    if not example_missing(recipe, registry):
         return
-    example = Example(**table)
-    name = recipe.table("data")["name"]
-    if name not in WRITERS:
-        raise MMKitError(f"{recipe.origin('data.example')}: data.example: writes files for "
-                         f"{', '.join(WRITERS)}, not for dataset {name!r}")
-    splits = {"train": recipe.params("data")}
-    if "val" in recipe.table("data"):
-        splits["val"] = {**recipe.params("data"), **val_params(recipe, registry)}
-    writer = WRITERS[name]
-    targets = {split: writer.targets(params) for split, params in splits.items()}
-    if all(path.exists() for paths in targets.values() for path in paths):
-        return
+    example = Example(**recipe.table("data")["example"])
+    splits = _splits(recipe, registry)
     generator = registry.get("datasets", example.name)
     samples = {}
     for split in splits:
         count = getattr(example, split)
         dataset = instantiate(generator, {**(example.params or {}), "num_samples": count, "split": split})
         samples[split] = [{**dataset[i], "split": split} for i in range(count)]
-    class_names = list(dataset.info.class_names)
-    say(f"writing [data.example]: {example.name}, {example.train} + {example.val} samples, to "
-        f"{', '.join(sorted({str(p) for paths in targets.values() for p in paths[:1]}))}")
-    writer.write(splits, samples, class_names)
+    writer = WRITERS[recipe.table("data")["name"]]
+    firsts = sorted({str(writer.targets(params)[0]) for params in splits.values()})
+    say(f"writing [data.example]: {example.name}, {example.train} + {example.val} samples, to {', '.join(firsts)}")
+    writer.write(splits, samples, list(dataset.info.class_names))
+
+
+def example_missing(recipe: Any, registry: Any) -> bool:
+    """Whether the recipe has [data.example] and some file it would write is not there yet."""
+    if recipe.table("data").get("example") is None:
+        return False
+    name = recipe.table("data")["name"]
+    if name not in WRITERS:
+        raise MMKitError(f"{recipe.origin('data.example')}: data.example: writes files for "
+                         f"{', '.join(WRITERS)}, not for dataset {name!r}")
+    return not all(path.exists() for params in _splits(recipe, registry).values()
+                   for path in WRITERS[name].targets(params))
+
+
+def _splits(recipe: Any, registry: Any) -> dict[str, dict[str, Any]]:
+    """Each split's dataset parameters, as a run builds them."""
+    from mmkit.recipe import val_params
+
+    splits = {"train": recipe.params("data")}
+    if "val" in recipe.table("data"):
+        splits["val"] = {**recipe.params("data"), **val_params(recipe, registry)}
+    return splits
 
 
 class ManifestWriter:

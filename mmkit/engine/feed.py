@@ -101,7 +101,7 @@ class TrainFeed:
     def state(self) -> dict[str, Any]:
         """What a checkpoint keeps of this process's data: stream positions and bad samples."""
         return {"positions": {str(k): list(v) for k, v in self.positions.items()},
-                "problems": list(self.problems.seen.values())}
+                "problems": [dict(record) for record in self.problems.seen.values()]}
 
 
 def micro_batches(loader: DataLoader, sampler: EpochBatches, start: int) -> Iterator[dict[str, Any]]:
