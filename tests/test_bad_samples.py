@@ -176,3 +176,19 @@ def test_skip_counts_and_the_data_place_survive_a_checkpoint(tmp_path):
     assert [next(resumed)["id"] for _ in range(6)] == rest and first
     assert resumed.problems.summary() == straight.problems.summary()
     assert straight.problems.summary()["times"] > len(bad)  # met again in the second epoch
+
+
+def test_a_stream_share_with_no_readable_record_stops_instead_of_waiting(tmp_path):
+    samples = [{"id": f"s{i}", "image": image_bytes(i), "text": "x"} for i in range(4)]
+    write_shards(samples, tmp_path / "s-%06d.tar", per_shard=4)
+    wrong_fields = WebDataset(str(tmp_path / "s-000000.tar"), fields={"image": "png", "text": "txt"})
+    with pytest.raises(MMKitError, match=r"share 0 of 1 of the stream has no readable sample in epoch 0 "
+                                         r"\(4 records\); the first problem: .*s-000000.tar key s0: missing file"):
+        next(feed_of(wrong_fields, "skip", []))
+
+
+def test_a_bad_sample_passed_over_for_a_replacement_is_not_counted_again(tmp_path):
+    dataset, _ = manifest_corpus(tmp_path / "data")
+    data = Preprocessed(dataset, {"image": small})
+    met = [record for index in range(len(data)) for record in data[index].get("_problems", [])]
+    assert len(met) == 7 and len({(r["row"], r["kind"]) for r in met}) == 7  # each bad row once per pass

@@ -37,7 +37,7 @@ def test_each_recipe_runs_end_to_end(recipe, tmp_path, monkeypatch):
     for name in ("recipe.toml", "metrics.jsonl", "model.safetensors", "report.html", "checkpoints/step_00000004"):
         assert (folder / name).exists(), name
     if writes_files(recipe):
-        assert "writing [data.example]: synthetic_shapes, 64 + 32 samples" in done.stdout
+        assert "writing [data.example]: synthetic_shapes, 64 train + 32 val samples" in done.stdout
         assert summary["skipped_samples"]["train"]["samples"] == 0
         monkeypatch.chdir(tmp_path)
         said: list[str] = []
@@ -56,3 +56,22 @@ def test_training_beats_chance_by_far(tmp_path):
     for direction in ("audio_to_text", "text_to_audio"):
         achieved, chance = summary["metrics"][f"{direction}/R@5"], summary["chance"][f"{direction}/R@5"]
         assert achieved > 4 * chance and achieved > 0.5, (direction, achieved, chance)
+
+
+def test_example_data_fills_only_missing_splits_and_spreads_over_every_shard(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    shards = load_recipe(ROOT / "recipes" / "clip_retrieval_shards.toml",
+                         ["data.example.train=13", "data.example.val=3", "data.val.urls=v-{0..2}.tar"])
+    said: list[str] = []
+    write_example(shards, get_registry(), said.append)
+    assert said == ["writing [data.example]: synthetic_shapes, 13 train + 3 val samples, to "
+                    "data/shapes-shards/train-000000.tar, v-0.tar"]
+    from mmkit.data.shards import WebDataset
+
+    sizes = [sum(1 for _ in WebDataset(f"data/shapes-shards/train-{i:06d}.tar")) for i in range(8)]
+    assert sorted(sizes) == [1, 1, 1, 2, 2, 2, 2, 2] and sum(sizes) == 13
+    (tmp_path / "v-1.tar").unlink()
+    before = (tmp_path / "data/shapes-shards/train-000000.tar").stat().st_mtime_ns
+    write_example(shards, get_registry(), said.append)
+    assert said[-1].startswith("writing [data.example]: synthetic_shapes, 3 val samples")
+    assert (tmp_path / "data/shapes-shards/train-000000.tar").stat().st_mtime_ns == before  # train untouched

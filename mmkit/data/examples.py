@@ -3,8 +3,8 @@ recipe for a manifest, an image folder or shards runs as shipped, with nothing t
 
 from __future__ import annotations
 
-import math
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -13,36 +13,42 @@ from mmkit.specs import Example
 
 
 def write_example(recipe: Any, registry: Any, say: Callable[[str], None] = print) -> None:
-    """Write [data.example]'s samples where [data] (and [data.val]) read, unless every file
-    is already there: nothing is ever overwritten."""
+    """Write [data.example]'s samples where [data] (and [data.val]) read, for each split whose
+    files are not all there yet: a split's existing files are never written over."""
     from mmkit.components import instantiate
 
-    if not example_missing(recipe, registry):
+    missing = missing_splits(recipe, registry)
+    if not missing:
         return
     example = Example(**recipe.table("data")["example"])
-    splits = _splits(recipe, registry)
     generator = registry.get("datasets", example.name)
     samples = {}
-    for split in splits:
+    for split in missing:
         count = getattr(example, split)
         dataset = instantiate(generator, {**(example.params or {}), "num_samples": count, "split": split})
         samples[split] = [{**dataset[i], "split": split} for i in range(count)]
     writer = WRITERS[recipe.table("data")["name"]]
-    firsts = sorted({str(writer.targets(params)[0]) for params in splits.values()})
-    say(f"writing [data.example]: {example.name}, {example.train} + {example.val} samples, to {', '.join(firsts)}")
-    writer.write(splits, samples, list(dataset.info.class_names))
+    firsts = sorted({str(writer.targets(params)[0]) for params in missing.values()})
+    counts = " + ".join(f"{len(samples[split])} {split}" for split in missing)
+    say(f"writing [data.example]: {example.name}, {counts} samples, to {', '.join(firsts)}")
+    writer.write(missing, samples, list(dataset.info.class_names))
 
 
-def example_missing(recipe: Any, registry: Any) -> bool:
-    """Whether the recipe has [data.example] and some file it would write is not there yet."""
+def missing_splits(recipe: Any, registry: Any) -> dict[str, dict[str, Any]]:
+    """The splits (and their dataset parameters) whose [data.example] files are not all there."""
     if recipe.table("data").get("example") is None:
-        return False
+        return {}
     name = recipe.table("data")["name"]
     if name not in WRITERS:
         raise MMKitError(f"{recipe.origin('data.example')}: data.example: writes files for "
                          f"{', '.join(WRITERS)}, not for dataset {name!r}")
-    return not all(path.exists() for params in _splits(recipe, registry).values()
-                   for path in WRITERS[name].targets(params))
+    return {split: params for split, params in _splits(recipe, registry).items()
+            if not all(path.exists() for path in WRITERS[name].targets(params))}
+
+
+def example_missing(recipe: Any, registry: Any) -> bool:
+    """Whether the recipe has [data.example] and some file it would write is not there yet."""
+    return bool(missing_splits(recipe, registry))
 
 
 def _splits(recipe: Any, registry: Any) -> dict[str, dict[str, Any]]:
@@ -86,8 +92,12 @@ class FolderWriter:
         from mmkit.data.image_folder import write_image_folder
 
         for split, params in splits.items():
+            root = Path(params["root"])
+            partial = root.with_name(f".partial-{root.name}")
+            shutil.rmtree(partial, ignore_errors=True)
             write_image_folder(({k: v for k, v in s.items() if k != "split"} for s in samples[split]),
-                               params["root"], class_names)
+                               partial, class_names)
+            os.replace(partial, root)  # a killed write leaves no half folder that looks done
 
 
 class ShardWriter:
@@ -107,12 +117,12 @@ class ShardWriter:
             shards = ShardWriter.targets(params)
             if len(samples[split]) < len(shards):
                 raise MMKitError(f"data.example: {len(samples[split])} {split} samples cannot fill {len(shards)} shards")
-            per_shard = math.ceil(len(samples[split]) / len(shards))
+            bounds = [len(samples[split]) * i // len(shards) for i in range(len(shards) + 1)]
             for index, shard in enumerate(shards):
-                chunk = samples[split][index * per_shard:(index + 1) * per_shard]
+                chunk = samples[split][bounds[index]:bounds[index + 1]]
                 shard.parent.mkdir(parents=True, exist_ok=True)
                 written = write_shards(({k: v for k, v in s.items() if k != "split"} for s in chunk),
-                                       f"{shard}.%d.partial", max(len(chunk), 1), class_names)
+                                       f"{shard}.%d.partial", len(chunk), class_names)
                 os.replace(written[0], shard)
 
 

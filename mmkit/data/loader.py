@@ -17,6 +17,7 @@ from mmkit.samples import SampleError
 
 PROBLEMS = "_problems"  # bad samples met while making a sample or batch (SampleError records)
 POSITION = "_position"  # a streamed sample's place: (worker share, epoch, records read)
+FATAL = "_fatal"  # a worker's reason the run cannot go on (a share with nothing readable)
 
 
 def transform(sample: dict[str, Any], transforms: Mapping[str, Callable[[Any], Any]], *seed: int) -> dict[str, Any]:
@@ -62,12 +63,13 @@ class Preprocessed(Dataset):
             try:
                 sample = transform(self.dataset[at], self.transforms, epoch_seed, at)
             except SampleError as error:
-                problems.append({**error.record(), "index": at})
+                if tried == 0:  # the item itself; bad ones passed over for a replacement count when visited
+                    problems.append({**error.record(), "index": at})
                 if not self.fill:
                     return {PROBLEMS: problems}
                 continue
             return {**sample, PROBLEMS: problems} if problems else sample
-        raise MMKitError(f"no sample of the dataset can be read; the first: {SampleError.from_record(problems[0])}")
+        raise MMKitError(f"no sample of the dataset can be read; the first: {SampleError.from_record(problems[0]).line()}")
 
 
 class Streamed(IterableDataset):
@@ -101,7 +103,7 @@ class Streamed(IterableDataset):
         epoch, read = self.positions.get(share, (0, 0))
         problems: list[dict[str, Any]] = []
         while True:
-            yielded = False
+            yielded, whole = False, read == 0  # a resumed share may start at its epoch's end
             for record in self.stream.records(epoch, part, parts, self.seed, start=read):
                 read += 1
                 if isinstance(record, SampleError):
@@ -110,8 +112,11 @@ class Streamed(IterableDataset):
                 sample = transform(record, self.transforms, self.seed, epoch, part, read)
                 yield {**sample, PROBLEMS: problems, POSITION: (share, epoch, read)}
                 problems, yielded = [], True
-            if not yielded and read == 0:
-                raise MMKitError(f"share {part} of {parts} of the stream has no readable sample in epoch {epoch}")
+            if whole and not yielded:  # reported to the main process, which stops in one line
+                first = f"; the first problem: {SampleError.from_record(problems[0]).line()}" if problems else ""
+                yield {FATAL: f"share {part} of {parts} of the stream has no readable sample in epoch "
+                              f"{epoch} ({read} records){first}"}
+                return
             epoch, read = epoch + 1, 0
 
 
@@ -217,6 +222,8 @@ class Collate:
         batch: dict[str, Any] = {PROBLEMS: [p for sample in samples for p in sample.get(PROBLEMS, ())]}
         if POSITION in samples[-1]:
             batch[POSITION] = samples[-1][POSITION]
+        if fatal := [sample[FATAL] for sample in samples if FATAL in sample]:
+            return {**batch, FATAL: fatal[0]}
         kept = [sample for sample in samples if set(sample) - {PROBLEMS, POSITION}]
         for key in kept[0] if kept else ():
             if key not in (PROBLEMS, POSITION):

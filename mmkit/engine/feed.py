@@ -6,7 +6,7 @@ from typing import Any, Iterable, Iterator, Literal
 
 from torch.utils.data import DataLoader
 
-from mmkit.data.loader import POSITION, PROBLEMS, EpochBatches, Streamed
+from mmkit.data.loader import FATAL, POSITION, PROBLEMS, EpochBatches, Streamed
 from mmkit.errors import MMKitError
 from mmkit.samples import SampleError
 
@@ -93,10 +93,16 @@ class TrainFeed:
             else:
                 self.batches = micro_batches(self.loader, self.source, self.start_at)
         batch = next(self.batches)
+        if FATAL in batch:
+            raise MMKitError(batch[FATAL])
         if POSITION in batch:
             share, epoch, read = batch[POSITION]
             self.positions[share] = (epoch, read)
         return take_problems(batch, self.problems, self.on_error, self.log)
+
+    def close(self) -> None:
+        """Shut the loader's workers down now (a run that stops on an error must not wait on them)."""
+        self.batches = None
 
     def state(self) -> dict[str, Any]:
         """What a checkpoint keeps of this process's data: stream positions and bad samples."""

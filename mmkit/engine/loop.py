@@ -141,6 +141,7 @@ def trained_result(checkpoint: Path, task: Task, feed: TrainFeed, accelerator: A
     from safetensors.torch import load_model
 
     load_model(task, checkpoint / "model.safetensors", strict=True)
+    task.to(accelerator.device)  # training would have moved it (accelerator.prepare)
     state = json.loads((checkpoint / "trainer.json").read_text())
     data = checkpoint / f"data_{accelerator.process_index}.json"
     feed.start(state["step"] * train.grad_accum, json.loads(data.read_text()) if data.exists() else None)

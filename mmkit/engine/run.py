@@ -83,22 +83,25 @@ class Run:
         if self.finished:
             self._say(accelerator, f"{self.paths.folder} is finished (summary.json written); nothing to resume")
             return self.finished
+        val = self._evaluation(parts, accelerator)
         self.paths = paths = RunPaths(self._folder(accelerator))
         if accelerator.is_main_process:
             paths.checkpoints.mkdir(parents=True, exist_ok=True)
             tree = resolved_tree(self.recipe, self.registry, self.versions)
             tree["run"]["name"] = paths.folder.name
             write_recipe(tree, paths.recipe)
-        val = self._evaluation(parts, accelerator)
         tracker = Tracker(paths.folder, accelerator.is_main_process,
                           resume_step=0 if self.resume and resume_step is None else resume_step)
         if accelerator.is_main_process:
             print(describe_parameters(parts.parameters()))
-        if resume_step is not None and resume_step >= plan[1]:
-            result = trained_result(resume_from, parts.task, feed, accelerator, self.train, plan[0])
-        else:
-            result = fit(parts.task, feed, val, self.train, self.evaluation, accelerator, tracker,
-                         paths.checkpoints, plan, layout, resume_from, parts.scaled())
+        try:
+            if resume_step is not None and resume_step >= plan[1]:
+                result = trained_result(resume_from, parts.task, feed, accelerator, self.train, plan[0])
+            else:
+                result = fit(parts.task, feed, val, self.train, self.evaluation, accelerator, tracker,
+                             paths.checkpoints, plan, layout, resume_from, parts.scaled())
+        finally:
+            feed.close()
         return self._finish(parts, feed, val, result, tracker, accelerator)
 
     def _finish(self, parts: Any, feed: Any, val: Any, result: Any, tracker: Any, accelerator: Any) -> dict[str, Any]:

@@ -67,7 +67,8 @@ class ClipRetrieval(Task):
                 embeddings[m].append(self.embed(batch, m).cpu())
             if "text" in self.modalities:
                 captions += batch.get("raw_text") or [tuple(ids) for ids in token_ids(batch["text"]).tolist()]
-        return {**{m: torch.cat(e) for m, e in embeddings.items()}, "captions": captions}
+        empty = {m: torch.empty(0, self.projections[m].out_features) for m in self.modalities}
+        return {**{m: torch.cat(e) if e else empty[m] for m, e in embeddings.items()}, "captions": captions}
 
     def evaluate(self, outputs: dict[str, Any]) -> dict[str, float]:
         return both_directions(outputs, same_caption(outputs), *self.modalities)
