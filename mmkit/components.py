@@ -97,14 +97,8 @@ def build_parts(recipe: Recipe, registry: Registry) -> Parts:
 
     def make(key: str, kind: str, extra: dict[str, Any] | None = None, **provided: Any) -> Any:
         keys = key.split(".")
-        name = recipe.table(*keys)["name"]
-        component = registry.get(kind, name)
-        try:
-            return instantiate(component, {**recipe.params(*keys), **(extra or {})}, **provided)
-        except MMKitError as error:
-            raise MMKitError(f"{recipe.source}: {key}: {error}") from None
-        except Exception as error:  # the factory refused its parameters
-            raise MMKitError(f"{recipe.source}: {key} ({name}): cannot build: {one_line(error)}") from error
+        component = registry.get(kind, recipe.table(*keys)["name"])
+        return build_table(recipe, key, component, {**recipe.params(*keys), **(extra or {})}, **provided)
 
     def make_part(key: str, kind: str, **provided: Any) -> Any:
         part = make(f"model.{key}", kind, **provided)
@@ -122,22 +116,22 @@ def build_parts(recipe: Recipe, registry: Registry) -> Parts:
 def build_datasets(recipe: Recipe, registry: Registry) -> tuple[Dataset, Dataset | None, DatasetInfo]:
     """[data] and [data.val] as a run builds them (the held-out set given the training set's
     classes), and what they give, checked against the recipe's encoders; nothing else is built."""
-    name = recipe.table("data")["name"]
-    component = registry.get("datasets", name)
-
-    def make(key: str, params: dict[str, Any]) -> Dataset:
-        try:
-            return instantiate(component, params)
-        except MMKitError as error:
-            raise MMKitError(f"{recipe.source}: {key}: {error}") from None
-        except Exception as error:  # the factory refused its parameters
-            raise MMKitError(f"{recipe.source}: {key} ({name}): cannot build: {one_line(error)}") from error
-
-    train = make("data", recipe.params("data"))
+    component = registry.get("datasets", recipe.table("data")["name"])
+    train = build_table(recipe, "data", component, recipe.params("data"))
     info = _check_modalities(recipe, train)
-    val = make("data.val", {**recipe.params("data"), **held_out_params(recipe, registry, info)}) \
-        if "val" in recipe.table("data") else None
+    held_out = {**recipe.params("data"), **held_out_params(recipe, registry, info)}
+    val = build_table(recipe, "data.val", component, held_out) if "val" in recipe.table("data") else None
     return train, val, info
+
+
+def build_table(recipe: Recipe, key: str, component: Component, params: dict[str, Any], **provided: Any) -> Any:
+    """``component`` built from recipe table ``key``; a refusal is one line naming the recipe and key."""
+    try:
+        return instantiate(component, params, **provided)
+    except MMKitError as error:
+        raise MMKitError(f"{recipe.source}: {key}: {error}") from None
+    except Exception as error:  # the factory refused its parameters
+        raise MMKitError(f"{recipe.source}: {key} ({component.name}): cannot build: {one_line(error)}") from error
 
 
 def held_out_params(recipe: Recipe, registry: Registry, train: DatasetInfo) -> dict[str, Any]:

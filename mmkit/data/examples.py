@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from mmkit.errors import MMKitError
 from mmkit.specs import Example
@@ -95,8 +95,7 @@ class FolderWriter:
             root = Path(params["root"])
             partial = root.with_name(f".partial-{root.name}")
             shutil.rmtree(partial, ignore_errors=True)
-            write_image_folder(({k: v for k, v in s.items() if k != "split"} for s in samples[split]),
-                               partial, class_names)
+            write_image_folder(without_split(samples[split]), partial, class_names)
             os.replace(partial, root)  # a killed write leaves no half folder that looks done
 
 
@@ -121,9 +120,14 @@ class ShardWriter:
             for index, shard in enumerate(shards):
                 chunk = samples[split][bounds[index]:bounds[index + 1]]
                 shard.parent.mkdir(parents=True, exist_ok=True)
-                written = write_shards(({k: v for k, v in s.items() if k != "split"} for s in chunk),
+                written = write_shards(without_split(chunk),
                                        f"{shard}.%d.partial", len(chunk), class_names)
                 os.replace(written[0], shard)
+
+
+def without_split(samples: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """The samples without the split mark that only a manifest keeps (as its split column)."""
+    return ({key: value for key, value in sample.items() if key != "split"} for sample in samples)
 
 
 WRITERS = {"manifest": ManifestWriter, "image_folder": FolderWriter, "webdataset": ShardWriter}
