@@ -7,9 +7,7 @@ loader, with the same workers, batch size and transform (read from a real mmkit 
 the best images/s is kept, with the CPU time per image of the loader's processes (steadier
 than the rate when other work shares the machine).
 
-``--investigate`` also times mmkit's loader with its per-item seeding (``_seeded``) made
-cheaper or left out, patched into the workers only (mmkit's files are not changed), and
-breaks one item's cost down step by step in one process.
+``--investigate`` also breaks one item's cost down step by step in one process.
 
     python benchmarks/loading.py
     python benchmarks/loading.py --investigate
@@ -21,7 +19,6 @@ import argparse
 import contextlib
 import json
 import platform
-import random
 import shutil
 import statistics
 import tempfile
@@ -30,7 +27,6 @@ from datetime import date
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import numpy as np
 import psutil
 import torch
 
@@ -47,7 +43,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--folder", help="write the images here and keep them (default: a temp folder)")
     parser.add_argument("--investigate", action="store_true",
-                        help="also break one item's cost down and time mmkit with cheaper seeding")
+                        help="also break one item's cost down step by step")
     parser.add_argument("--json", default=str(Path(__file__).parent / "results" / "loading.json"),
                         help="where the numbers go")
     args = parser.parse_args()
@@ -58,10 +54,10 @@ def main() -> None:
         manifest, image_root = write_images(folder, args.images, args.image_size, args.seed)
         print(f"{args.images} JPEGs ({args.image_size} px) in {folder}, "
               f"{time.perf_counter() - started:.1f}s to write or find")
-        preprocess = encoder_preprocess(args.model, args.crop)
-        results = compare(manifest, image_root, preprocess, args)
+        encoder = image_encoder(args.model, args.crop)
+        results = compare(manifest, image_root, encoder, args)
         if args.investigate:
-            results["investigation"] = investigate(manifest, image_root, preprocess)
+            results["investigation"] = investigate(manifest, image_root, encoder)
     results["setup"] = {**setup(args), "load_before": load_before, "load_after": _load()}
     print_table(results)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -109,20 +105,20 @@ def write_images(folder: Path, count: int, size: int, seed: int) -> tuple[Path, 
     return manifest, image_root
 
 
-def encoder_preprocess(model: str, crop: int) -> Callable[[Any], torch.Tensor]:
-    """A real mmkit image encoder's ``preprocess`` (the transform a recipe run uses)."""
+def image_encoder(model: str, crop: int) -> Any:
+    """A real mmkit image encoder, whose ``preprocess`` is the transform a recipe run uses."""
     from mmkit.components import build
 
-    return build("image_encoders", "timm", model_name=model, image_size=crop, pretrained=False).preprocess
+    return build("image_encoders", "timm", model_name=model, image_size=crop, pretrained=False)
 
 
-def torchvision_twin(preprocess: Any) -> Any:
+def torchvision_twin(encoder: Any) -> Any:
     """torchvision's Resize + CenterCrop + ToTensor + Normalize with the sizes, interpolation,
     mean and std of mmkit's transform (ImageFolder's loader already converts to RGB)."""
     from torchvision import transforms
 
-    steps = {type(step).__name__: step for step in preprocess.transforms}
-    resize, crop, normalize = steps["Resize"], steps["CenterCrop"], steps["Normalize"]
+    steps = {type(step).__name__: step for step in encoder.preprocess.transforms}
+    resize, crop, normalize = steps["Resize"], steps["CenterCrop"], steps["NormalizedTensor"]
     return transforms.Compose([
         transforms.Resize(resize.size, interpolation=resize.interpolation, antialias=resize.antialias),
         transforms.CenterCrop(crop.size),
@@ -131,22 +127,22 @@ def torchvision_twin(preprocess: Any) -> Any:
     ])
 
 
-def mmkit_loader(manifest: Path, preprocess: Any, args: argparse.Namespace) -> tuple[Any, Any]:
+def mmkit_loader(manifest: Path, encoder: Any, args: argparse.Namespace) -> tuple[Any, Any]:
     """Manifest -> Preprocessed -> EpochBatches + train_loader, as a recipe run builds them."""
     from mmkit.data.loader import EpochBatches, Preprocessed, train_loader
     from mmkit.data.manifest import Manifest
 
-    dataset = Preprocessed(Manifest(str(manifest)), {"image": preprocess})
+    dataset = Preprocessed(Manifest(str(manifest)), {"image": encoder.preprocess})
     sampler = EpochBatches(len(dataset), args.batch_size, args.seed)
     return train_loader(dataset, sampler, args.workers, pin_memory=False), sampler
 
 
-def torchvision_loader(image_root: Path, preprocess: Any, args: argparse.Namespace) -> Any:
+def torchvision_loader(image_root: Path, encoder: Any, args: argparse.Namespace) -> Any:
     """ImageFolder + a shuffled DataLoader; persistent workers like mmkit's, so both are timed warm."""
     from torch.utils.data import DataLoader
     from torchvision import datasets
 
-    dataset = datasets.ImageFolder(str(image_root), transform=torchvision_twin(preprocess))
+    dataset = datasets.ImageFolder(str(image_root), transform=torchvision_twin(encoder))
     return DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
                       num_workers=args.workers, persistent_workers=args.workers > 0,
                       generator=torch.Generator().manual_seed(args.seed))
@@ -176,31 +172,26 @@ def cpu_seconds(processes: list[psutil.Process]) -> float:
     return sum(sum(process.cpu_times()[:2]) for process in processes)
 
 
-def mmkit_epochs(manifest: Path, preprocess: Any, args: argparse.Namespace) -> Callable[[], dict[str, float]]:
+def mmkit_epochs(manifest: Path, encoder: Any, args: argparse.Namespace) -> Callable[[], dict[str, float]]:
     """One epoch of mmkit's loader per call, each the sampler's next epoch."""
-    loader, sampler = mmkit_loader(manifest, preprocess, args)
+    loader, sampler = mmkit_loader(manifest, encoder, args)
     epochs = iter(range(10**6))
     return lambda: epoch_rate(loader, lambda batch: batch["image"], lambda: sampler.set_epoch(next(epochs)))
 
 
-def torchvision_epochs(image_root: Path, preprocess: Any, args: argparse.Namespace) -> Callable[[], dict[str, float]]:
-    loader = torchvision_loader(image_root, preprocess, args)
+def torchvision_epochs(image_root: Path, encoder: Any, args: argparse.Namespace) -> Callable[[], dict[str, float]]:
+    loader = torchvision_loader(image_root, encoder, args)
     return lambda: epoch_rate(loader, lambda batch: batch[0], lambda: None)
 
 
-def compare(manifest: Path, image_root: Path, preprocess: Any, args: argparse.Namespace) -> dict[str, Any]:
+def compare(manifest: Path, image_root: Path, encoder: Any, args: argparse.Namespace) -> dict[str, Any]:
     """A warm-up epoch for each loader, then ``repeats`` rounds of one timed epoch each.
 
     Timing the loaders in turn, round after round, spreads any load from other processes
-    over all of them; the best epoch of each is kept. With ``--investigate`` mmkit also runs
-    with cheaper per-item seeding, patched in while that loader forks its (persistent)
-    workers: the workers keep the patch, this process and the other loaders do not."""
-    runs = {"mmkit": mmkit_epochs(manifest, preprocess, args),
-            "torchvision": torchvision_epochs(image_root, preprocess, args)}
+    over both; the best epoch of each is kept."""
+    runs = {"mmkit": mmkit_epochs(manifest, encoder, args),
+            "torchvision": torchvision_epochs(image_root, encoder, args)}
     results: dict[str, Any] = {name: {"warmup": run()} for name, run in runs.items()}
-    if args.investigate:
-        for name, (run, warmup) in patched_runs(manifest, preprocess, args).items():
-            runs[name], results[name] = run, {"warmup": warmup}
     for _ in range(args.repeats):
         for name, run in runs.items():
             timed = run()
@@ -219,89 +210,40 @@ def compare(manifest: Path, image_root: Path, preprocess: Any, args: argparse.Na
             "cpu_ratio_mmkit_over_torchvision": results["mmkit"]["cpu_ratio_to_torchvision"]}
 
 
-PATCHES = {
-    "mmkit, seeding without save/restore": "seed_only",
-    "mmkit, no per-item seeding": "no_seeding",
-}
-
-
-@contextlib.contextmanager
-def seed_only(*key: int) -> Iterator[None]:
-    """The suggested fix for workers: the same seeds as ``_seeded`` (so the same augmentation),
-    without saving and restoring the caller's streams, which in a worker nothing else draws
-    from between items (each item seeds them afresh)."""
-    seed = int(np.random.SeedSequence(key).generate_state(1)[0])
-    torch.default_generator.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed)
-    yield
-
-
-@contextlib.contextmanager
-def no_seeding(*key: int) -> Iterator[None]:
-    """No per-item seeding at all: the most that seeding can cost."""
-    yield
-
-
-def patched_runs(manifest: Path, preprocess: Any,
-                 args: argparse.Namespace) -> dict[str, tuple[Callable[[], Any], dict[str, float]]]:
-    """mmkit's loader with ``loader._seeded`` swapped while its workers fork (on their warm-up
-    epoch, returned with the run); mmkit's files are untouched and the module is put back
-    at once."""
-    import multiprocessing
-
-    from mmkit.data import loader
-
-    if args.workers < 1 or multiprocessing.get_start_method() != "fork":
-        print("  (patched runs need forked DataLoader workers; skipped)")
-        return {}
-    original, runs = loader._seeded, {}
-    for name, patch in PATCHES.items():
-        loader._seeded = globals()[patch]
-        try:
-            run = mmkit_epochs(manifest, preprocess, args)
-            warmup = run()  # forks the persistent workers, which keep the patch
-        finally:
-            loader._seeded = original
-        runs[name] = (run, warmup)
-    return runs
-
-
-def investigate(manifest: Path, image_root: Path, preprocess: Any) -> dict[str, Any]:
+def investigate(manifest: Path, image_root: Path, encoder: Any) -> dict[str, Any]:
     """Where an item's time goes, mmkit against torchvision, in this process with one thread
     (as in a DataLoader worker)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        steps, items = step_costs(manifest, image_root, preprocess), item_costs(manifest, image_root, preprocess)
+        steps, items = step_costs(manifest, image_root, encoder), item_costs(manifest, image_root, encoder)
     finally:
         torch.set_num_threads(threads)
     print("  per-item cost, one process, one thread (median us):")
     for name, micros in {**steps, **items}.items():
-        print(f"    {name:42s} {micros:8.1f}")
+        print(f"    {name:44s} {micros:8.1f}")
     return {"step_cost_us": steps, "item_cost_us": items}
 
 
-def step_costs(manifest: Path, image_root: Path, preprocess: Any, count: int = 300) -> dict[str, float]:
+def step_costs(manifest: Path, image_root: Path, encoder: Any, count: int = 300) -> dict[str, float]:
     """Median microseconds of each step of an item, one step at a time."""
     from torch.utils.data import default_collate
     from torchvision import datasets
 
-    from mmkit.data import loader
     from mmkit.data.loader import Collate, Preprocessed
     from mmkit.data.manifest import Manifest
     from mmkit.data.read import Where, file_bytes, read_image
 
     dataset = Manifest(str(manifest))
     folder = datasets.ImageFolder(str(image_root))
-    twin = torchvision_twin(preprocess)
+    twin = torchvision_twin(encoder)
     where = Where("benchmark")
     paths = [dataset.folder / dataset.samples[i][0].cells["image"] for i in range(count)]
     tv_paths = [folder.samples[i][0] for i in range(count)]
     images = [read_image(file_bytes(path, where), where) for path in paths]
-    preprocessed = Preprocessed(dataset, {"image": preprocess})
+    preprocessed = Preprocessed(dataset, {"image": encoder.preprocess})
     samples = [preprocessed[(i, 0)] for i in range(64)]
-    tv_samples = [(preprocess(image), 0) for image in images[:64]]
+    tv_samples = [(twin(image), 0) for image in images[:64]]
 
     def per_item(work: Callable[[int], Any]) -> float:
         work(0)
@@ -325,49 +267,32 @@ def step_costs(manifest: Path, image_root: Path, preprocess: Any, count: int = 3
         "mmkit: read file bytes": per_item(lambda i: file_bytes(paths[i], where)),
         "mmkit: read_image (BytesIO, load)": per_item(lambda i: read_image(file_bytes(paths[i], where), where)),
         "mmkit: Manifest[i] (the whole raw sample)": per_item(lambda i: dataset[i]),
-        "mmkit: preprocess (to_rgb .. Normalize)": per_item(lambda i: preprocess(images[i])),
-        "mmkit:   of which to_rgb's copy": per_item(lambda i: images[i].convert("RGB")),
-        "mmkit: _seeded, enter and exit": per_item(lambda i: _enter(loader._seeded(0, i))),
+        "mmkit: preprocess (to_rgb .. NormalizedTensor)": per_item(lambda i: encoder.preprocess(images[i])),
         "mmkit: Collate, per item of a batch of 64": per_item_of_batch(lambda: Collate()(samples)),
         "torchvision: pil_loader (open, convert)": per_item(lambda i: folder.loader(tv_paths[i])),
-        "torchvision: transform": per_item(lambda i: twin(images[i])),
+        "torchvision: transform (.. ToTensor, Normalize)": per_item(lambda i: twin(images[i])),
         "torchvision: default_collate, per item of 64": per_item_of_batch(lambda: default_collate(tv_samples)),
     }
 
 
-def item_costs(manifest: Path, image_root: Path, preprocess: Any, count: int = 500) -> dict[str, float]:
-    """Median microseconds of a whole item, the variants interleaved item by item (so load from
-    other processes falls on all of them alike)."""
+def item_costs(manifest: Path, image_root: Path, encoder: Any, count: int = 500) -> dict[str, float]:
+    """Median microseconds of a whole item, the two interleaved item by item (so load from
+    other processes falls on both alike)."""
     from torchvision import datasets
 
-    from mmkit.data import loader
     from mmkit.data.loader import Preprocessed
     from mmkit.data.manifest import Manifest
 
-    mmkit = Preprocessed(Manifest(str(manifest)), {"image": preprocess})
-    tv = datasets.ImageFolder(str(image_root), transform=torchvision_twin(preprocess))
-    variants = {"mmkit as is": loader._seeded, **{name: globals()[patch] for name, patch in PATCHES.items()}}
-    times: dict[str, list[float]] = {"torchvision: ImageFolder[i]": [],
-                                     **{f"{name}: Preprocessed[(i, seed)]": [] for name in variants}}
-    original = loader._seeded
-    try:
-        for i in range(count):
+    loaders = {"mmkit: Preprocessed[(i, seed)]": Preprocessed(Manifest(str(manifest)), {"image": encoder.preprocess}),
+               "torchvision: ImageFolder[i]": datasets.ImageFolder(str(image_root), transform=torchvision_twin(encoder))}
+    items = {"mmkit: Preprocessed[(i, seed)]": lambda i: (i, 0), "torchvision: ImageFolder[i]": lambda i: i}
+    times: dict[str, list[float]] = {name: [] for name in loaders}
+    for i in range(count):
+        for name, dataset in loaders.items():
             started = time.perf_counter()
-            tv[i]
-            times["torchvision: ImageFolder[i]"].append(time.perf_counter() - started)
-            for name, seeded in variants.items():
-                loader._seeded = seeded
-                started = time.perf_counter()
-                mmkit[(i, 0)]
-                times[f"{name}: Preprocessed[(i, seed)]"].append(time.perf_counter() - started)
-    finally:
-        loader._seeded = original
+            dataset[items[name](i)]
+            times[name].append(time.perf_counter() - started)
     return {name: round(statistics.median(values) * 1e6, 1) for name, values in times.items()}
-
-
-def _enter(context: Any) -> None:
-    with context:
-        pass
 
 
 def setup(args: argparse.Namespace) -> dict[str, Any]:

@@ -92,6 +92,21 @@ def test_timm_encoder_takes_cnns_too():
     assert torch.equal(out.tokens[:, 1], feature_map[:, :, 0, 1])  # row by row: token 1 is row 0, column 1
 
 
+@pytest.mark.parametrize("name", ["timm", "torchvision"])
+def test_image_preprocess_gives_what_to_tensor_and_normalize_give(name):
+    """The one-step NormalizedTensor changes no number: results and resumed runs stay as they were."""
+    from torchvision import transforms
+
+    from mmkit.encoders.base import IMAGENET_MEAN, IMAGENET_STD, to_rgb
+
+    encoder = build("image_encoders", name, model_name="resnet18", image_size=32)
+    per_image = transforms.Compose([transforms.Lambda(to_rgb), transforms.Resize(32), transforms.CenterCrop(32),
+                                    transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    for picture in raw_samples("image") + [raw_samples("image")[0].convert("L")]:
+        pixels = encoder.preprocess(picture)
+        assert torch.equal(pixels, per_image(picture)) and pixels.is_contiguous()
+
+
 def test_a_timm_cnn_whose_head_widens_the_pooled_features():
     encoder = build("image_encoders", "timm", model_name="mobilenetv3_small_050", image_size=64)
     out = encoder(torch.randn(2, 3, 64, 64))

@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 from safetensors.torch import save_file
+from torchvision.models import ResNet18_Weights
 
 from conftest import run_mmkit
 from mmkit import build
@@ -112,7 +114,9 @@ def test_torchvision_weights_name_loads_from_torch_hubs_cache_without_network(tm
     torch.save(weights, tmp_path / "hub" / "checkpoints" / RESNET18_FILE)
     encoder = build("image_encoders", "torchvision", model_name="resnet18", weights="DEFAULT")
     assert same_weights(encoder.model, weights)
-    assert encoder.preprocess(Image.new("L", (300, 200))).shape == (3, 224, 224)  # the weights' own transforms
+    picture = Image.fromarray(torch.randint(0, 256, (200, 300), dtype=torch.uint8).numpy())  # grayscale
+    own = ResNet18_Weights.DEFAULT.transforms()(picture.convert("RGB"))
+    assert own.shape == (3, 224, 224) and torch.equal(encoder.preprocess(picture), own)  # the weights' own transforms
 
 
 def test_torchvision_refuses_a_pickle_that_would_run_code(tmp_path):
@@ -239,6 +243,8 @@ def test_open_clip_image_pooled_is_encode_image(tiny_models, tmp_path, name):
     pictures = [Image.fromarray(torch.randint(0, 256, (48, 80, 3), generator=generator, dtype=torch.uint8).numpy())
                 for _ in range(2)]
     images = torch.stack([encoder.preprocess(p) for p in pictures])
+    own = image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=False)
+    assert torch.equal(images, torch.stack([own(p) for p in pictures]))  # open_clip's preprocessing, bit for bit
     out = encoder(images)
     with torch.no_grad():
         assert torch.allclose(out.pooled, model.encode_image(images), atol=1e-5)

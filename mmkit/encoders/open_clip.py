@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmkit.encoders.base import Encoded, Encoder, feature_map_cells
+from mmkit.encoders.base import Encoded, Encoder, NormalizedTensor, feature_map_cells
 from mmkit.encoders.text import pad_after_end
 from mmkit.errors import MMKitError, one_line
 from mmkit.hub import hub_file
@@ -48,7 +48,7 @@ class OpenClipImageEncoder(Encoder):
         if self.kind == "vit":
             self.visual.output_tokens = True
         self.dim = config["embed_dim"]
-        self.preprocess = image_transform(self.visual, tag)
+        self.preprocess = image_transform(self.visual, tag, what)
 
     def forward(self, images: torch.Tensor) -> Encoded:
         pooled, tokens, prefix, grid = getattr(self, f"_{self.kind}")(images)
@@ -263,9 +263,15 @@ def project(tokens: torch.Tensor, projection: nn.Module | torch.Tensor | None) -
     return projection(tokens) if isinstance(projection, nn.Module) else tokens @ projection
 
 
-def image_transform(visual: nn.Module, tag: dict[str, Any]):
-    """open_clip's eval transform for the tower's input size and the tag's mean, std and resizing."""
+def image_transform(visual: nn.Module, tag: dict[str, Any], what: str):
+    """open_clip's eval transform for the tower's input size and the tag's mean, std and
+    resizing, its ToTensor + Normalize made one step (NormalizedTensor: the same numbers)."""
     from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
+    from torchvision import transforms
 
     settings = merge_preprocess_dict(PreprocessCfg(), {**tag, "size": visual.image_size})
-    return image_transform_v2(PreprocessCfg(**settings), is_train=False)
+    *resize, to_tensor, normalize = steps = image_transform_v2(PreprocessCfg(**settings), is_train=False).transforms
+    if not (isinstance(normalize, transforms.Normalize) and type(to_tensor).__name__.endswith("ToTensor")):
+        raise MMKitError(f"{what}: open_clip's eval transform no longer ends in ToTensor + Normalize "
+                         f"({', '.join(type(step).__name__ for step in steps)}); mmkit needs updating for it")
+    return transforms.Compose([*resize, NormalizedTensor(normalize.mean, normalize.std)])

@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 import torch
 from torch import nn
 
-from mmkit.encoders.base import Encoded, Encoder, feature_map_cells, resize_crop_normalize, to_rgb
+from mmkit.encoders.base import Encoded, Encoder, feature_map_cells, resize_crop_normalize
 from mmkit.errors import MMKitError, one_line
 from mmkit.hub import reachable
 from mmkit.weights import load_into, load_weights, names_a_file, weights_file
@@ -206,10 +206,11 @@ def token_source(model: nn.Module) -> tuple[nn.Module, bool]:
 
 
 def image_transform(published: Any, image_size: int):
-    """The weights' own transforms where a weights name is given, else resize, center-crop and
-    ImageNet normalisation at ``image_size``; images are made RGB first."""
-    from torchvision import transforms
-
-    if published is not None:
-        return transforms.Compose([transforms.Lambda(to_rgb), published.transforms()])
-    return resize_crop_normalize(image_size)
+    """The weights' own resizing, crop, interpolation, mean and std where a weights name is
+    given (what their ``transforms()`` do), else resize, center-crop and ImageNet
+    normalisation at ``image_size``; images are made RGB first."""
+    if published is None:
+        return resize_crop_normalize(image_size)
+    preset = published.transforms()
+    return resize_crop_normalize(preset.crop_size[0], tuple(preset.mean), tuple(preset.std), preset.resize_size[0],
+                                 preset.interpolation, preset.antialias)
