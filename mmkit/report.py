@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import itertools
 import json
 import textwrap
 from pathlib import Path
@@ -22,8 +23,9 @@ def _pyplot():
     return plt
 
 
-def training_curves(records: list[dict[str, Any]]) -> Any:
-    """Training loss (and learning rate) per step, and every evaluated metric per step."""
+def training_curves(records: list[dict[str, Any]], headline: list[str]) -> Any:
+    """Training loss (and learning rate) per step, and the task's headline held-out metrics
+    per step, each with its chance level dotted."""
     plt = _pyplot()
     train = [r for r in records if "train/loss" in r]
     evals = [r for r in records if any(k.startswith("val/") for k in r)]
@@ -36,7 +38,7 @@ def training_curves(records: list[dict[str, Any]]) -> Any:
         lr_axis = left.twinx()
         lr_axis.plot([r["step"] for r in train], [r["lr"] for r in train], color="grey", alpha=0.5)
         lr_axis.set_ylabel("learning rate", color="grey")
-    keys = sorted({k for r in evals for k in r if k.startswith("val/") and "/R@" in k and "chance" not in k})
+    keys = [f"val/{name}" for name in headline if any(f"val/{name}" in r for r in evals)]
     for key in keys:
         points = [(r["step"], r[key]) for r in evals if key in r]
         line = right.plot(*zip(*points), marker="o", label=key.removeprefix("val/"))[0]
@@ -44,7 +46,7 @@ def training_curves(records: list[dict[str, Any]]) -> Any:
         if chance is not None:
             right.axhline(chance, color=line.get_color(), linestyle=":", linewidth=1)
     right.set_xlabel("step")
-    right.set_title("held-out recall (dotted: chance)")
+    right.set_title("held-out metrics (dotted: chance)")
     if keys:
         right.legend(fontsize=7)
     fig.tight_layout()
@@ -101,6 +103,45 @@ def similarity_heatmap(similarity: torch.Tensor, query: str, gallery: str) -> An
     ax.set_ylabel(f"{query} item")
     ax.set_title("held-out similarity")
     fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    return fig
+
+
+def confusion_heatmap(counts: torch.Tensor, class_names: tuple[str, ...]) -> Any:
+    """Held-out counts, true class by row and predicted class by column, each row shaded by
+    its share so rare classes show as clearly as common ones; names shown up to 30 classes."""
+    plt = _pyplot()
+    classes = len(class_names)
+    side = min(4 + 0.3 * classes, 14)
+    fig, ax = plt.subplots(figsize=(side + 1, side))
+    shares = counts.double() / counts.sum(1, keepdim=True).clamp(min=1)
+    image = ax.imshow(shares.numpy(), cmap="Blues", vmin=0, vmax=1)
+    if classes <= 30:
+        ax.set_xticks(range(classes), [textwrap.shorten(n, 18) for n in class_names], rotation=60, ha="right", fontsize=7)
+        ax.set_yticks(range(classes), [textwrap.shorten(n, 18) for n in class_names], fontsize=7)
+    if classes <= 12:
+        for (row, column), count in zip(itertools.product(range(classes), repeat=2), counts.flatten().tolist()):
+            ax.text(column, row, str(count), ha="center", va="center", fontsize=7,
+                    color="white" if shares[row, column] > 0.5 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("confusion matrix (held-out counts, shaded by row share)")
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    return fig
+
+
+def roc_curves(curves: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> Any:
+    """One ROC curve per class or label: name -> (false positive rates, true positive rates, AUROC)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    for name, (fpr, tpr, area) in curves.items():
+        ax.plot(fpr.numpy(), tpr.numpy(), label=f"{textwrap.shorten(name, 24)} ({area:.3f})")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1, label="chance (0.5)")
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title("ROC curves on held-out data (AUROC)")
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     return fig
 

@@ -230,13 +230,30 @@ def test_shapes_captions_name_what_is_drawn():
     assert (distance < 80).mean() > 0.02  # a visible patch of the captioned colour
 
 
+@pytest.mark.parametrize("label_by", ["colour", "shape", "size", "position"])
+def test_shapes_labelled_by_one_property_name_the_captions_value(label_by):
+    everything = build("datasets", "synthetic_shapes", num_samples=12, image_size=32)
+    dataset = build("datasets", "synthetic_shapes", num_samples=12, image_size=32, label_by=label_by)
+    names = dataset.info.class_names
+    for i in range(12):
+        sample, same = dataset[i], everything[i]
+        assert sample["text"] == same["text"] and sample["image"].tobytes() == same["image"].tobytes()
+        caption = same["text"].removeprefix("a ")
+        assert (f"in the {names[sample['label']]}" in caption if label_by == "position"
+                else names[sample["label"]] in caption.split(" in the ")[0].split())
+    assert len(names) == {"colour": 6, "shape": 4, "size": 2, "position": 5}[label_by]
+
+
+TASK_SETTINGS = {"classification": {"modality": "image"}}  # the two encoders below: classify one
+
+
 @pytest.mark.parametrize("name", components("tasks"))
 def test_every_task_trains_and_evaluates(name):
     encoders = {"image": tiny_encoder("image_encoders", "timm"),
                 "text": tiny_encoder("text_encoders", "transformer")}
-    task = build("tasks", name, encoders=encoders)
-    dataset = Preprocessed(build("datasets", "synthetic_shapes", num_samples=8, image_size=32),
-                           {m: e.preprocess for m, e in encoders.items()})
+    shapes = build("datasets", "synthetic_shapes", num_samples=8, image_size=32, label_by="colour")
+    task = build("tasks", name, encoders=encoders, data=shapes.info, **TASK_SETTINGS.get(name, {}))
+    dataset = Preprocessed(shapes, {m: e.preprocess for m, e in encoders.items()})
     batch = default_collate([dataset[i] for i in range(8)])
     losses = task.training_step(batch)
     assert torch.isfinite(losses["loss"])

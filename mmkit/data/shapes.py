@@ -29,35 +29,41 @@ POSITIONS = {
     "centre": (0.5, 0.5),
 }
 COMBINATIONS = list(itertools.product(COLOURS, SHAPES, SIZES, POSITIONS))
+PROPERTIES = {"colour": tuple(COLOURS), "shape": SHAPES, "size": tuple(SIZES), "position": tuple(POSITIONS)}
 
 
 class SyntheticShapes(SyntheticSet):
     """Images of one coloured shape each, captioned "a large red circle in the top left".
 
-    Deterministic from the seed, with disjoint splits; ``label`` numbers the 240
-    colour/shape/size/position combinations.
+    Deterministic from the seed, with disjoint splits. ``label`` numbers the 240
+    colour/shape/size/position combinations, or one property's values (``label_by``): the
+    images and captions stay the same, only the labels change.
 
     Args:
         num_samples: samples in this split.
         split: "train" or "val".
         image_size: side of the square images in pixels; at least 16.
         seed: selects the whole set.
+        label_by: "all" (the 240 combinations), or "colour" (6), "shape" (4), "size" (2),
+            "position" (5).
     """
 
     def __init__(self, num_samples: int = 2000, split: Literal["train", "val"] = "train",
-                 image_size: int = 64, seed: int = 0):
+                 image_size: int = 64, seed: int = 0,
+                 label_by: Literal["all", "colour", "shape", "size", "position"] = "all"):
         super().__init__(num_samples, split, seed)
         if image_size < 16:
             raise ValueError(f"image_size must be at least 16 pixels, got {image_size}")
-        self.image_size = image_size
-
-    info = DatasetInfo(keys=("id", "image", "text", "label"), label_kind="single",
-                       class_names=tuple(f"{size} {colour} {shape} in the {position}"
-                                         for colour, shape, size, position in COMBINATIONS))
+        self.image_size, self.label_by = image_size, label_by
+        names = PROPERTIES.get(label_by) or tuple(f"{size} {colour} {shape} in the {position}"
+                                                   for colour, shape, size, position in COMBINATIONS)
+        self.info = DatasetInfo(keys=("id", "image", "text", "label"), label_kind="single", class_names=names)
 
     def draw(self, rng: np.random.Generator) -> dict[str, Any]:
-        label = int(rng.integers(len(COMBINATIONS)))
-        colour, shape, size, position = COMBINATIONS[label]
+        combination = int(rng.integers(len(COMBINATIONS)))
+        colour, shape, size, position = COMBINATIONS[combination]
+        values = {"colour": colour, "shape": shape, "size": size, "position": position}
+        label = PROPERTIES[self.label_by].index(values[self.label_by]) if self.label_by != "all" else combination
         return {
             "image": draw_shape(rng, self.image_size, colour, shape, size, position),
             "text": f"a {size} {colour} {shape} in the {position}",

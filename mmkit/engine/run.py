@@ -283,7 +283,7 @@ class Run:
 
         from mmkit.report import training_curves, write_report
 
-        figures = {"training_curves": training_curves(tracker.records())}
+        figures = {"training_curves": training_curves(tracker.records(), parts.task.headline())}
         if outputs is not None:
             raw = None if isinstance(parts.val_set, IterableDataset) else Readable(parts.val_set, val_problems)
             figures |= parts.task.figures(raw, outputs)

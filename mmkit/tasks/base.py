@@ -27,6 +27,10 @@ class Task(nn.Module):
         """Metrics from the whole held-out set's outputs; keys under ``chance/`` give the chance level."""
         raise NotImplementedError
 
+    def headline(self) -> list[str]:
+        """The metrics (keys of ``evaluate``) whose values over training the report plots."""
+        return []
+
     def figures(self, dataset: Dataset | None, outputs: dict[str, Any]) -> dict[str, Any]:
         """Matplotlib figures for the run report, by file stem, from the same outputs as the
         final metrics; ``dataset`` gives item i's raw sample (None for a streamed held-out set)."""

@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 
 from mmkit.encoders.base import Encoder
 from mmkit.errors import MMKitError
-from mmkit.metrics import chance_retrieval_metrics, retrieval_metrics
+from mmkit.metrics.retrieval import chance_retrieval_metrics, retrieval_metrics
 from mmkit.tasks.base import Task
 
 
@@ -72,6 +72,10 @@ class ClipRetrieval(Task):
 
     def evaluate(self, outputs: dict[str, Any]) -> dict[str, float]:
         return both_directions(outputs, same_caption(outputs), *self.modalities)
+
+    def headline(self) -> list[str]:
+        a, b = self.modalities
+        return [f"{direction}/R@{k}" for direction in (f"{a}_to_{b}", f"{b}_to_{a}") for k in (1, 5, 10)]
 
     def figures(self, dataset: Dataset | None, outputs: dict[str, Any]) -> dict[str, Any]:
         from mmkit.report import retrieval_grid, similarity_heatmap

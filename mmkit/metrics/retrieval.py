@@ -1,4 +1,4 @@
-"""Evaluation metrics, with the chance level of each where a reader needs it for scale."""
+"""Retrieval metrics: recall@k and ranks of the first relevant item, and their chance levels."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mmkit.metrics import chance_retrieval_metrics, retrieval_metrics
+from mmkit.metrics.retrieval import chance_retrieval_metrics, retrieval_metrics
 
 
 def test_retrieval_metrics_on_a_known_ranking():

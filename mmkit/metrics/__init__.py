@@ -1,0 +1,1 @@
+"""Evaluation metrics (retrieval, classification), each with the chance level a reader needs for scale."""

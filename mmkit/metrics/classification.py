@@ -1,0 +1,112 @@
+"""Classification metrics over a held-out set's scores, each with the level a constant
+predictor reaches beside it, computed the way scikit-learn computes them."""
+
+from __future__ import annotations
+
+import torch
+
+MetricDict = dict[str, float]
+
+
+def single_label_metrics(scores: torch.Tensor, labels: torch.Tensor) -> MetricDict:
+    """Accuracy, top-5 accuracy (more than 5 classes), macro and micro precision / recall / F1
+    (macro over the classes in the labels or the predictions, as scikit-learn's default), macro
+    one-vs-rest AUROC (over classes with positives and negatives). ``scores`` [N, C], ``labels`` [N]."""
+    classes = scores.shape[1]
+    predicted = scores.argmax(dim=1)
+    metrics = {"accuracy": (predicted == labels).double().mean().item()}
+    if classes > 5:
+        top5 = scores.topk(5, dim=1).indices
+        metrics["top5_accuracy"] = (top5 == labels.unsqueeze(1)).any(dim=1).double().mean().item()
+    counts = confusion_matrix(predicted, labels, classes)
+    seen = (counts.sum(0) + counts.sum(1)) > 0
+    metrics |= precision_recall_f1(counts.diag()[seen], counts.sum(0)[seen], counts.sum(1)[seen])
+    positives = torch.nn.functional.one_hot(labels, classes).bool()
+    metrics["auroc_macro"] = macro_auroc(scores, positives)
+    return metrics
+
+
+def multi_label_metrics(scores: torch.Tensor, targets: torch.Tensor, thresholds: torch.Tensor,
+                        class_names: tuple[str, ...]) -> MetricDict:
+    """Exact-match accuracy, macro and micro precision / recall / F1 over every label, macro
+    AUROC (labels with positives and negatives) and each label's AUROC under ``auroc/<name>``.
+    A label is predicted where its score (a probability) reaches its threshold."""
+    predicted, actual = scores >= thresholds, targets.bool()
+    metrics = {"accuracy": (predicted == actual).all(dim=1).double().mean().item()}
+    true_positives = (predicted & actual).sum(0)
+    metrics |= precision_recall_f1(true_positives, predicted.sum(0), actual.sum(0))
+    metrics["auroc_macro"] = macro_auroc(scores, actual)
+    for name, column, positives in zip(class_names, scores.T, actual.T):
+        if 0 < positives.sum() < len(positives):
+            metrics[f"auroc/{name}"] = auroc(column, positives)
+    return metrics
+
+
+def precision_recall_f1(true_positives: torch.Tensor, predicted: torch.Tensor, actual: torch.Tensor) -> MetricDict:
+    """Macro (mean of each class's) and micro (from the summed counts) precision, recall and
+    F1 from per-class counts; a ratio with nothing to count is 0, as scikit-learn's default."""
+    tp, predicted, actual = true_positives.double(), predicted.double(), actual.double()
+    precision, recall = _ratio(tp, predicted), _ratio(tp, actual)
+    f1 = _ratio(2 * tp, predicted + actual)
+    micro_p, micro_r = _ratio(tp.sum(), predicted.sum()), _ratio(tp.sum(), actual.sum())
+    return {"precision_macro": _mean(precision), "recall_macro": _mean(recall), "f1_macro": _mean(f1),
+            "precision_micro": micro_p.item(), "recall_micro": micro_r.item(),
+            "f1_micro": _ratio(2 * tp.sum(), predicted.sum() + actual.sum()).item()}
+
+
+def confusion_matrix(predicted: torch.Tensor, labels: torch.Tensor, classes: int) -> torch.Tensor:
+    """[C, C] counts: row = true class, column = predicted class (scikit-learn's layout)."""
+    return torch.bincount(labels * classes + predicted, minlength=classes * classes).view(classes, classes)
+
+
+def auroc(scores: torch.Tensor, positives: torch.Tensor) -> float:
+    """Area under the ROC curve: the chance that a random positive scores above a random
+    negative, ties counting half (Mann-Whitney U from average ranks)."""
+    ranks = average_ranks(scores.double())
+    n_pos = positives.sum().item()
+    n_neg = len(positives) - n_pos
+    u = ranks[positives].sum().item() - n_pos * (n_pos + 1) / 2
+    return u / (n_pos * n_neg)
+
+
+def macro_auroc(scores: torch.Tensor, positives: torch.Tensor) -> float:
+    """Mean one-vs-rest AUROC over the columns that have both positives and negatives (NaN if none)."""
+    values = [auroc(column, column_positives) for column, column_positives in zip(scores.T, positives.T)
+              if 0 < column_positives.sum() < len(column_positives)]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def roc_curve(scores: torch.Tensor, positives: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """False and true positive rates at every distinct threshold, from (0, 0) to (1, 1)."""
+    order = scores.double().argsort(descending=True)
+    ordered, hits = scores.double()[order], positives[order].double()
+    last_of_tie = torch.cat([ordered[1:] != ordered[:-1], torch.tensor([True])])
+    tp, fp = hits.cumsum(0)[last_of_tie], (1 - hits).cumsum(0)[last_of_tie]
+    zero = torch.zeros(1, dtype=torch.float64)
+    return torch.cat([zero, fp / max(fp[-1].item(), 1)]), torch.cat([zero, tp / max(tp[-1].item(), 1)])
+
+
+def average_ranks(values: torch.Tensor) -> torch.Tensor:
+    """1-based ranks with tied values given the mean of their ranks (scipy's rankdata)."""
+    ordered, order = values.sort()
+    _, inverse, counts = torch.unique_consecutive(ordered, return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).double()
+    tie_ranks = ends - (counts.double() - 1) / 2
+    ranks = torch.empty_like(values, dtype=torch.float64)
+    ranks[order] = tie_ranks[inverse]
+    return ranks
+
+
+def chance_scores(labels: torch.Tensor, classes: int, multi_label: bool) -> torch.Tensor:
+    """What a constant predictor gives every item: the held-out set's class frequencies
+    (its argmax is the majority class; for multi-label, each label's prevalence)."""
+    frequency = labels.double().mean(0) if multi_label else torch.bincount(labels, minlength=classes).double() / len(labels)
+    return frequency.expand(len(labels), classes)
+
+
+def _ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    return torch.where(denominator > 0, numerator / denominator.clamp(min=1), torch.zeros_like(numerator))
+
+
+def _mean(values: torch.Tensor) -> float:
+    return values.mean().item() if len(values) else 0.0

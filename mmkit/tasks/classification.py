@@ -1,0 +1,154 @@
+"""classification: one label (or several) per sample, from one modality's pooled features."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from mmkit.encoders.base import Encoder
+from mmkit.errors import MMKitError
+from mmkit.metrics.classification import (auroc, chance_scores, confusion_matrix, multi_label_metrics, roc_curve,
+                                          single_label_metrics)
+from mmkit.samples import DatasetInfo
+from mmkit.tasks.base import Task
+
+MAX_ROC_CURVES = 10
+
+
+class Classification(Task):
+    """Classify samples from one encoder's pooled features: cross-entropy when a sample has
+    one label, binary cross-entropy per label when it has several (the dataset says which).
+
+    Held-out: accuracy (exact match for multi-label), top-5 accuracy (over 5 classes), macro
+    and micro precision / recall / F1, one-vs-rest AUROC (per label for multi-label) and the
+    confusion matrix, each metric beside what always predicting the held-out class
+    frequencies scores (the majority class; AUROC 0.5).
+
+    Args:
+        modality: the encoder whose features are classified; default: the recipe's only one.
+        hidden: width of a hidden layer (GELU) before the classifier; 0 for a linear classifier.
+        dropout: dropout on the features before the classifier.
+        label_smoothing: single-label: the share of each target spread over all classes.
+        class_weights: one weight per class: single-label, the cross-entropy's class weights;
+            multi-label, each label's weight on its positives (BCE pos_weight).
+        thresholds: multi-label: the probability from which a label is predicted, one for
+            all labels or one per label.
+    """
+
+    def __init__(self, encoders: dict[str, Encoder], data: DatasetInfo | None = None, modality: str | None = None,
+                 hidden: int = 0, dropout: float = 0.0, label_smoothing: float = 0.0,
+                 class_weights: list[float] | None = None, thresholds: float | list[float] = 0.5):
+        super().__init__()
+        self.modality = chosen_modality(encoders, modality)
+        self.info = labelled(data)
+        classes = self.info.num_classes
+        self.encoder = encoders[self.modality]
+        self.head = classifier(self.encoder.dim, classes, hidden, dropout)
+        self.multi_label = self.info.label_kind == "multi"
+        if label_smoothing and self.multi_label:
+            raise MMKitError("classification: label_smoothing applies to single-label data; remove it")
+        self.register_buffer("class_weights", per_class(class_weights, classes, "class_weights"), persistent=False)
+        self.register_buffer("thresholds", per_class(thresholds, classes, "thresholds"), persistent=False)
+        self.label_smoothing = label_smoothing
+
+    def logits(self, batch: dict[str, Any]) -> torch.Tensor:
+        return self.head(self.encoder(batch[self.modality]).pooled).float()
+
+    def training_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        logits, labels = self.logits(batch), batch["label"]
+        if self.multi_label:
+            loss = F.binary_cross_entropy_with_logits(logits, labels.float(), pos_weight=self.class_weights)
+            right = ((logits.sigmoid() >= self.thresholds) == labels.bool()).all(dim=1)
+        else:
+            loss = F.cross_entropy(logits, labels, weight=self.class_weights, label_smoothing=self.label_smoothing)
+            right = logits.argmax(dim=1) == labels
+        return {"loss": loss, "accuracy": right.float().mean().detach()}
+
+    @torch.no_grad()
+    def predict(self, batches: Iterable[dict[str, Any]]) -> dict[str, Any]:
+        """Each held-out item's class probabilities (softmax, or sigmoid per label) and labels."""
+        scores, labels = [], []
+        for batch in batches:
+            logits = self.logits(batch)
+            scores.append((logits.sigmoid() if self.multi_label else logits.softmax(dim=1)).cpu())
+            labels.append(batch["label"].cpu())
+        classes = self.info.num_classes
+        empty_labels = torch.empty(0, classes) if self.multi_label else torch.empty(0, dtype=torch.long)
+        return {"scores": torch.cat(scores) if scores else torch.empty(0, classes),
+                "labels": torch.cat(labels) if labels else empty_labels}
+
+    def evaluate(self, outputs: dict[str, Any]) -> dict[str, float]:
+        scores, labels = outputs["scores"].double(), outputs["labels"]
+        if not len(labels):
+            return {}
+        constant = chance_scores(labels, self.info.num_classes, self.multi_label)
+        metrics, chance = self._metrics(scores, labels), self._metrics(constant, labels)
+        return {**metrics, **{f"chance/{name}": value for name, value in chance.items()}}
+
+    def _metrics(self, scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        if self.multi_label:
+            return multi_label_metrics(scores, labels, self.thresholds.cpu().double(), self.info.class_names)
+        return single_label_metrics(scores, labels)
+
+    def headline(self) -> list[str]:
+        return ["accuracy", "f1_macro", "auroc_macro"]
+
+    def figures(self, dataset: Dataset | None, outputs: dict[str, Any]) -> dict[str, Any]:
+        from mmkit.report import confusion_heatmap, roc_curves
+
+        scores, labels = outputs["scores"].double(), outputs["labels"]
+        if not len(labels):
+            return {}
+        names = self.info.class_names
+        positives = labels.bool() if self.multi_label else F.one_hot(labels, len(names)).bool()
+        figures = {"roc_curves": roc_curves(curves(scores, positives, names))}
+        if not self.multi_label:
+            figures["confusion_matrix"] = confusion_heatmap(confusion_matrix(scores.argmax(1), labels, len(names)), names)
+        return figures
+
+
+def curves(scores: torch.Tensor, positives: torch.Tensor,
+           names: tuple[str, ...]) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """ROC curves of the classes (labels) with the most held-out positives, up to ten."""
+    counts = positives.sum(0)
+    usable = [c for c in counts.argsort(descending=True).tolist() if 0 < counts[c] < len(positives)]
+    return {names[c]: (*roc_curve(scores[:, c], positives[:, c]), auroc(scores[:, c], positives[:, c]))
+            for c in usable[:MAX_ROC_CURVES]}
+
+
+def chosen_modality(encoders: dict[str, Encoder], modality: str | None) -> str:
+    if modality is None and len(encoders) == 1:
+        return next(iter(encoders))
+    if modality not in encoders:
+        raise MMKitError(f"classification classifies one modality's features; set task.modality to one of "
+                         f"the recipe's encoders ({', '.join(encoders)})" + (f", not {modality!r}" if modality else ""))
+    return modality
+
+
+def labelled(data: DatasetInfo | None) -> DatasetInfo:
+    if data is None or data.label_kind == "none":
+        raise MMKitError("classification needs labelled data: the recipe's dataset declares no classes "
+                         "(see `mmkit info datasets <name>`)")
+    return data
+
+
+def classifier(width: int, classes: int, hidden: int, dropout: float) -> nn.Module:
+    """Features -> class logits: dropout, then a linear layer, or a GELU hidden layer first."""
+    if hidden:
+        return nn.Sequential(nn.Dropout(dropout), nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, classes))
+    return nn.Sequential(nn.Dropout(dropout), nn.Linear(width, classes))
+
+
+def per_class(value: float | list[float] | None, classes: int, key: str) -> torch.Tensor | None:
+    """A recipe value given once or per class, as a [classes] tensor (None stays None)."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)):
+        return torch.full((classes,), float(value))
+    if len(value) != classes:
+        raise MMKitError(f"classification: {key} has {len(value)} values for {classes} classes; give one per class")
+    return torch.tensor(value, dtype=torch.float32)

@@ -1,0 +1,123 @@
+"""Classification metrics equal scikit-learn's on the same predictions: binary, multi-class,
+multi-label, a class never predicted, a class absent from the labels, tied scores."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from sklearn import metrics as sk
+
+from mmkit.metrics.classification import (auroc, chance_scores, confusion_matrix, multi_label_metrics, roc_curve,
+                                          single_label_metrics)
+
+
+def probabilities(n: int, classes: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, classes, generator=generator).mul(2).softmax(dim=1).double()
+
+
+def sklearn_single(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    y, predicted = labels.numpy(), scores.argmax(1).numpy()
+    expected = {"accuracy": sk.accuracy_score(y, predicted)}
+    for average in ("macro", "micro"):
+        expected[f"precision_{average}"] = sk.precision_score(y, predicted, average=average, zero_division=0)
+        expected[f"recall_{average}"] = sk.recall_score(y, predicted, average=average, zero_division=0)
+        expected[f"f1_{average}"] = sk.f1_score(y, predicted, average=average, zero_division=0)
+    return expected
+
+
+def sklearn_auroc_over_present_classes(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    present = [c for c in range(scores.shape[1]) if 0 < (labels == c).sum() < len(labels)]
+    return sum(sk.roc_auc_score(labels.numpy() == c, scores[:, c].numpy()) for c in present) / len(present)
+
+
+@pytest.mark.parametrize("classes", [2, 4, 7])
+def test_single_label_metrics_equal_sklearn(classes):
+    scores = probabilities(60, classes, seed=classes)
+    labels = torch.randint(0, classes, (60,), generator=torch.Generator().manual_seed(1))
+    labels[:classes] = torch.arange(classes)  # every class present
+    metrics = single_label_metrics(scores, labels)
+    for name, value in sklearn_single(scores, labels).items():
+        assert metrics[name] == pytest.approx(value, abs=1e-12), name
+    multi_class = "ovr" if classes > 2 else "raise"
+    expected_auroc = sk.roc_auc_score(labels.numpy(), scores.numpy() if classes > 2 else scores[:, 1].numpy(),
+                                      multi_class=multi_class)
+    if classes == 2:  # sklearn's binary AUROC is the positive class's; mmkit averages both columns' one-vs-rest
+        expected_auroc = (expected_auroc + sk.roc_auc_score(labels.numpy() == 0, scores[:, 0].numpy())) / 2
+    assert metrics["auroc_macro"] == pytest.approx(expected_auroc, abs=1e-12)
+    if classes > 5:
+        expected = sk.top_k_accuracy_score(labels.numpy(), scores.numpy(), k=5, labels=list(range(classes)))
+        assert metrics["top5_accuracy"] == pytest.approx(expected, abs=1e-12)
+    else:
+        assert "top5_accuracy" not in metrics
+
+
+def test_a_class_never_predicted_and_a_class_absent_from_the_labels():
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 0, 1])  # class 3 never appears
+    predicted = torch.tensor([0, 1, 1, 1, 0, 0, 3, 1])  # class 2 never predicted, class 3 predicted once
+    scores = torch.nn.functional.one_hot(predicted, 4).double() * 0.7 + 0.075
+    metrics = single_label_metrics(scores, labels)
+    for name, value in sklearn_single(scores, labels).items():
+        assert metrics[name] == pytest.approx(value, abs=1e-12), name
+    assert metrics["precision_macro"] == pytest.approx((1 / 3 + 3 / 4 + 0 + 0) / 4)  # by hand: 4 classes seen
+    assert metrics["auroc_macro"] == pytest.approx(sklearn_auroc_over_present_classes(scores, labels), abs=1e-12)
+
+
+def test_confusion_matrix_rows_are_true_classes():
+    labels, predicted = torch.tensor([0, 0, 1, 2, 2, 2]), torch.tensor([0, 1, 1, 2, 0, 2])
+    counts = confusion_matrix(predicted, labels, 4)
+    assert counts.tolist() == sk.confusion_matrix(labels.numpy(), predicted.numpy(), labels=[0, 1, 2, 3]).tolist()
+    assert counts[0].tolist() == [1, 1, 0, 0]  # true class 0: once right, once called 1
+
+
+def test_multi_label_metrics_equal_sklearn():
+    generator = torch.Generator().manual_seed(3)
+    targets = (torch.rand(50, 5, generator=generator) < torch.tensor([0.5, 0.2, 0.7, 0.05, 0.0])).double()
+    scores = (targets * 0.4 + torch.rand(50, 5, generator=generator) * 0.6).clamp(0, 1)
+    thresholds = torch.tensor([0.5, 0.6, 0.4, 0.5, 0.5], dtype=torch.float64)
+    names = ("a", "b", "c", "d", "e")
+    metrics = multi_label_metrics(scores, targets, thresholds, names)
+    y, predicted = targets.numpy(), (scores >= thresholds).numpy()
+    assert metrics["accuracy"] == pytest.approx(sk.accuracy_score(y, predicted))  # exact match
+    for average in ("macro", "micro"):
+        assert metrics[f"precision_{average}"] == pytest.approx(sk.precision_score(y, predicted, average=average, zero_division=0))
+        assert metrics[f"recall_{average}"] == pytest.approx(sk.recall_score(y, predicted, average=average, zero_division=0))
+        assert metrics[f"f1_{average}"] == pytest.approx(sk.f1_score(y, predicted, average=average, zero_division=0))
+    present = [c for c in range(5) if 0 < y[:, c].sum() < 50]
+    assert 4 not in present  # label "e" has no positives: no AUROC, left out of the macro average
+    for c in present:
+        assert metrics[f"auroc/{names[c]}"] == pytest.approx(sk.roc_auc_score(y[:, c], scores[:, c].numpy()))
+    assert "auroc/e" not in metrics
+    assert metrics["auroc_macro"] == pytest.approx(sum(metrics[f"auroc/{names[c]}"] for c in present) / len(present))
+
+
+def test_auroc_counts_ties_as_half():
+    scores = torch.tensor([0.9, 0.5, 0.5, 0.5, 0.1])
+    positives = torch.tensor([True, True, False, False, False])
+    # pairs (positive, negative): 0.9 beats all three; 0.5 ties two (half each) and beats 0.1
+    assert auroc(scores, positives) == pytest.approx((3 + 0.5 + 0.5 + 1) / 6)
+    assert auroc(scores, positives) == pytest.approx(sk.roc_auc_score(positives.numpy(), scores.numpy()))
+    assert auroc(-scores, positives) == pytest.approx(1 - 5 / 6)  # reversed scores: the mirror image
+
+
+def test_roc_curve_equals_sklearns():
+    generator = torch.Generator().manual_seed(4)
+    scores = torch.randint(0, 6, (40,), generator=generator).double() / 5  # many ties
+    positives = torch.rand(40, generator=generator) < 0.4
+    fpr, tpr = roc_curve(scores, positives)
+    sk_fpr, sk_tpr, _ = sk.roc_curve(positives.numpy(), scores.numpy(), drop_intermediate=False)
+    assert fpr.tolist() == pytest.approx(sk_fpr.tolist()) and tpr.tolist() == pytest.approx(sk_tpr.tolist())
+
+
+def test_chance_is_what_always_predicting_the_majority_scores():
+    labels = torch.tensor([2, 2, 2, 0, 1, 2, 0, 2])  # class 2 is 5 of 8
+    chance = single_label_metrics(chance_scores(labels, 3, multi_label=False), labels)
+    assert chance["accuracy"] == pytest.approx(5 / 8)
+    assert chance["recall_macro"] == pytest.approx(1 / 3)  # all of class 2 found, none of 0 and 1
+    assert chance["f1_macro"] == pytest.approx((2 * (5 / 8) / (1 + 5 / 8)) / 3)
+    assert chance["auroc_macro"] == pytest.approx(0.5)
+    targets = torch.tensor([[1, 0], [1, 1], [1, 0], [0, 0]]).double()  # label 0 in 3 of 4, label 1 in 1 of 4
+    scores = chance_scores(targets, 2, multi_label=True)
+    assert scores[0].tolist() == [0.75, 0.25]
+    multi = multi_label_metrics(scores, targets, torch.full((2,), 0.5, dtype=torch.float64), ("x", "y"))
+    assert multi["accuracy"] == pytest.approx(2 / 4)  # predicts [1, 0] for everyone: rows 0 and 2 match
