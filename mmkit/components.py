@@ -10,6 +10,7 @@ from torch.utils.data import Dataset, IterableDataset
 
 from mmkit.data.loader import Collate
 from mmkit.errors import MMKitError, one_line
+from mmkit.fusion.base import Modality
 from mmkit.parts import PLACES, parameter_counts, prepare_part
 from mmkit.plugins import get_registry
 from mmkit.recipe import MODALITIES, Recipe, val_params
@@ -23,7 +24,8 @@ def build(kind: str, name: str, **params: Any) -> Any:
     """Build one registered component, checking ``params`` against its schema first.
 
     ``build("image_encoders", "timm", model_name="resnet18", image_size=64)``; a task also
-    takes the ``encoders`` (and ``fusion``, ``data``) that a recipe run would build for it.
+    takes the ``encoders`` (and ``fusion``, ``data``) that a recipe run would build for it, a
+    fusion head the ``modalities`` (each encoder's widths, mmkit.fusion.base.Modality).
     Encoders and fusion heads take the part keys too (``freeze``, ``lora``, ``init_from``).
     """
     component = get_registry().get(kind, name)
@@ -107,7 +109,8 @@ def build_parts(recipe: Recipe, registry: Registry) -> Parts:
 
     train_set, val_set, info = build_datasets(recipe, registry)
     encoders = {m: make_part(m, MODALITIES[m]) for m in recipe.modalities}
-    fusion = make_part("fusion", "fusion_heads", encoders=encoders) if "fusion" in recipe.table("model") else None
+    widths = {m: Modality.of(encoder) for m, encoder in encoders.items()}
+    fusion = make_part("fusion", "fusion_heads", modalities=widths) if "fusion" in recipe.table("model") else None
     task = make("task", "tasks", encoders=encoders, fusion=fusion, data=info)
     scales = {key: recipe.part(key).lr_scale for key in recipe.table("model")}
     return Parts(task, encoders, train_set, val_set, fusion, scales)

@@ -35,7 +35,8 @@ def register_audio_encoders(register: Register) -> None:
 
 @hookspec
 def register_fusion_heads(register: Register) -> None:
-    """Register fusion heads combining several modalities' ``Encoded`` features."""
+    """Register fusion heads combining several modalities' ``Encoded`` features into ``Fused``
+    (see mmkit.fusion.base); a head's factory takes ``modalities``, which mmkit provides."""
 
 
 @hookspec

@@ -17,7 +17,7 @@ from mmkit.errors import MMKitError, one_line
 from mmkit.registry import KINDS, Registry
 
 # mmkit's own components, registered through the same hooks a third party uses.
-BUILTIN_PLUGINS = ("mmkit.encoders", "mmkit.data", "mmkit.tasks")
+BUILTIN_PLUGINS = ("mmkit.encoders", "mmkit.data", "mmkit.fusion", "mmkit.tasks")
 
 
 @dataclass

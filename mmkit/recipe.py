@@ -216,7 +216,9 @@ def check_recipe(recipe: Recipe, registry: Registry) -> None:
     else:
         _unknown_keys(problems, "model", model, (*MODALITIES, "fusion"))
         for part, kind in {**MODALITIES, "fusion": "fusion_heads"}.items():
-            if part in model:
+            if part == "fusion" and part in model and (changed := _built_from_encoders(registry, model[part])):
+                problems.add("model.fusion", changed)
+            elif part in model:
                 _check_component(problems, registry, f"model.{part}", model[part], kind, nested=PART_KEYS)
                 _check_part(problems, f"model.{part}", model[part])
         if "fusion" in model:
@@ -273,6 +275,15 @@ def _check_table(problems: _Problems, prefix: str, table: Any, params: dict[str,
                 problems.add(f"{prefix}.{name}", f"expected {param.type_name}, got {table[name]!r}")
         elif required and param.required:
             problems.add(f"{prefix}.{name}", f"missing; expected {param.type_name}")
+
+
+def _built_from_encoders(registry: Registry, table: Any) -> str | None:
+    """A fusion head written for the old contract (handed ``encoders``): say what changed."""
+    name = table.get("name") if isinstance(table, dict) else None
+    if not registry.has("fusion_heads", name) or registry.get("fusion_heads", name).takes("modalities"):
+        return None
+    return (f"fusion head {name!r} does not take `modalities`: a head is built from each modality's widths "
+            "(mmkit.Modality), not handed the encoders; see the README's 'Fusion heads'")
 
 
 def _check_part(problems: _Problems, prefix: str, table: Any) -> None:

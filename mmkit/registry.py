@@ -26,8 +26,9 @@ KINDS: dict[str, str] = {
 }
 
 # Parameters mmkit builds and passes itself; they are not part of a recipe table.
-# ``data`` is the training set's DatasetInfo (keys, class names, label kind).
-PROVIDED: dict[str, tuple[str, ...]] = {"tasks": ("encoders", "fusion", "data"), "fusion_heads": ("encoders",)}
+# ``data`` is the training set's DatasetInfo (keys, class names, label kind); ``modalities``
+# gives a fusion head each encoder's widths (mmkit.fusion.base.Modality), not the encoder.
+PROVIDED: dict[str, tuple[str, ...]] = {"tasks": ("encoders", "fusion", "data"), "fusion_heads": ("modalities",)}
 
 # Kinds built as parts of a model, whose [model.*] tables also take mmkit's part keys.
 PART_KINDS = ("image_encoders", "text_encoders", "audio_encoders", "fusion_heads")

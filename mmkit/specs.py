@@ -54,6 +54,9 @@ class TrainSpec:
         compile: wrap the model in torch.compile.
         on_nan: a loss that is not a number stops the run ("raise") or skips that update ("skip",
             counted in summary.json).
+        loss_weights: a weight per loss term by name (the task's and its fusion head's, e.g.
+            {mlm = 1.0, ae = 0.5}); the optimizer minimises their weighted sum, terms not
+            named weigh 1, and each term is logged.
     """
 
     epochs: int | None = None
@@ -70,6 +73,7 @@ class TrainSpec:
     num_workers: int = 0
     compile: bool = False
     on_nan: Literal["raise", "skip"] = "raise"
+    loss_weights: dict[str, float] | None = None
 
     def problems(self) -> dict[str, str]:
         """Values of the right type that still cannot work, by key."""
@@ -83,6 +87,8 @@ class TrainSpec:
                   if getattr(self, k) is not None and getattr(self, k) <= 0}
         if self.epochs is not None and self.max_steps:
             found.setdefault("max_steps", "set train.epochs or train.max_steps, not both")
+        if bad := [k for k, v in (self.loss_weights or {}).items() if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0]:
+            found["loss_weights"] = f"weights must be numbers of at least 0 ({', '.join(bad)})"
         return dict(sorted(found.items(), key=lambda item: list(vars(self)).index(item[0])))
 
 

@@ -35,7 +35,7 @@ def test_single_label_loss_is_weighted_cross_entropy_by_hand():
     log_p = logits.log_softmax(dim=1)[torch.arange(4), labels]
     weights = torch.tensor([1.0, 2.0, 2.0, 0.5])
     expected = -(weights * log_p).sum() / weights.sum()  # a weighted mean: the weights normalise it
-    assert task.training_step(batch(labels))["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert task.training_step(batch(labels))["loss/classification"].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_label_smoothing_spreads_a_share_of_the_target_over_all_classes():
@@ -45,7 +45,7 @@ def test_label_smoothing_spreads_a_share_of_the_target_over_all_classes():
     target = torch.full((2, 3), 0.3 / 3)
     target[torch.arange(2), labels] += 0.7
     expected = -(target * log_p).sum(dim=1).mean()
-    assert task.training_step(batch(labels))["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert task.training_step(batch(labels))["loss/classification"].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_multi_label_loss_is_binary_cross_entropy_with_positive_weights_by_hand():
@@ -53,7 +53,7 @@ def test_multi_label_loss_is_binary_cross_entropy_with_positive_weights_by_hand(
     labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]])
     p = task.logits(batch(labels)).sigmoid()
     terms = -(torch.tensor([3.0, 1.0, 1.0]) * labels * p.log() + (1 - labels) * (1 - p).log())
-    assert task.training_step(batch(labels))["loss"].item() == pytest.approx(terms.mean().item(), rel=1e-5)
+    assert task.training_step(batch(labels))["loss/classification"].item() == pytest.approx(terms.mean().item(), rel=1e-5)
 
 
 def test_evaluate_gives_each_metric_beside_the_majority_class_level():

@@ -55,7 +55,7 @@ def test_a_training_step_uses_the_scale_clamped_at_100(learned, used):
     losses = task.training_step(batch)
     image, text = task.embed(batch, "image"), task.embed(batch, "text")
     expected = ClipLoss()(image, text, torch.tensor(used))
-    assert losses["loss"].item() == pytest.approx(expected.item(), abs=1e-5)
+    assert losses["loss/contrastive"].item() == pytest.approx(expected.item(), abs=1e-5)
     assert losses["temperature"].item() == pytest.approx(1 / used, rel=1e-6)
     assert clamped_scale(torch.tensor(math.log(learned))).item() == pytest.approx(used, rel=1e-6)
 

@@ -13,6 +13,7 @@ from torch.utils.data import default_collate
 
 from mmkit import build
 from mmkit.data.loader import Preprocessed
+from mmkit.engine.loop import total_loss
 from mmkit.encoders.base import Encoded
 from mmkit.errors import MMKitError
 from mmkit.plugins import get_registry
@@ -255,9 +256,9 @@ def test_every_task_trains_and_evaluates(name):
     task = build("tasks", name, encoders=encoders, data=shapes.info, **TASK_SETTINGS.get(name, {}))
     dataset = Preprocessed(shapes, {m: e.preprocess for m, e in encoders.items()})
     batch = default_collate([dataset[i] for i in range(8)])
-    losses = task.training_step(batch)
-    assert torch.isfinite(losses["loss"])
-    losses["loss"].backward()
+    loss = total_loss(task.training_step(batch), {})
+    assert torch.isfinite(loss)
+    loss.backward()
     task.eval()
     metrics = task.evaluate(task.predict([batch, default_collate([dataset[i] for i in range(4)])]))
     assert metrics and all(np.isfinite(v) for v in metrics.values())
@@ -337,7 +338,7 @@ def test_a_fusion_head_the_task_does_not_take_is_refused(tiny_recipe):
     from mmkit.errors import RecipeError
     from mmkit.recipe import check_recipe, load_recipe
 
-    def concat(encoders: dict, hidden: int = 8):
+    def concat(modalities: dict, hidden: int = 8):
         """Pooled features concatenated."""
 
     registry = registry_with(("fusion_heads", "concat_test", concat))

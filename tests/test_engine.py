@@ -209,7 +209,44 @@ class Regression(Task):
         self.linear = torch.nn.Linear(3, 2)
 
     def training_step(self, batch):
-        return {"loss": torch.nn.functional.mse_loss(self.linear(batch["x"]), batch["y"])}
+        return {"loss/mse": torch.nn.functional.mse_loss(self.linear(batch["x"]), batch["y"])}
+
+
+class TwoTerms(Task):
+    """Two loss terms on one weight: a = 2w, b = 3w (w starts at 1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(()))
+
+    def training_step(self, batch):
+        return {"loss/a": 2 * self.w, "loss/b": 3 * self.w, "accuracy": torch.tensor(0.5)}
+
+
+def test_the_optimizer_minimises_the_weighted_sum_of_the_named_loss_terms():
+    from accelerate import Accelerator
+
+    task = TwoTerms()
+    optimizer = torch.optim.SGD(task.parameters(), lr=0.1)
+    spec = TrainSpec(loss_weights={"b": 0.5})
+    losses = optimizer_step(task, optimizer, iter([{}]), spec, Accelerator(cpu=True), 1)
+    assert losses["loss"].item() == pytest.approx(2 + 0.5 * 3)  # a weighs 1 (not named), b 0.5
+    assert (losses["loss/a"].item(), losses["loss/b"].item(), losses["accuracy"].item()) == (2, 3, 0.5)  # each logged
+    assert task.w.item() == pytest.approx(1 - 0.1 * (2 + 0.5 * 3))  # d(2w + 1.5w)/dw = 3.5
+    with pytest.raises(MMKitError, match="train.loss_weights names c, which the task does not return; its loss terms: a, b"):
+        optimizer_step(task, optimizer, iter([{}]), TrainSpec(loss_weights={"c": 1.0}), Accelerator(cpu=True), 1)
+
+
+class OldStyle(Task):
+    def training_step(self, batch):
+        return {"loss": torch.ones((), requires_grad=True)}
+
+
+def test_a_task_without_named_loss_terms_is_told_how_to_name_them():
+    from accelerate import Accelerator
+
+    with pytest.raises(MMKitError, match="name each loss term under 'loss/'"):
+        optimizer_step(OldStyle(), None, iter([{}]), TrainSpec(), Accelerator(cpu=True), 1)
 
 
 def test_two_accumulated_half_batches_step_like_one_batch():

@@ -119,7 +119,7 @@ class Scaled(nn.Module):
         self.weight = nn.Parameter(torch.ones(1))
 
     def forward(self, batch):
-        return {"loss": (self.weight * batch["x"]).sum()}
+        return {"loss/scaled": (self.weight * batch["x"]).sum()}
 
 
 @pytest.mark.parametrize("on_nan", ["raise", "skip"])

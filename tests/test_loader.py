@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import itertools
 import random
+import subprocess
+import sys
 
 import numpy as np
+import pytest
 import torch
 
 from mmkit.data.loader import EpochBatches, Preprocessed, train_loader
@@ -88,3 +91,36 @@ def test_item_seeds_are_32_bit_and_differ_for_order_sign_and_length():
     assert mix_seed(7, 3) == mix_seed(7, 3)
     many = {mix_seed(epoch, index) for epoch in range(4) for index in range(5000)}
     assert len(many) >= 20000 - 2  # a 32-bit seed: a collision or two among 20,000 at most
+
+
+def test_a_modality_no_encoder_takes_is_left_out_of_batches():
+    """A text-only recipe on image-text data: the images would not batch (PIL), nor be used."""
+    from mmkit import build
+    from mmkit.data.loader import Collate
+
+    text = build("text_encoders", "transformer", width=32, layers=1, heads=2, context_length=8)
+    shapes = build("datasets", "synthetic_shapes", num_samples=4, image_size=16)
+    batch = Collate()([Preprocessed(shapes, {"text": text.preprocess})[i] for i in range(4)])
+    assert "image" not in batch and batch["text"].shape == (4, 8) and batch["label"].shape == (4,)
+    assert batch["raw_text"] == [shapes[i]["text"] for i in range(4)]
+
+
+SCRIPT = """
+from mmkit import build
+from mmkit.data.loader import EpochBatches, Preprocessed, train_loader
+
+shapes = build("datasets", "synthetic_shapes", num_samples=8, image_size=16)
+loader = train_loader(Preprocessed(shapes, {{}}), EpochBatches(8, 4, seed=0), num_workers=1, pin_memory=False)
+next(iter(loader))
+{ending}
+"""
+
+
+@pytest.mark.parametrize("ending, code", [("print('done')", 0), ("raise RuntimeError('the step failed')", 1)])
+def test_a_process_ending_with_loader_workers_alive_exits(ending, code):
+    """Workers ignore SIGTERM (the main process checkpoints first), which is all that
+    multiprocessing's exit handler sends before waiting for them: mmkit kills them at exit."""
+    done = subprocess.run([sys.executable, "-c", SCRIPT.format(ending=ending)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == code, done.stderr[-2000:]
+    assert "killed by signal" not in done.stderr and ("the step failed" in done.stderr) == bool(code)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
+import functools
+import multiprocessing
 import random
 import signal
 from contextlib import contextmanager
@@ -12,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, default_collate, get_worker_info
 
 from mmkit.errors import MMKitError
+from mmkit.recipe import MODALITIES
 from mmkit.samples import SampleError
 
 
@@ -23,8 +27,10 @@ FATAL = "_fatal"  # a worker's reason the run cannot go on (a share with nothing
 def transform(sample: dict[str, Any], transforms: Mapping[str, Callable[[Any], Any]], *seed: int) -> dict[str, Any]:
     """A raw sample through each modality's ``preprocess``, the random draws seeded by ``seed``.
 
-    A tokenized text's raw string is kept as ``raw_text``, for tasks that compare captions."""
-    sample = dict(sample)
+    A tokenized text's raw string is kept as ``raw_text``, for tasks that compare captions; a
+    modality no encoder takes (the images of a text-only recipe) is left out, as nothing
+    would batch or use it."""
+    sample = {key: value for key, value in sample.items() if key in transforms or key not in MODALITIES}
     if "text" in transforms and isinstance(sample.get("text"), str):
         sample["raw_text"] = sample["text"]
     with _seeded(*seed):
@@ -235,6 +241,7 @@ def train_loader(dataset: Dataset, sampler: EpochBatches, num_workers: int, pin_
                  collate: Collate | None = None) -> DataLoader:
     """A loader with its own generator (seeded by the run), so starting an iterator never
     draws from the global RNG that dropout uses: resumed runs stay exact."""
+    stop_workers_at_exit()
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
                       collate_fn=collate or Collate(), persistent_workers=num_workers > 0,
                       worker_init_fn=leave_signals_to_the_main_process,
@@ -243,6 +250,7 @@ def train_loader(dataset: Dataset, sampler: EpochBatches, num_workers: int, pin_
 
 def stream_loader(stream: Streamed, batch_size: int, pin_memory: bool, collate: Collate | None = None) -> DataLoader:
     """Batches of a never-ending stream, each made whole in one worker from its own share."""
+    stop_workers_at_exit()
     return DataLoader(stream, batch_size=batch_size, num_workers=stream.num_workers, pin_memory=pin_memory,
                       collate_fn=collate or Collate(), worker_init_fn=leave_signals_to_the_main_process,
                       generator=torch.Generator())
@@ -251,6 +259,7 @@ def stream_loader(stream: Streamed, batch_size: int, pin_memory: bool, collate: 
 def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, pin_memory: bool,
                 collate: Collate | None = None) -> DataLoader:
     """Held-out batches in order; workers stay up between evaluations."""
+    stop_workers_at_exit()
     return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
                       collate_fn=collate or Collate(), persistent_workers=num_workers > 0,
                       worker_init_fn=leave_signals_to_the_main_process, generator=torch.Generator())
@@ -260,3 +269,22 @@ def leave_signals_to_the_main_process(worker_id: int) -> None:
     """Workers ignore Ctrl-C and SIGTERM: the main process checkpoints, then shuts them down."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+@functools.cache
+def stop_workers_at_exit() -> None:
+    """Once per process: at exit, kill the daemon children (loader workers) still running.
+    Loader workers ignore SIGTERM, which is all multiprocessing's own exit handler sends
+    before it waits for them, so a script or run that ends (or fails) with a loader alive
+    would otherwise wait forever. Handlers run last-registered first: this one runs first."""
+    atexit.register(_kill_workers)
+
+
+def _kill_workers() -> None:
+    # Daemon children: the loader workers, and any other daemon process, which multiprocessing
+    # would stop at exit anyway (with SIGTERM); a Process records no target once started.
+    workers = [child for child in multiprocessing.active_children() if child.daemon]
+    if workers and hasattr(signal, "SIGCHLD"):
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report the kills as failures
+    for worker in workers:
+        worker.kill()

@@ -182,6 +182,7 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, fee
         last = micro == train.grad_accum - 1
         with contextlib.nullcontext() if last else accelerator.no_sync(model):
             losses = model(to_device(next(feed), accelerator.device))
+            losses["loss"] = total_loss(losses, train.loss_weights or {})
             accelerator.backward(losses["loss"] / train.grad_accum)
         for key, value in losses.items():
             totals[key] = totals.get(key, 0) + value.detach().float() / train.grad_accum
@@ -198,6 +199,19 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, fee
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return totals
+
+
+def total_loss(losses: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
+    """What the optimizer minimises: the loss terms a task returns (keys ``loss/<name>``, its
+    own and its fusion head's), each times its ``train.loss_weights`` entry (1 if not named)."""
+    terms = {key.removeprefix("loss/"): value for key, value in losses.items() if key.startswith("loss/")}
+    if not terms or "loss" in losses:
+        raise MMKitError(f"the task's training_step returned {', '.join(losses) or 'nothing'}: name each loss term "
+                         "under 'loss/' (e.g. 'loss/cross_entropy'); mmkit sums them into 'loss'")
+    if unknown := sorted(set(weights) - set(terms)):
+        raise MMKitError(f"train.loss_weights names {', '.join(unknown)}, which the task does not return; "
+                         f"its loss terms: {', '.join(terms)}")
+    return sum(weights.get(name, 1.0) * value for name, value in terms.items())
 
 
 def all_finite(loss: torch.Tensor, accelerator: Any) -> bool:

@@ -16,7 +16,7 @@ def single_label_metrics(scores: torch.Tensor, labels: torch.Tensor) -> MetricDi
     predicted = scores.argmax(dim=1)
     metrics = {"accuracy": (predicted == labels).double().mean().item()}
     if classes > 5:
-        top5 = scores.topk(5, dim=1).indices
+        top5 = scores.sort(dim=1, descending=True, stable=True).indices[:, :5]  # ties: the lower class first
         metrics["top5_accuracy"] = (top5 == labels.unsqueeze(1)).any(dim=1).double().mean().item()
     counts = confusion_matrix(predicted, labels, classes)
     seen = (counts.sum(0) + counts.sum(1)) > 0

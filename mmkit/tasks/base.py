@@ -13,7 +13,9 @@ class Task(nn.Module):
     """Base class for tasks. ``forward`` is ``training_step``, so DDP wrapping works."""
 
     def training_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Loss terms for one batch; ``loss`` is what the optimizer minimises, the rest is logged."""
+        """Loss terms for one batch under ``loss/<name>`` (a fusion head's terms too), which the
+        engine sums, weighted by ``train.loss_weights``, into what the optimizer minimises;
+        other values (temperature, accuracy) are only logged."""
         raise NotImplementedError
 
     @torch.no_grad()

@@ -1,4 +1,5 @@
-"""classification: one label (or several) per sample, from one modality's pooled features."""
+"""classification: one label (or several) per sample, from one modality's pooled features or
+from several modalities fused by a fusion head."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from torch.utils.data import Dataset
 
 from mmkit.encoders.base import Encoder
 from mmkit.errors import MMKitError
+from mmkit.fusion.base import FusionHead
 from mmkit.metrics.classification import (auroc, chance_scores, confusion_matrix, multi_label_metrics, roc_curve,
                                           single_label_metrics)
 from mmkit.samples import DatasetInfo
@@ -20,8 +22,10 @@ MAX_ROC_CURVES = 10
 
 
 class Classification(Task):
-    """Classify samples from one encoder's pooled features: cross-entropy when a sample has
-    one label, binary cross-entropy per label when it has several (the dataset says which).
+    """Classify samples from one encoder's pooled features, or, with a [model.fusion] head,
+    from every encoder's features fused (the head's own loss terms are added to the task's):
+    cross-entropy when a sample has one label, binary cross-entropy per label when it has
+    several (the dataset says which).
 
     Held-out: accuracy (exact match for multi-label), top-5 accuracy (over 5 classes), macro
     and micro precision / recall / F1, one-vs-rest AUROC (per label for multi-label) and the
@@ -29,7 +33,8 @@ class Classification(Task):
     frequencies scores (the majority class; AUROC 0.5).
 
     Args:
-        modality: the encoder whose features are classified; default: the recipe's only one.
+        modality: the encoder whose features are classified (without a fusion head; by
+            default the recipe's only one).
         hidden: width of a hidden layer (GELU) before the classifier; 0 for a linear classifier.
         dropout: dropout on the features before the classifier.
         label_smoothing: single-label: the share of each target spread over all classes.
@@ -39,15 +44,20 @@ class Classification(Task):
             all labels or one per label.
     """
 
-    def __init__(self, encoders: dict[str, Encoder], data: DatasetInfo | None = None, modality: str | None = None,
-                 hidden: int = 0, dropout: float = 0.0, label_smoothing: float = 0.0,
+    def __init__(self, encoders: dict[str, Encoder], data: DatasetInfo | None = None, fusion: FusionHead | None = None,
+                 modality: str | None = None, hidden: int = 0, dropout: float = 0.0, label_smoothing: float = 0.0,
                  class_weights: list[float] | None = None, thresholds: float | list[float] = 0.5):
         super().__init__()
-        self.modality = chosen_modality(encoders, modality)
         self.info = labelled(data)
         classes = self.info.num_classes
-        self.encoder = encoders[self.modality]
-        self.head = classifier(self.encoder.dim, classes, hidden, dropout)
+        if fusion is not None and modality is not None:
+            raise MMKitError("classification: with a fusion head every encoder is classified together; "
+                             "remove task.modality, or [model.fusion] to classify one modality")
+        self.modalities = list(encoders) if fusion is not None else [chosen_modality(encoders, modality)]
+        self.encoders = nn.ModuleDict({m: encoders[m] for m in self.modalities})
+        self.fusion = fusion
+        width = fusion.dim if fusion is not None else encoders[self.modalities[0]].dim
+        self.head = classifier(width, classes, hidden, dropout)
         self.multi_label = self.info.label_kind == "multi"
         if label_smoothing and self.multi_label:
             raise MMKitError("classification: label_smoothing applies to single-label data; remove it")
@@ -55,18 +65,30 @@ class Classification(Task):
         self.register_buffer("thresholds", per_class(thresholds, classes, "thresholds"), persistent=False)
         self.label_smoothing = label_smoothing
 
+    def features(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The features classified (one encoder's pooled, or the fused) and the fusion head's loss terms."""
+        encoded = {m: encoder(batch[m]) for m, encoder in self.encoders.items()}
+        if self.fusion is None:
+            return encoded[self.modalities[0]].pooled, {}
+        fused = self.fusion(encoded, batch)
+        return fused.pooled, fused.losses
+
     def logits(self, batch: dict[str, Any]) -> torch.Tensor:
-        return self.head(self.encoder(batch[self.modality]).pooled).float()
+        return self.head(self.features(batch)[0]).float()
 
     def training_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        logits, labels = self.logits(batch), batch["label"]
+        features, fusion_losses = self.features(batch)
+        logits, labels = self.head(features).float(), batch["label"]
         if self.multi_label:
             loss = F.binary_cross_entropy_with_logits(logits, labels.float(), pos_weight=self.class_weights)
             right = ((logits.sigmoid() >= self.thresholds) == labels.bool()).all(dim=1)
         else:
             loss = F.cross_entropy(logits, labels, weight=self.class_weights, label_smoothing=self.label_smoothing)
             right = logits.argmax(dim=1) == labels
-        return {"loss": loss, "accuracy": right.float().mean().detach()}
+        if "classification" in fusion_losses:
+            raise MMKitError("classification: the fusion head names a loss term 'classification', the task's own; rename it")
+        terms = {f"loss/{name}": value for name, value in fusion_losses.items()}
+        return {"loss/classification": loss, **terms, "accuracy": right.float().mean().detach()}
 
     @torch.no_grad()
     def predict(self, batches: Iterable[dict[str, Any]]) -> dict[str, Any]:

@@ -54,7 +54,7 @@ class ClipRetrieval(Task):
     def training_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         a, b = (self.embed(batch, m) for m in self.modalities)
         scale = clamped_scale(self.logit_scale)
-        return {"loss": contrastive_loss(a, b, scale), "temperature": (1 / scale).detach()}
+        return {"loss/contrastive": contrastive_loss(a, b, scale), "temperature": (1 / scale).detach()}
 
     @torch.no_grad()
     def predict(self, batches: Iterable[dict[str, Any]]) -> dict[str, Any]:
