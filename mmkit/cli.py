@@ -49,10 +49,35 @@ def run(recipe: str, overrides: tuple[str, ...], resume: bool) -> None:
         sys.exit(stopped.code)
     if summary:
         click.echo(f"run folder: {job.paths.folder}")
-        for key, value in summary["metrics"].items():
-            chance = summary["chance"].get(key)
-            suffix = f"  (chance {chance:.4g})" if chance is not None else ""
-            click.echo(f"  {key}: {value:.4g}{suffix}")
+        _print_metrics(summary)
+
+
+def _print_metrics(summary: dict[str, Any]) -> None:
+    for key, value in summary["metrics"].items():
+        chance = summary["chance"].get(key)
+        suffix = f"  (chance {chance:.4g})" if chance is not None else ""
+        click.echo(f"  {key}: {value:.4g}{suffix}")
+
+
+@cli.command(name="eval")
+@click.argument("run_folder", type=click.Path(file_okay=False))
+@click.argument("overrides", nargs=-1)
+def evaluate(run_folder: str, overrides: tuple[str, ...]) -> None:
+    """Evaluate a finished run's weights again: on its own held-out set, or with data or
+    evaluation settings changed by OVERRIDES (data.val.num_samples=2000); writes RUN_FOLDER/eval."""
+    from pathlib import Path
+
+    from mmkit.engine.run import Run
+    from mmkit.recipe import load_recipe
+
+    folder = Path(run_folder)
+    if not (folder / "recipe.toml").exists():
+        raise MMKitError(f"{folder} has no recipe.toml: give the folder of a finished run (runs/<name>)")
+    job = Run(load_recipe(folder / "recipe.toml", overrides))
+    summary = job.evaluate(folder)
+    if summary:
+        click.echo(f"eval folder: {job.paths.folder}")
+        _print_metrics(summary)
 
 
 @cli.command()

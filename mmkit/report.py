@@ -162,14 +162,21 @@ def write_report(folder: Path, summary: dict[str, Any], figures: dict[str, Any])
 <title>mmkit run {html.escape(summary["name"])}</title>
 <style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:2px 12px}}img{{max-width:100%}}</style></head>
 <body><h1>Run {html.escape(summary["name"])}</h1>
-<p>task {html.escape(summary["task"])}, {summary["steps"]} steps in {summary["train_seconds"]:.0f} s
-({summary["samples_per_second"]:.1f} samples/s)</p>
+<p>{html.escape(_what(summary))}</p>
 <table><tr><th>held-out metric</th><th>value</th><th>chance</th></tr>{rows}</table>
 {"".join(images)}
 <h2>summary.json</h2><pre>{html.escape(json.dumps(summary, indent=2))}</pre></body></html>"""
     path = folder / "report.html"
     write_text_atomic(path, page)
     return path
+
+
+def _what(summary: dict[str, Any]) -> str:
+    """The report's first line: what was trained, or which run's weights were evaluated."""
+    if "evaluated" in summary:
+        return f"task {summary['task']}: the weights of {summary['evaluated']}, evaluated"
+    return (f"task {summary['task']}, {summary['steps']} steps in {summary['train_seconds']:.0f} s "
+            f"({summary['samples_per_second']:.1f} samples/s)")
 
 
 def _chance(summary: dict[str, Any], key: str) -> str:

@@ -96,6 +96,17 @@ def check_checkpoint(path: Path, model: nn.Module, param_groups: list[dict[str, 
     return int(state["step"])
 
 
+def load_trained_weights(model: nn.Module, path: Path) -> None:
+    """A finished run's weights into ``model``, which must have the same parameters (names and
+    shapes); read from safetensors, nothing unpickled."""
+    if not path.exists():
+        raise MMKitError(f"{path} does not exist: evaluate a finished run's folder (one with model.safetensors)")
+    if mismatch := _weights_mismatch(path, model):
+        raise MMKitError(f"{path} does not fit the model this recipe builds ({mismatch}); the task and the "
+                         "encoders must be the run's own, only data and evaluation settings may change")
+    load_model(model, path, strict=True)
+
+
 def _group_layout(group: dict[str, Any]) -> tuple[int, float, float]:
     """What an optimizer group trains and how: its parameter count, lr scale and decay."""
     return len(group["params"]), group.get("lr_scale", 1.0), group["weight_decay"]

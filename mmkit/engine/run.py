@@ -104,6 +104,47 @@ class Run:
             feed.close()
         return self._finish(parts, feed, val, result, tracker, accelerator)
 
+    def evaluate(self, run: Path) -> dict[str, Any]:
+        """Evaluate the weights of the finished run in folder ``run`` on this recipe's held-out
+        set (the run's own recipe, or with data or evaluation settings overridden); writes
+        summary.json, the task's figures and report.html to a new ``run``/eval folder."""
+        from accelerate.utils import set_seed
+        from torch.utils.data import IterableDataset
+
+        from mmkit.components import build_parts
+        from mmkit.data.examples import write_example
+        from mmkit.engine.checkpoint import load_trained_weights
+        from mmkit.report import write_report
+
+        accelerator = self._accelerator()
+        set_seed(self.spec.seed)
+        if accelerator.is_main_process:
+            write_example(self.recipe, self.registry)
+        accelerator.wait_for_everyone()
+        parts = build_parts(self.recipe, self.registry)
+        if parts.val_set is None:
+            raise MMKitError(f"{self.recipe.source} has no [data.val] to evaluate on; add one (data.val.split=val)")
+        load_trained_weights(parts.task, run / "model.safetensors")
+        parts.task.to(accelerator.device)
+        val = self._evaluation(parts, accelerator)
+        outputs = val.outputs(parts.task, accelerator)
+        metrics = val.metrics(parts.task, accelerator, outputs)
+        problems = val.all_problems(accelerator)
+        self.paths = RunPaths(self._free_folder(run / "eval", accelerator))
+        summary: dict[str, Any] = {}
+        if accelerator.is_main_process:
+            write_recipe(resolved_tree(self.recipe, self.registry, self.versions), self.paths.recipe)
+            summary = {"name": self.paths.folder.name, "evaluated": str(run), "recipe": str(self.recipe.source),
+                       "task": self.recipe.table("task")["name"], "device": str(accelerator.device),
+                       **split_chance(metrics), "skipped_samples": {"val": problems.summary()},
+                       "versions": self.versions}
+            _write_json(self.paths.summary, summary)
+            raw = None if isinstance(parts.val_set, IterableDataset) else Readable(parts.val_set, problems)
+            write_report(self.paths.folder, summary, parts.task.figures(raw, outputs))
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        return summary
+
     def _finish(self, parts: Any, feed: Any, val: Any, result: Any, tracker: Any, accelerator: Any) -> dict[str, Any]:
         """The final evaluation, weights, summary and report (the report from the same outputs)."""
         from mmkit.engine.checkpoint import write_atomic_model
@@ -240,9 +281,12 @@ class Run:
 
     def _folder(self, accelerator: Any) -> Path:
         """runs/<name>; a new run never overwrites one: it takes <name>-2, <name>-3, ..."""
+        return self._free_folder(Path(self.spec.output_dir) / self.spec.name, accelerator)
+
+    def _free_folder(self, base: Path, accelerator: Any) -> Path:
+        """``base``, or (unless resuming) ``base``-2, -3, ... where ``base`` holds files; made."""
         from accelerate.utils import broadcast_object_list
 
-        base = Path(self.spec.output_dir) / self.spec.name
         chosen = [base]
         if accelerator.is_main_process:
             n = 2
@@ -256,8 +300,6 @@ class Run:
 
     def _summary(self, result: Any, metrics: dict[str, float], accelerator: Any,
                  parameters: dict[str, dict[str, int]], skipped: dict[str, Any]) -> dict[str, Any]:
-        held_out = {k.removeprefix("val/"): v for k, v in metrics.items() if not k.startswith("val/chance/")}
-        chance = {k.removeprefix("val/chance/"): v for k, v in metrics.items() if k.startswith("val/chance/")}
         return {
             "name": self.paths.folder.name,
             "recipe": str(self.recipe.source),
@@ -269,8 +311,7 @@ class Run:
             "device": str(accelerator.device),
             "processes": accelerator.num_processes,
             "precision": self.spec.precision,
-            "metrics": held_out,
-            "chance": chance,
+            **split_chance(metrics),
             "parameters": parameters,
             "skipped_samples": {split: problems.summary() for split, problems in skipped.items()},
             "skipped_steps": result.skipped_steps,
@@ -303,6 +344,12 @@ class Readable:
 
     def __getitem__(self, item: int) -> Any:
         return self.dataset[self.indices[item]]
+
+
+def split_chance(metrics: dict[str, float]) -> dict[str, dict[str, float]]:
+    """``val/`` metrics as summary.json keeps them: the values, and their chance levels apart."""
+    return {"metrics": {k.removeprefix("val/"): v for k, v in metrics.items() if not k.startswith("val/chance/")},
+            "chance": {k.removeprefix("val/chance/"): v for k, v in metrics.items() if k.startswith("val/chance/")}}
 
 
 def describe_parameters(counts: dict[str, dict[str, int]]) -> str:
