@@ -146,6 +146,19 @@ def roc_curves(curves: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> A
     return fig
 
 
+def class_accuracy_bars(accuracy: dict[str, float]) -> Any:
+    """Each class's held-out accuracy as a bar (up to 40 classes, the lowest first)."""
+    plt = _pyplot()
+    shown = sorted(accuracy.items(), key=lambda item: item[1])[:40]
+    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.28 * len(shown)))
+    ax.barh([textwrap.shorten(name, 28) for name, _ in shown], [value for _, value in shown], color="tab:blue")
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("accuracy")
+    ax.set_title("held-out accuracy per class" + (" (the 40 lowest)" if len(accuracy) > 40 else ""))
+    fig.tight_layout()
+    return fig
+
+
 def write_report(folder: Path, summary: dict[str, Any], figures: dict[str, Any]) -> Path:
     """Save each figure as PNG beside report.html, which shows them under the summary."""
     plt = _pyplot()

@@ -1,0 +1,68 @@
+"""zero_shot: class vectors are the templates' embeddings averaged by hand, an item takes its
+most similar class, per-class accuracy is each class's share right, and a clip_retrieval
+run's weights evaluate as zero-shot with `mmkit eval`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import default_collate
+
+from conftest import run_mmkit
+from mmkit import build
+from mmkit.errors import MMKitError
+from mmkit.samples import DatasetInfo
+
+COLOURS = DatasetInfo(keys=("id", "image", "text", "label"), class_names=("red", "blue", "green"), label_kind="single")
+TEMPLATES = ["a large {} circle", "a small {} square in the top left"]
+
+
+def tiny_task(**params):
+    encoders = {"image": build("image_encoders", "timm", model_name="test_vit", image_size=32),
+                "text": build("text_encoders", "transformer", width=32, layers=1, heads=2, context_length=16)}
+    return build("tasks", "zero_shot", encoders=encoders, data=COLOURS, embed_dim=16, **params).eval()
+
+
+def test_class_vectors_average_each_classes_prompts():
+    task = tiny_task(templates=TEMPLATES)
+    text = task.encoders["text"]
+    with torch.no_grad():
+        vectors = task.class_embeddings(torch.device("cpu"))
+        for c, name in enumerate(COLOURS.class_names):
+            prompts = default_collate([text.preprocess(t.format(name)) for t in TEMPLATES])
+            each = F.normalize(task.projections["text"](text(prompts).pooled), dim=-1)  # unit vectors, then mean
+            assert torch.allclose(vectors[c], F.normalize(each.mean(dim=0), dim=-1), atol=1e-6)
+    assert vectors.shape == (3, 16)
+
+
+def test_an_item_takes_its_most_similar_class_and_classes_are_scored_one_by_one():
+    task = tiny_task()
+    scores = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.7, 0.1], [0.6, 0.3, 0.1], [0.1, 0.2, 0.8], [0.3, 0.1, 0.2]])
+    labels = torch.tensor([0, 1, 1, 2, 0])  # item 2 (blue) is called red
+    metrics = task.evaluate({"scores": scores, "labels": labels})
+    assert metrics["accuracy"] == pytest.approx(4 / 5)
+    assert (metrics["accuracy/red"], metrics["accuracy/blue"], metrics["accuracy/green"]) == (1.0, 0.5, 1.0)
+    assert metrics["chance/accuracy"] == pytest.approx(2 / 5)
+
+
+def test_templates_need_one_place_for_the_name_and_data_needs_classes():
+    with pytest.raises(MMKitError, match=r"each zero_shot template needs one \{\} for the class name: \['a photo'\]"):
+        tiny_task(templates=["a photo"])
+    with pytest.raises(MMKitError, match="zero_shot needs data with one label per sample"):
+        build("tasks", "zero_shot", encoders=tiny_task().encoders, data=DatasetInfo(keys=("id", "image", "text")))
+
+
+def test_a_clip_retrieval_run_evaluates_zero_shot_without_training(tiny_recipe, tmp_path):
+    done = run_mmkit("run", tiny_recipe)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = tmp_path / "runs" / "tiny"
+    zero_shot = run_mmkit("eval", run, 'task={name="zero_shot", embed_dim=32, templates=["a large {} circle"]}',
+                          "data.label_by=colour")
+    assert zero_shot.returncode == 0, zero_shot.stderr[-3000:]
+    summary = json.loads((run / "eval" / "summary.json").read_text())
+    assert summary["task"] == "zero_shot" and 0 <= summary["metrics"]["accuracy"] <= 1
+    assert set(summary["metrics"]) >= {"top5_accuracy", "f1_macro", "accuracy/red"}  # 6 colours: top-5 applies
+    assert (run / "eval" / "per_class_accuracy.png").exists()
