@@ -30,7 +30,7 @@ def test_class_vectors_average_each_classes_prompts():
     task = tiny_task(templates=TEMPLATES)
     text = task.encoders["text"]
     with torch.no_grad():
-        vectors = task.class_embeddings(torch.device("cpu"))
+        vectors = task.class_embeddings()
         for c, name in enumerate(COLOURS.class_names):
             prompts = default_collate([text.preprocess(t.format(name)) for t in TEMPLATES])
             each = F.normalize(task.projections["text"](text(prompts).pooled), dim=-1)  # unit vectors, then mean

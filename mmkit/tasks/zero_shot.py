@@ -50,14 +50,14 @@ class ZeroShot(ClipRetrieval):
             raise MMKitError(f"each zero_shot template needs one {{}} for the class name: {bad}")
         self.info, self.templates = data, list(templates)
 
-    def class_embeddings(self, device: torch.device) -> torch.Tensor:
+    def class_embeddings(self) -> torch.Tensor:
         """[classes, embed_dim]: each class's prompts embedded, normalised, averaged, normalised."""
+        from mmkit.engine.loop import to_device
+
         text = self.encoders["text"]
         prompts = [template.format(name) for name in self.info.class_names for template in self.templates]
         batch = (text.collate or default_collate)([text.preprocess(prompt) for prompt in prompts])
-        from mmkit.engine.loop import to_device
-
-        embedded = self.embed({"text": to_device(batch, device)}, "text")
+        embedded = self.embed({"text": to_device(batch, self.logit_scale.device)}, "text")
         per_class = embedded.view(len(self.info.class_names), len(self.templates), -1).mean(dim=1)
         return F.normalize(per_class, dim=-1)
 
@@ -65,10 +65,8 @@ class ZeroShot(ClipRetrieval):
     def predict(self, batches: Iterable[dict[str, Any]]) -> dict[str, Any]:
         """Each held-out item's similarity to every class (cosine, [N, classes]) and its label."""
         query = self.modalities[0]
-        classes, scores, labels = None, [], []
+        classes, scores, labels = self.class_embeddings(), [], []
         for batch in batches:
-            if classes is None:
-                classes = self.class_embeddings(batch[query].device if torch.is_tensor(batch[query]) else "cpu")
             scores.append(full_precision_similarity(self.embed(batch, query), classes).cpu())
             labels.append(batch["label"].cpu())
         count = len(self.info.class_names)
