@@ -16,19 +16,17 @@ than the rate when other work shares the machine).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import platform
 import shutil
 import statistics
-import tempfile
 import time
-from datetime import date
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import psutil
 import torch
+
+from common import data_folder, load_average, machine, write_results
 
 
 def main() -> None:
@@ -48,8 +46,8 @@ def main() -> None:
                         help="where the numbers go")
     args = parser.parse_args()
 
-    load_before = _load()
-    with data_folder(args.folder) as folder:
+    load_before = load_average()
+    with data_folder(args.folder, "mmkit-loading-") as folder:
         started = time.perf_counter()
         manifest, image_root = write_images(folder, args.images, args.image_size, args.seed)
         print(f"{args.images} JPEGs ({args.image_size} px) in {folder}, "
@@ -58,21 +56,9 @@ def main() -> None:
         results = compare(manifest, image_root, encoder, args)
         if args.investigate:
             results["investigation"] = investigate(manifest, image_root, encoder)
-    results["setup"] = {**setup(args), "load_before": load_before, "load_after": _load()}
+    results["setup"] = {**setup(args), "load_before": load_before, "load_after": load_average()}
     print_table(results)
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-    print(f"numbers written to {args.json}")
-
-
-@contextlib.contextmanager
-def data_folder(chosen: str | None) -> Iterator[Path]:
-    if chosen:
-        Path(chosen).mkdir(parents=True, exist_ok=True)
-        yield Path(chosen)
-        return
-    with tempfile.TemporaryDirectory(prefix="mmkit-loading-") as folder:
-        yield Path(folder)
+    write_results(results, args.json)
 
 
 def write_images(folder: Path, count: int, size: int, seed: int) -> tuple[Path, Path]:
@@ -299,24 +285,8 @@ def setup(args: argparse.Namespace) -> dict[str, Any]:
     import PIL
     import torchvision
 
-    return {
-        "date": date.today().isoformat(), "machine": platform.platform(), "python": platform.python_version(),
-        "cpu_cores": _cores(), "torch": torch.__version__, "torchvision": torchvision.__version__,
-        "pillow": PIL.__version__, **{k: v for k, v in vars(args).items() if k not in ("json", "folder")},
-    }
-
-
-def _load() -> list[float]:
-    """The machine's 1, 5 and 15 minute load averages: other processes slow every loader alike."""
-    import os
-
-    return [round(load, 2) for load in os.getloadavg()]
-
-
-def _cores() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 0
+    return {**machine(), "torchvision": torchvision.__version__, "pillow": PIL.__version__,
+            **{k: v for k, v in vars(args).items() if k not in ("json", "folder")}}
 
 
 def print_table(results: dict[str, Any]) -> None:

@@ -34,15 +34,15 @@ import gc
 import json
 import math
 import os
-import platform
 import resource
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+
+from common import data_folder, load_average, machine, write_results
 
 RESULT = "RESULT "  # how a child's line of numbers starts
 
@@ -108,7 +108,7 @@ def main() -> None:
     steps = math.ceil(max(args.sizes) / args.batch_size) if args.train_steps == "full" else int(args.train_steps)
     modes = ["stream"] + (["train"] if steps > 0 else [])
     results: dict[str, Any] = {"setup": setup(args, steps), "stream": {}, "train": {}}
-    with data_folder(args.folder) as folder:
+    with data_folder(args.folder, "mmkit-streaming-") as folder:
         started = time.perf_counter()
         recipes = {size: write_dataset(folder / f"size_{size}", size, args, max(steps, 1)) for size in args.sizes}
         print(f"shards of {', '.join(map(str, args.sizes))} samples in {folder}, "
@@ -121,21 +121,9 @@ def main() -> None:
                     f"{peak['self_mib']:7.1f} MiB main, {peak['tree_allocated_mib']:7.1f} MiB tree allocated, "
                     f"{peak['seconds']:.1f}s" if "error" not in peak else "FAILED"))
     results["ratios"] = ratios(results, args.sizes, modes)
-    results["setup"]["load_after"] = _load()
+    results["setup"]["load_after"] = load_average()
     print_table(results, args.sizes, modes)
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-    print(f"numbers written to {args.json}")
-
-
-@contextlib.contextmanager
-def data_folder(chosen: str | None) -> Iterator[Path]:
-    if chosen:
-        Path(chosen).mkdir(parents=True, exist_ok=True)
-        yield Path(chosen)
-        return
-    with tempfile.TemporaryDirectory(prefix="mmkit-streaming-") as folder:
-        yield Path(folder)
+    write_results(results, args.json)
 
 
 def write_dataset(folder: Path, size: int, args: argparse.Namespace, steps: int) -> Path:
@@ -296,18 +284,9 @@ def print_table(results: dict[str, Any], sizes: list[int], modes: list[str]) -> 
 
 
 def setup(args: argparse.Namespace, steps: int) -> dict[str, Any]:
-    import torch
-
-    return {"date": date.today().isoformat(), "machine": platform.platform(), "python": platform.python_version(),
-            "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-            "torch": torch.__version__, "sizes": args.sizes, "per_shard": args.per_shard,
+    return {**machine(), "sizes": args.sizes, "per_shard": args.per_shard,
             "image_size": args.image_size, "batch_size": args.batch_size, "workers": args.workers,
-            "samples_read": args.samples_read, "train_steps": steps, "interval": args.interval, "load_before": _load()}
-
-
-def _load() -> list[float]:
-    """The machine's 1, 5 and 15 minute load averages (other processes slow, not grow, the runs)."""
-    return [round(load, 2) for load in os.getloadavg()]
+            "samples_read": args.samples_read, "train_steps": steps, "interval": args.interval, "load_before": load_average()}
 
 
 def mib(count: int) -> float:
