@@ -17,6 +17,24 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 
+TINY_MODEL = """
+[model.image]
+name = "timm"
+model_name = "test_vit"
+image_size = 32
+
+[model.text]
+name = "transformer"
+width = 32
+layers = 1
+heads = 2
+context_length = 16
+
+[task]
+name = "clip_retrieval"
+embed_dim = 32
+"""  # tiny image and text towers aligned by clip_retrieval
+
 TINY_IMAGE_TEXT = """
 [run]
 name = "tiny"
@@ -33,21 +51,7 @@ image_size = 32
 split = "val"
 num_samples = 32
 
-[model.image]
-name = "timm"
-model_name = "test_vit"
-image_size = 32
-
-[model.text]
-name = "transformer"
-width = 32
-layers = 1
-heads = 2
-context_length = 16
-
-[task]
-name = "clip_retrieval"
-embed_dim = 32
+""" + TINY_MODEL.replace("{", "{{").replace("}", "}}") + """
 
 [train]
 max_steps = 6

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from torch.utils.data import Dataset, IterableDataset
 
-from conftest import run_mmkit
+from conftest import TINY_MODEL, run_mmkit
 from corpus import BAD_AUDIO, BAD_IMAGES, BAD_TEXT, TEST_MAX_PIXELS, image_bytes
 from mmkit.data.check import check_dataset
 from mmkit.data.manifest import write_manifest
@@ -23,24 +23,6 @@ from mmkit.errors import MMKitError
 from mmkit.samples import SampleError
 
 CLASSES = ["cat", "dog"]
-
-MODEL = """
-[model.image]
-name = "timm"
-model_name = "test_vit"
-image_size = 32
-
-[model.text]
-name = "transformer"
-width = 32
-layers = 1
-heads = 2
-context_length = 16
-
-[task]
-name = "clip_retrieval"
-embed_dim = 32
-"""
 
 
 def good_samples(count: int, first: int = 0) -> list[dict]:
@@ -97,7 +79,7 @@ def kind_counts(stdout: str) -> dict[str, int]:
 
 def write_recipe(folder: Path, data: str) -> Path:
     path = folder / "check.toml"
-    path.write_text(textwrap.dedent(data) + MODEL)
+    path.write_text(textwrap.dedent(data) + "\n" + TINY_MODEL)
     return path
 
 
