@@ -3,6 +3,8 @@ predictor reaches beside it, computed the way scikit-learn computes them."""
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 MetricDict = dict[str, float]
@@ -102,6 +104,14 @@ def chance_scores(labels: torch.Tensor, classes: int, multi_label: bool) -> torc
     (its argmax is the majority class; for multi-label, each label's prevalence)."""
     frequency = labels.double().mean(0) if multi_label else torch.bincount(labels, minlength=classes).double() / len(labels)
     return frequency.expand(len(labels), classes)
+
+
+def beside_chance(measure: Callable[[torch.Tensor], MetricDict], scores: torch.Tensor, labels: torch.Tensor,
+                  classes: int, multi_label: bool) -> MetricDict:
+    """``measure``'s metrics of ``scores``, and under ``chance/`` the same metrics of the
+    constant predictor (chance_scores) on the same labels."""
+    chance = measure(chance_scores(labels, classes, multi_label))
+    return {**measure(scores), **{f"chance/{name}": value for name, value in chance.items()}}
 
 
 def _ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 from mmkit.encoders.base import Encoder
 from mmkit.errors import MMKitError
 from mmkit.fusion.base import FusionHead
-from mmkit.metrics.classification import (auroc, chance_scores, confusion_matrix, multi_label_metrics, roc_curve,
+from mmkit.metrics.classification import (auroc, beside_chance, confusion_matrix, multi_label_metrics, roc_curve,
                                           single_label_metrics)
 from mmkit.samples import DatasetInfo
 from mmkit.tasks.base import Task
@@ -107,9 +107,7 @@ class Classification(Task):
         scores, labels = outputs["scores"].double(), outputs["labels"]
         if not len(labels):
             return {}
-        constant = chance_scores(labels, self.info.num_classes, self.multi_label)
-        metrics, chance = self._metrics(scores, labels), self._metrics(constant, labels)
-        return {**metrics, **{f"chance/{name}": value for name, value in chance.items()}}
+        return beside_chance(lambda s: self._metrics(s, labels), scores, labels, self.info.num_classes, self.multi_label)
 
     def _metrics(self, scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         if self.multi_label:

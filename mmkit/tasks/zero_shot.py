@@ -10,7 +10,7 @@ from torch.utils.data import Dataset, default_collate
 
 from mmkit.encoders.base import Encoder
 from mmkit.errors import MMKitError
-from mmkit.metrics.classification import chance_scores, confusion_matrix, single_label_metrics
+from mmkit.metrics.classification import beside_chance, confusion_matrix, single_label_metrics
 from mmkit.samples import DatasetInfo
 from mmkit.tasks.clip_retrieval import ClipRetrieval, full_precision_similarity
 
@@ -77,10 +77,9 @@ class ZeroShot(ClipRetrieval):
         scores, labels = outputs["scores"].double(), outputs["labels"]
         if not len(labels):
             return {}
-        count = len(self.info.class_names)
-        metrics = single_label_metrics(scores, labels) | per_class_accuracy(scores, labels, self.info.class_names)
-        chance = single_label_metrics(chance_scores(labels, count, multi_label=False), labels)
-        return {**metrics, **{f"chance/{name}": value for name, value in chance.items()}}
+        names = self.info.class_names
+        return (beside_chance(lambda s: single_label_metrics(s, labels), scores, labels, len(names), multi_label=False)
+                | per_class_accuracy(scores, labels, names))
 
     def headline(self) -> list[str]:
         return ["accuracy", "top5_accuracy", "f1_macro"]
