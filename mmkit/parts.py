@@ -21,6 +21,11 @@ PLACES = {"image_encoders": "encoders.image.", "text_encoders": "encoders.text."
           "audio_encoders": "encoders.audio.", "fusion_heads": "fusion."}
 
 
+def place(key: str) -> str:
+    """Where the part of ``[model.<key>]`` sits in a task's weights."""
+    return PLACES["fusion_heads"] if key == "fusion" else f"encoders.{key}."
+
+
 def prepare_part(module: nn.Module, spec: PartSpec, where: str, place: str) -> dict[str, int] | None:
     """Apply ``spec`` to a freshly built part: adapters first (so init_from may fill a LoRA run's
     adapters too), then the weights, then freezing. ``place`` is the part's key prefix in a
@@ -64,6 +69,11 @@ def init_from(module: nn.Module, source: InitFrom, where: str, place: str) -> di
     """Copy the tensors of ``source`` whose names (after the prefix) the part has; a shape that
     differs is refused by name. A layer LoRA wrapped takes the plain weight of the same layer."""
     path = Path(source.path)
+    if not path.exists():
+        recipe = Path("recipes") / f"{path.name}.toml"
+        first = f"`mmkit run {recipe}` makes it" if recipe.is_file() else "finish the run that writes it first"
+        raise MMKitError(f"{where}: init_from: {path} does not exist: {first}, or point init_from at a run "
+                         "folder or a weights file")
     if path.is_dir():
         if not (path / "model.safetensors").is_file():
             raise MMKitError(f"{where}: init_from: {path} is no run folder (it has no model.safetensors)")

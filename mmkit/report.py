@@ -159,6 +159,24 @@ def class_accuracy_bars(accuracy: dict[str, float]) -> Any:
     return fig
 
 
+
+def penalty_sweep(penalties: list[float], scores: list[float], measure: str) -> Any:
+    """A probe's validation score for each L2 penalty tried, weakest first, the chosen one marked."""
+    plt = _pyplot()
+    order = sorted(range(len(penalties)), key=lambda i: penalties[i])
+    values = [scores[i] for i in order]
+    best = max(range(len(values)), key=lambda i: (values[i], penalties[order[i]]))
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(range(len(values)), values, marker="o")
+    ax.plot([best], [values[best]], marker="*", markersize=14, color="tab:red", linestyle="", label="chosen")
+    ax.set_xticks(range(len(values)), [f"{penalties[i]:g}" for i in order])
+    ax.set_xlabel("L2 penalty")
+    ax.set_ylabel(measure)
+    ax.set_title("linear probe: each penalty on a held-out share of the training set", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
 def write_report(folder: Path, summary: dict[str, Any], figures: dict[str, Any]) -> Path:
     """Save each figure as PNG beside report.html, which shows them under the summary."""
     plt = _pyplot()
@@ -187,9 +205,16 @@ def write_report(folder: Path, summary: dict[str, Any], figures: dict[str, Any])
 def _what(summary: dict[str, Any]) -> str:
     """The report's first line: what was trained, or which run's weights were evaluated."""
     if "evaluated" in summary:
-        return f"task {summary['task']}: the weights of {summary['evaluated']}, evaluated"
-    return (f"task {summary['task']}, {summary['steps']} steps in {summary['train_seconds']:.0f} s "
-            f"({summary['samples_per_second']:.1f} samples/s)")
+        what = f"task {summary['task']}: the weights of {summary['evaluated']}, evaluated"
+    elif summary.get("fit") and not summary["steps"]:
+        what = f"task {summary['task']}, no gradient step"
+    else:
+        what = (f"task {summary['task']}, {summary['steps']} steps in {summary['train_seconds']:.0f} s "
+                f"({summary['samples_per_second']:.1f} samples/s)")
+    if fitted := summary.get("fit"):
+        chosen = ", ".join(f"{k} {v:.4g}" for k, v in fitted.items() if "/" not in k and k != "seconds")
+        what += f"; fitted on the training set in {fitted.get('seconds', 0):.0f} s ({chosen})"
+    return what
 
 
 def _chance(summary: dict[str, Any], key: str) -> str:

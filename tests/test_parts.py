@@ -157,6 +157,17 @@ def test_init_from_refuses_adapters_the_part_lacks_and_names_it_loads_nothing(ti
         parts_of(tiny_recipe, f"model.text.init_from={str(tmp_path / 'other.safetensors')!r}")
 
 
+def test_init_from_a_run_not_made_yet_says_which_recipe_makes_it(tiny_recipe, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "made.toml").write_text("")
+    with pytest.raises(MMKitError, match=r"model.image: init_from: runs/made does not exist: "
+                                         r"`mmkit run recipes/made.toml` makes it, or point init_from at a run folder"):
+        parts_of(tiny_recipe, "model.image.init_from='runs/made'")
+    with pytest.raises(MMKitError, match=r"init_from: runs/other does not exist: finish the run that writes it first"):
+        parts_of(tiny_recipe, "model.image.init_from='runs/other'")
+
+
 def test_a_frozen_part_pickles():
     from mmkit import build
 

@@ -23,7 +23,18 @@ def writes_files(recipe) -> bool:
     return "example" in load_recipe(recipe).table("data")
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def runs_it_starts_from(recipe) -> dict[str, str]:
+    """The parts that take another shipped recipe's run (init_from "runs/<its name>"), by part."""
+    model = load_recipe(recipe).table("model")
+    return {part: str(table["init_from"]).removeprefix("runs/") for part, table in model.items()
+            if str(table.get("init_from", "")).startswith("runs/")}
+
+
+STANDALONE = [r for r in RECIPES if not runs_it_starts_from(r)]
+FOLLOWING = [r for r in RECIPES if runs_it_starts_from(r)]
+
+
+@pytest.mark.parametrize("recipe", STANDALONE, ids=lambda p: p.stem)
 def test_each_recipe_runs_end_to_end(recipe, tmp_path, monkeypatch):
     """A file recipe runs from an empty folder and writes its example data there first."""
     short = COMMON + (WRITTEN if writes_files(recipe) else GENERATED)
@@ -43,6 +54,22 @@ def test_each_recipe_runs_end_to_end(recipe, tmp_path, monkeypatch):
         said: list[str] = []
         write_example(load_recipe(recipe, short), get_registry(), said.append)
         assert said == []  # written once: the files are there now, and nothing is ever overwritten
+
+
+@pytest.mark.parametrize("recipe", FOLLOWING, ids=lambda p: p.stem)
+def test_each_recipe_that_follows_another_runs_after_it(recipe, tmp_path):
+    """A recipe that starts from another recipe's run (init_from "runs/<name>") runs as shipped
+    once that run is there; here both shortened, into a scratch folder."""
+    overrides = [f"run.output_dir={tmp_path}", *COMMON, *GENERATED]
+    for part, name in runs_it_starts_from(recipe).items():
+        first = run_mmkit("run", ROOT / "recipes" / f"{name}.toml", *overrides, cwd=ROOT)
+        assert first.returncode == 0, first.stderr[-3000:]
+        overrides.append(f"model.{part}.init_from={tmp_path / name}")
+    done = run_mmkit("run", recipe, *overrides, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / recipe.stem / "summary.json").read_text())
+    assert summary["metrics"] and summary["chance"]
+    assert all(f"init_from {tmp_path / name}: " in done.stdout for name in runs_it_starts_from(recipe).values())
 
 
 def test_training_beats_chance_by_far(tmp_path):

@@ -83,7 +83,7 @@ def check_checkpoint(path: Path, model: nn.Module, param_groups: list[dict[str, 
                             if state["layout"].get(k) != v)
         raise MMKitError(f"cannot resume from {path}: it was written with another data layout "
                          f"({changed}); resume with the recipe and process count it was written with")
-    mismatch = _weights_mismatch(path / "model.safetensors", model)
+    mismatch = weights_mismatch(path / "model.safetensors", model)
     if mismatch:
         raise MMKitError(f"cannot resume from {path}: the recipe builds another model ({mismatch}); "
                          "resume with the recipe.toml of that run")
@@ -101,10 +101,25 @@ def load_trained_weights(model: nn.Module, path: Path) -> None:
     shapes); read from safetensors, nothing unpickled."""
     if not path.exists():
         raise MMKitError(f"{path} does not exist: evaluate a finished run's folder (one with model.safetensors)")
-    if mismatch := _weights_mismatch(path, model):
+    if mismatch := weights_mismatch(path, model):
         raise MMKitError(f"{path} does not fit the model this recipe builds ({mismatch}); the task and the "
                          "encoders must be the run's own, only data and evaluation settings may change")
     load_model(model, path, strict=True)
+
+
+def load_trained_parts(parts: dict[str, nn.Module], path: Path) -> None:
+    """Each part (``model.<key>``) from a finished run's weights, from where the run's task keeps
+    it (``encoders.<modality>.``, ``fusion.``); every tensor of a part must be there."""
+    from mmkit.parts import place
+    from mmkit.weights import load_into
+
+    saved = load_file(path)
+    for key, module in parts.items():
+        prefix = place(key)
+        tensors = {name[len(prefix):]: tensor for name, tensor in saved.items() if name.startswith(prefix)}
+        if not tensors:
+            raise MMKitError(f"{path} has no model.{key} (no tensors under {prefix!r}); evaluate a run that trained one")
+        load_into(module, tensors, f"{path}: model.{key}")
 
 
 def _group_layout(group: dict[str, Any]) -> tuple[int, float, float]:
@@ -116,7 +131,7 @@ def _show(groups: list[tuple[int, float, float]]) -> str:
     return "[" + ", ".join(f"{n} at lr x {scale:g}" + (" decayed" if decay else "") for n, scale, decay in groups) + "]"
 
 
-def _weights_mismatch(path: Path, model: nn.Module) -> str | None:
+def weights_mismatch(path: Path, model: nn.Module) -> str | None:
     """How the saved weights differ from ``model``'s in names or shapes, if they do."""
     with safe_open(path, "pt") as saved_file:
         saved = {key: tuple(saved_file.get_slice(key).get_shape()) for key in saved_file.keys()}

@@ -14,9 +14,9 @@ from mmkit.tasks.base import Task
 class Evaluation:
     """A held-out set's loader (this process's share) and the bad samples met in it."""
 
-    def __init__(self, loader: DataLoader, on_error: OnError, log: Any):
+    def __init__(self, loader: DataLoader, on_error: OnError, log: Any, problems: Problems | None = None):
         self.loader, self.on_error, self.log = loader, on_error, log
-        self.problems = Problems()
+        self.problems = Problems() if problems is None else problems
 
     def outputs(self, task: Task, accelerator: Any) -> dict[str, Any]:
         """The task's per-item outputs over the whole held-out set, in order, on every process."""

@@ -64,7 +64,7 @@ class Run:
 
         from mmkit.components import build_parts
         from mmkit.data.examples import write_example
-        from mmkit.engine.loop import fit, trained_result
+        from mmkit.engine.loop import FitResult, fit, trained_result
         from mmkit.engine.tracking import Tracker
 
         accelerator = self._accelerator()
@@ -95,14 +95,21 @@ class Run:
         if accelerator.is_main_process:
             print(describe_parameters(parts.parameters()))
         try:
+            fitted = self._fit_task(parts, accelerator, feed.problems) if resume_step is None else {}
+            if fitted:
+                tracker.log(0, {f"fit/{key}": value for key, value in fitted.items()})
             if resume_step is not None and resume_step >= plan[1]:
                 result = trained_result(resume_from, parts.task, feed, accelerator, self.train, plan[0])
+            elif not any(p.requires_grad for p in parts.task.parameters()):
+                self._say(accelerator, "nothing in the model trains by gradient: no optimizer steps")
+                seconds = fitted.get("seconds", 0.0)
+                result = FitResult(0, 0.0, seconds, fitted.get("samples", 0) / max(seconds, 1e-9))
             else:
                 result = fit(parts.task, feed, val, self.train, self.evaluation, accelerator, tracker,
                              paths.checkpoints, plan, layout, resume_from, parts.scaled())
         finally:
             feed.close()
-        return self._finish(parts, feed, val, result, tracker, accelerator)
+        return self._finish(parts, feed, val, result, tracker, accelerator, fitted)
 
     def evaluate(self, run: Path) -> dict[str, Any]:
         """Evaluate the weights of the finished run in folder ``run`` on this recipe's held-out
@@ -113,7 +120,9 @@ class Run:
 
         from mmkit.components import build_parts
         from mmkit.data.examples import write_example
-        from mmkit.engine.checkpoint import load_trained_weights
+        from mmkit.engine.checkpoint import load_trained_parts, load_trained_weights, weights_mismatch
+        from mmkit.engine.evaluation import all_processes
+        from mmkit.engine.feed import Problems
         from mmkit.report import write_report
 
         accelerator = self._accelerator()
@@ -124,19 +133,28 @@ class Run:
         parts = build_parts(self.recipe, self.registry)
         if parts.val_set is None:
             raise MMKitError(f"{self.recipe.source} has no [data.val] to evaluate on; add one (data.val.split=val)")
-        load_trained_weights(parts.task, run / "model.safetensors")
-        parts.task.to(accelerator.device)
+        weights, fitted, train_problems = run / "model.safetensors", {}, Problems()
+        if parts.task.fits and weights.exists() and weights_mismatch(weights, parts.task):
+            load_trained_parts(parts.modules, weights)  # another task's run: its parts, then this task fits
+            parts.task.to(accelerator.device)
+            fitted = self._fit_task(parts, accelerator, train_problems)
+        else:
+            load_trained_weights(parts.task, weights)
+            parts.task.to(accelerator.device)
         val = self._evaluation(parts, accelerator)
         outputs = val.outputs(parts.task, accelerator)
         metrics = val.metrics(parts.task, accelerator, outputs)
         problems = val.all_problems(accelerator)
+        skipped = {"val": problems.summary()}
+        if fitted:
+            skipped["train"] = Problems.joined(all_processes(list(train_problems.seen.values()), accelerator)).summary()
         self.paths = RunPaths(self._free_folder(run / "eval", accelerator))
         summary: dict[str, Any] = {}
         if accelerator.is_main_process:
             write_recipe(resolved_tree(self.recipe, self.registry, self.versions), self.paths.recipe)
             summary = {"name": self.paths.folder.name, "evaluated": str(run), "recipe": str(self.recipe.source),
                        "task": self.recipe.table("task")["name"], "device": str(accelerator.device),
-                       **split_chance(metrics), "skipped_samples": {"val": problems.summary()},
+                       **split_chance(metrics), **({"fit": fitted} if fitted else {}), "skipped_samples": skipped,
                        "versions": self.versions}
             _write_json(self.paths.summary, summary)
             raw = None if isinstance(parts.val_set, IterableDataset) else Readable(parts.val_set, problems)
@@ -145,7 +163,23 @@ class Run:
         accelerator.end_training()
         return summary
 
-    def _finish(self, parts: Any, feed: Any, val: Any, result: Any, tracker: Any, accelerator: Any) -> dict[str, Any]:
+    def _fit_task(self, parts: Any, accelerator: Any, problems: Any) -> dict[str, float]:
+        """For a task that learns from the training set's outputs (a linear probe): one ordered
+        pass over the training set (bad samples into ``problems``), then its ``fit``; what it
+        chose, with the samples and seconds taken."""
+        import time
+
+        if not parts.task.fits:
+            return {}
+        started = time.perf_counter()
+        outputs = self._ordered(parts.train_set, parts, accelerator, problems).outputs(parts.task, accelerator)
+        self._say(accelerator, f"fitting {self.recipe.table('task')['name']} on the features of "
+                               f"{len(next(iter(outputs.values())))} training samples")
+        fitted = parts.task.fit(outputs)
+        return {**fitted, "seconds": round(time.perf_counter() - started, 2)}
+
+    def _finish(self, parts: Any, feed: Any, val: Any, result: Any, tracker: Any, accelerator: Any,
+                fitted: dict[str, float]) -> dict[str, Any]:
         """The final evaluation, weights, summary and report (the report from the same outputs)."""
         from mmkit.engine.checkpoint import write_atomic_model
         from mmkit.engine.evaluation import all_processes
@@ -160,7 +194,7 @@ class Run:
         if accelerator.is_main_process:
             tracker.log(result.steps, metrics)
             write_atomic_model(parts.task, self.paths.weights)
-            summary = self._summary(result, metrics, accelerator, parts.parameters(), skipped)
+            summary = self._summary(result, metrics, accelerator, parts.parameters(), skipped, fitted)
             _write_json(self.paths.summary, summary)
             self._report(parts, outputs, skipped.get("val"), tracker, summary)
         tracker.close()
@@ -244,29 +278,32 @@ class Run:
         return bool(self.finished)
 
     def _evaluation(self, parts: Any, accelerator: Any) -> Any:
-        """This process's share of the held-out set, in order: contiguous slices of a
-        map-style set, shards of a stream."""
+        """This process's share of the held-out set, in order (None without one)."""
+        return None if parts.val_set is None else self._ordered(parts.val_set, parts, accelerator)
+
+    def _ordered(self, dataset: Any, parts: Any, accelerator: Any, problems: Any = None) -> Any:
+        """This process's share of a dataset, each sample once, in order: contiguous slices of
+        a map-style set, shards of a stream; bad samples are counted into ``problems``."""
         from torch.utils.data import IterableDataset, Subset
 
         from mmkit.data.loader import Preprocessed, StreamedOnce, eval_loader
         from mmkit.engine.evaluation import Evaluation
 
-        val, rank, world = parts.val_set, accelerator.process_index, accelerator.num_processes
-        if val is None:
-            return None
-        if isinstance(val, IterableDataset):
-            if val.max_parts < world:
-                raise MMKitError(f"the held-out stream has {val.max_parts} shards, fewer than the {world} processes")
-            share, workers = StreamedOnce(val, parts.transforms, self.spec.seed, rank, world), 0
+        rank, world = accelerator.process_index, accelerator.num_processes
+        which = "held-out" if dataset is parts.val_set else "training"
+        if isinstance(dataset, IterableDataset):
+            if dataset.max_parts < world:
+                raise MMKitError(f"the {which} stream has {dataset.max_parts} shards, fewer than the {world} processes")
+            share, workers = StreamedOnce(dataset, parts.transforms, self.spec.seed, rank, world), 0
         else:
-            if len(val) < world:
-                raise MMKitError(f"the held-out set has {len(val)} samples, fewer than the {world} processes")
-            share = Subset(Preprocessed(val, parts.transforms, fill=False),
-                           range(rank * len(val) // world, (rank + 1) * len(val) // world))
+            if len(dataset) < world:
+                raise MMKitError(f"the {which} set has {len(dataset)} samples, fewer than the {world} processes")
+            share = Subset(Preprocessed(dataset, parts.transforms, fill=False),
+                           range(rank * len(dataset) // world, (rank + 1) * len(dataset) // world))
             workers = self.train.num_workers
         loader = eval_loader(share, self.evaluation.batch_size or self.train.batch_size, workers,
                              accelerator.device.type == "cuda", parts.collate)
-        return Evaluation(loader, self.recipe.data().on_error, self._log(accelerator))
+        return Evaluation(loader, self.recipe.data().on_error, self._log(accelerator), problems)
 
     def _log(self, accelerator: Any) -> Any:
         """Print a line above the progress bar, naming the process when there are several."""
@@ -299,7 +336,8 @@ class Run:
         return chosen[0]
 
     def _summary(self, result: Any, metrics: dict[str, float], accelerator: Any,
-                 parameters: dict[str, dict[str, int]], skipped: dict[str, Any]) -> dict[str, Any]:
+                 parameters: dict[str, dict[str, int]], skipped: dict[str, Any],
+                 fitted: dict[str, float]) -> dict[str, Any]:
         return {
             "name": self.paths.folder.name,
             "recipe": str(self.recipe.source),
@@ -312,6 +350,7 @@ class Run:
             "processes": accelerator.num_processes,
             "precision": self.spec.precision,
             **split_chance(metrics),
+            **({"fit": fitted} if fitted else {}),
             "parameters": parameters,
             "skipped_samples": {split: problems.summary() for split, problems in skipped.items()},
             "skipped_steps": result.skipped_steps,
@@ -324,7 +363,9 @@ class Run:
 
         from mmkit.report import training_curves, write_report
 
-        figures = {"training_curves": training_curves(tracker.records(), parts.task.headline())}
+        records = tracker.records()
+        trained = any("train/loss" in record for record in records)  # a linear probe takes no steps
+        figures = {"training_curves": training_curves(records, parts.task.headline())} if trained else {}
         if outputs is not None:
             raw = None if isinstance(parts.val_set, IterableDataset) else Readable(parts.val_set, val_problems)
             figures |= parts.task.figures(raw, outputs)

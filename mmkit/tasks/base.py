@@ -12,6 +12,9 @@ from torch.utils.data import Dataset
 class Task(nn.Module):
     """Base class for tasks. ``forward`` is ``training_step``, so DDP wrapping works."""
 
+    fits = False  # whether ``fit`` learns from the training set's ``predict`` outputs
+
+
     def training_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Loss terms for one batch under ``loss/<name>`` (a fusion head's terms too), which the
         engine sums, weighted by ``train.loss_weights``, into what the optimizer minimises;
@@ -23,6 +26,13 @@ class Task(nn.Module):
         """Per-item outputs of held-out batches (embeddings, scores, captions): CPU tensors
         whose first dimension is the item, or lists. Each process predicts its share of the
         held-out set; mmkit joins the shares in order before ``evaluate`` and ``figures``."""
+        raise NotImplementedError
+
+    def fit(self, outputs: dict[str, Any]) -> dict[str, float]:
+        """A task whose ``fits`` is true learns here without gradient steps (a linear probe's
+        classifier), from ``predict``'s outputs over the whole training set, before any
+        optimizer step; returns what it chose, for the summary. A task left with nothing
+        trainable then takes no optimizer step."""
         raise NotImplementedError
 
     def evaluate(self, outputs: dict[str, Any]) -> dict[str, float]:
