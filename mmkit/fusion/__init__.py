@@ -6,5 +6,7 @@ from mmkit.hookspecs import hookimpl
 @hookimpl
 def register_fusion_heads(register):
     from mmkit.fusion.concat import Concat
+    from mmkit.fusion.cross_attention import CrossAttention
 
     register("concat", Concat)
+    register("cross_attention", CrossAttention)
