@@ -271,6 +271,52 @@ def test_two_accumulated_half_batches_step_like_one_batch():
     assert torch.equal(after, x[16:24])  # the step took exactly its two micro-batches
 
 
+class MaskedTokens(Task):
+    """A loss summed over the masked items of a batch (as MLM over masked tokens), which
+    ``prepare`` picks at random: a mean over items must not depend on how they split."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(()))
+
+    def prepare(self, batch, generator=None):
+        return {**batch, "masked": torch.rand(batch["x"].shape, generator=generator) < 0.4}
+
+    def item_counts(self, batch):
+        return {"loss/masked": batch["masked"].sum(), "hits": batch["masked"].sum()}
+
+    def training_step(self, batch):
+        errors = ((self.w * batch["x"] - 1) ** 2)[batch["masked"]]
+        return {"loss/masked": errors.sum(), "hits": (errors < 1).sum().float(), "batches": torch.tensor(1.0)}
+
+
+def test_a_summed_loss_is_divided_by_the_items_of_the_whole_step_not_averaged_per_micro_batch():
+    from accelerate import Accelerator
+
+    x = torch.linspace(-2, 2, 24).reshape(4, 6)
+
+    def one_step(rows: int, grad_accum: int):
+        torch.manual_seed(3)  # the same masks, drawn row block by row block
+        task = MaskedTokens()
+        optimizer = torch.optim.SGD(task.parameters(), lr=0.1)
+        batches = iter([{"x": x[i:i + rows]} for i in range(0, 4, rows)])
+        losses = optimizer_step(task, optimizer, batches, TrainSpec(grad_accum=grad_accum), Accelerator(cpu=True), 1)
+        return task.w.item(), losses
+
+    torch.manual_seed(3)
+    masks = torch.cat([torch.rand(1, 6) < 0.4 for _ in range(4)])
+    assert len(set(masks.sum(1).tolist())) > 1  # uneven rows: a mean of the micro-batch means would differ
+    errors = ((x - 1) ** 2)[masks]
+    whole_w, whole = one_step(4, 1)
+    halves_w, halves = one_step(1, 4)
+    for losses in (whole, halves):
+        assert losses["loss/masked"].item() == pytest.approx(errors.mean().item())
+        assert losses["hits"].item() == pytest.approx((errors < 1).double().mean().item())
+        assert losses["batches"].item() == pytest.approx(1.0)  # a plain value: the mean over micro-batches
+    gradient = (2 * (x - 1) * x)[masks].mean().item()
+    assert whole_w == pytest.approx(1 - 0.1 * gradient) and halves_w == pytest.approx(whole_w)
+
+
 def test_a_resumed_run_with_accumulation_ends_bit_identical(tiny_recipe):
     """Batch 8 x 2 micro-batches: the step-3 checkpoint sits 6 micro-batches into the 8 of an epoch."""
     settings = ["train.batch_size=8", "train.grad_accum=2", "train.checkpoint_every=3", "eval.every=0",

@@ -23,6 +23,7 @@ from mmkit.data.shapes import SyntheticShapes
 from mmkit.data.shards import write_shards
 from mmkit.engine.checkpoint import latest_checkpoint
 from mmkit.engine.loop import optimizer_step
+from mmkit.tasks.base import Task
 from mmkit.errors import MMKitError
 from mmkit.specs import TrainSpec
 
@@ -111,14 +112,14 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tiny_recipe):
     assert json.loads((folder / "summary.json").read_text())["steps"] == 80
 
 
-class Scaled(nn.Module):
+class Scaled(Task):
     """A one-weight model whose loss is weight x the batch's value: a NaN batch gives a NaN loss."""
 
     def __init__(self):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(1))
 
-    def forward(self, batch):
+    def training_step(self, batch):
         return {"loss/scaled": (self.weight * batch["x"]).sum()}
 
 

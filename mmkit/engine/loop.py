@@ -174,18 +174,23 @@ def data_layout(train: TrainSpec, processes: int, streamed: bool = False) -> dic
 
 def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, feed: TrainFeed,
                    train: TrainSpec, accelerator: Any, step: int) -> dict[str, torch.Tensor] | None:
-    """Accumulate gradients over grad_accum micro-batches (syncing processes only on the
-    last), clip, and step; returns the loss terms averaged over the micro-batches. A loss
+    """Take the step's grad_accum micro-batches, each through the task's ``prepare`` (a head's
+    masking), accumulate gradients over them (syncing processes only on the last), clip, and
+    step; returns the step's values: each the mean over the micro-batches, or for a value the
+    task sums over items (``item_counts``: masked tokens), the sum over the step's items. A loss
     that is not finite stops the run (train.on_nan = "raise") or skips the update (None)."""
+    task = accelerator.unwrap_model(model)
+    batches = [task.prepare(to_device(next(feed), accelerator.device)) for _ in range(train.grad_accum)]
+    counts = step_counts([task.item_counts(batch) for batch in batches], accelerator)
     totals: dict[str, torch.Tensor] = {}
-    for micro in range(train.grad_accum):
+    for micro, batch in enumerate(batches):
         last = micro == train.grad_accum - 1
         with contextlib.nullcontext() if last else accelerator.no_sync(model):
-            losses = model(to_device(next(feed), accelerator.device))
+            losses = step_shares(model(batch), counts, train.grad_accum)
             losses["loss"] = total_loss(losses, train.loss_weights or {})
-            accelerator.backward(losses["loss"] / train.grad_accum)
+            accelerator.backward(losses["loss"])
         for key, value in losses.items():
-            totals[key] = totals.get(key, 0) + value.detach().float() / train.grad_accum
+            totals[key] = totals.get(key, 0) + value.detach().float()
     if not all_finite(totals["loss"], accelerator):
         optimizer.zero_grad(set_to_none=True)
         if train.on_nan == "raise":
@@ -199,6 +204,25 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, fee
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return totals
+
+
+def step_counts(per_batch: list[dict[str, torch.Tensor]], accelerator: Any) -> dict[str, torch.Tensor]:
+    """Items of each summed value over the whole step, per process: the count over every
+    micro-batch of every process, divided by the processes (whose gradients DDP averages)."""
+    keys = list(per_batch[0])
+    if not keys:
+        return {}
+    counts = torch.stack([sum(batch[key] for batch in per_batch) for key in keys]).float()
+    if accelerator.num_processes > 1:
+        counts = accelerator.reduce(counts, reduction="mean")
+    return dict(zip(keys, counts.clamp(min=1)))
+
+
+def step_shares(values: dict[str, torch.Tensor], counts: dict[str, torch.Tensor], micro_batches: int,
+                ) -> dict[str, torch.Tensor]:
+    """Each value of one micro-batch as its share of the step's: a sum over items divided by
+    the step's item count, any other value by the number of micro-batches."""
+    return {key: value / counts[key] if key in counts else value / micro_batches for key, value in values.items()}
 
 
 def total_loss(losses: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:

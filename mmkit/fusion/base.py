@@ -33,14 +33,20 @@ class Modality:
 class Fused:
     """What a fusion head returns: ``pooled`` [B, dim] and ``tokens`` [B, T, dim] with their
     ``mask`` [B, T] (True where real); ``losses``, terms of the head's own (e.g. "mlm") that
-    the engine adds to the task's, weighted by the recipe's ``train.loss_weights``; and
+    the engine adds to the task's as ``loss/<name>``, weighted by the recipe's
+    ``train.loss_weights``; ``logged``, values only logged (masked-token accuracy); and
     ``attention``, weights by name [B, heads, queries, keys] where the head has them."""
 
     pooled: torch.Tensor
     tokens: torch.Tensor
     mask: torch.Tensor
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    logged: dict[str, torch.Tensor] = field(default_factory=dict)
     attention: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def values(self) -> dict[str, torch.Tensor]:
+        """The head's losses (as ``loss/<name>``) and logged values, as a task returns them."""
+        return {**{f"loss/{name}": value for name, value in self.losses.items()}, **self.logged}
 
 
 class FusionHead(nn.Module):
@@ -52,3 +58,13 @@ class FusionHead(nn.Module):
 
     def forward(self, encoded: dict[str, Encoded], batch: dict[str, Any]) -> Fused:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def prepare(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, Any]:
+        """The batch the encoders see: a head that learns by undoing a corruption (masked
+        tokens) applies it here, before encoding; the batch itself by default."""
+        return batch
+
+    def item_counts(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Items of the values that ``forward`` sums rather than averages (``loss/mlm`` over masked
+        tokens), by the key a task returns them under; the engine normalises by the step's count."""
+        return {}

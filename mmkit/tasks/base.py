@@ -21,6 +21,18 @@ class Task(nn.Module):
         other values (temperature, accuracy) are only logged."""
         raise NotImplementedError
 
+    def prepare(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, Any]:
+        """A training batch as the model should see it, before it is encoded: the random
+        corruption a fusion head learns to undo (masked tokens); held-out batches take it with
+        a seeded ``generator``. The batch itself by default."""
+        return batch
+
+    def item_counts(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """For values of ``training_step`` that are sums over items (masked tokens) rather than
+        batch means: how many items ``batch`` holds, by key. The engine divides each by the
+        count over the whole optimizer step, so micro-batches and processes weigh by their items."""
+        return {}
+
     @torch.no_grad()
     def predict(self, batches: Iterable[dict[str, Any]]) -> dict[str, Any]:
         """Per-item outputs of held-out batches (embeddings, scores, captions): CPU tensors

@@ -66,18 +66,25 @@ class Classification(Task):
         self.label_smoothing = label_smoothing
 
     def features(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The features classified (one encoder's pooled, or the fused) and the fusion head's loss terms."""
+        """The features classified (one encoder's pooled, or the fused) and the fusion head's
+        values (its loss terms as ``loss/<name>``, and what it logs)."""
         encoded = {m: encoder(batch[m]) for m, encoder in self.encoders.items()}
         if self.fusion is None:
             return encoded[self.modalities[0]].pooled, {}
         fused = self.fusion(encoded, batch)
-        return fused.pooled, fused.losses
+        return fused.pooled, fused.values()
+
+    def prepare(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, Any]:
+        return batch if self.fusion is None else self.fusion.prepare(batch, generator)
+
+    def item_counts(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return {} if self.fusion is None else self.fusion.item_counts(batch)
 
     def logits(self, batch: dict[str, Any]) -> torch.Tensor:
         return self.head(self.features(batch)[0]).float()
 
     def training_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        features, fusion_losses = self.features(batch)
+        features, fused = self.features(batch)
         logits, labels = self.head(features).float(), batch["label"]
         if self.multi_label:
             loss = F.binary_cross_entropy_with_logits(logits, labels.float(), pos_weight=self.class_weights)
@@ -85,10 +92,10 @@ class Classification(Task):
         else:
             loss = F.cross_entropy(logits, labels, weight=self.class_weights, label_smoothing=self.label_smoothing)
             right = logits.argmax(dim=1) == labels
-        if "classification" in fusion_losses:
-            raise MMKitError("classification: the fusion head names a loss term 'classification', the task's own; rename it")
-        terms = {f"loss/{name}": value for name, value in fusion_losses.items()}
-        return {"loss/classification": loss, **terms, "accuracy": right.float().mean().detach()}
+        if {"loss/classification", "accuracy"} & set(fused):
+            raise MMKitError("classification: the fusion head names a value 'classification' or 'accuracy', "
+                             "the task's own; rename it")
+        return {"loss/classification": loss, **fused, "accuracy": right.float().mean().detach()}
 
     @torch.no_grad()
     def predict(self, batches: Iterable[dict[str, Any]]) -> dict[str, Any]:
