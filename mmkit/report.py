@@ -177,6 +177,58 @@ def penalty_sweep(penalties: list[float], scores: list[float], measure: str) -> 
     fig.tight_layout()
     return fig
 
+
+def _picture(ax: Any, values: torch.Tensor, low: float, high: float) -> None:
+    """An input tensor [C, H, W] as a picture: RGB for 3 channels, else a heat map (a log-mel
+    spectrogram: frequency upwards), scaled from ``low`` to ``high``."""
+    scaled = ((values - low) / max(high - low, 1e-8)).clamp(0, 1)
+    if len(values) == 3:
+        ax.imshow(scaled.permute(1, 2, 0).numpy())
+    else:
+        ax.imshow(scaled[0].numpy(), cmap="magma", origin="lower", aspect="auto")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def reconstructions(shown: torch.Tensor, reconstructed: torch.Tensor, original: torch.Tensor) -> Any:
+    """Per held-out item: what the encoder saw (blanked cells), the decoder's output, the original."""
+    plt = _pyplot()
+    rows = len(original)
+    fig, axes = plt.subplots(rows, 3, figsize=(6.5, 2.1 * rows), squeeze=False)
+    for i in range(rows):
+        low, high = original[i].min().item(), original[i].max().item()
+        for ax, values, title in zip(axes[i], (shown[i], reconstructed[i], original[i]),
+                                     ("encoder input", "reconstruction", "original")):
+            _picture(ax, values, low, high)
+            if i == 0:
+                ax.set_title(title, fontsize=9)
+    fig.suptitle("autoencoder: held-out inputs and their reconstructions", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def attention_maps(inputs: list[torch.Tensor], words: list[list[str]], maps: list[torch.Tensor]) -> Any:
+    """Per held-out item and word: where in the input [C, H, W] (the part the token grid covers)
+    the word attends, its weights on the grid [words, rows, columns] drawn over it."""
+    plt = _pyplot()
+    columns = max(len(w) for w in words)
+    fig, axes = plt.subplots(len(inputs), columns, figsize=(1.9 * columns, 2.0 * len(inputs)), squeeze=False)
+    for row, (values, names, weights) in enumerate(zip(inputs, words, maps)):
+        height, width = values.shape[-2:]  # the part of the input the grid covers
+        for column, ax in enumerate(axes[row]):
+            if column >= len(names):
+                ax.axis("off")
+                continue
+            _picture(ax, values, values.min().item(), values.max().item())
+            picture = len(values) == 3  # else a spectrogram, drawn with its first row at the bottom
+            ax.imshow(weights[column].numpy(), cmap="viridis", alpha=0.55, interpolation="nearest",
+                      aspect=None if picture else "auto", origin="upper" if picture else "lower",
+                      extent=(-0.5, width - 0.5, height - 0.5, -0.5) if picture else (-0.5, width - 0.5, -0.5, height - 0.5))
+            ax.set_title(names[column], fontsize=9)
+    fig.suptitle("cross-attention: where each word attends (last layer, mean over heads)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
 def write_report(folder: Path, summary: dict[str, Any], figures: dict[str, Any]) -> Path:
     """Save each figure as PNG beside report.html, which shows them under the summary."""
     plt = _pyplot()

@@ -14,6 +14,7 @@ from torch.utils.data import default_collate
 from mmkit import build
 from mmkit.data.loader import Preprocessed
 from mmkit.engine.loop import total_loss
+from mmkit.fusion.base import Modality
 from mmkit.encoders.base import Encoded
 from mmkit.errors import MMKitError
 from mmkit.plugins import get_registry
@@ -245,6 +246,20 @@ def test_shapes_labelled_by_one_property_name_the_captions_value(label_by):
     assert len(names) == {"colour": 6, "shape": 4, "size": 2, "position": 5}[label_by]
 
 
+@pytest.mark.parametrize("omit, caption", [
+    ([], "a small orange circle in the centre"),
+    (["colour"], "a small circle in the centre"),
+    (["shape", "position"], "a small orange shape"),
+    (["size", "colour", "shape", "position"], "a shape"),
+])
+def test_captions_leave_out_the_omitted_properties_and_nothing_else(omit, caption):
+    full = build("datasets", "synthetic_shapes", num_samples=1, label_by="colour")[0]
+    sample = build("datasets", "synthetic_shapes", num_samples=1, label_by="colour", omit=omit)[0]
+    assert full["text"] == "a small orange circle in the centre"
+    assert sample["text"] == caption and sample["label"] == full["label"]
+    assert sample["image"].tobytes() == full["image"].tobytes()
+
+
 TASK_SETTINGS = {"classification": {"modality": "image"}, "linear_probe": {"modality": "image"}}  # classify one of the two
 
 
@@ -253,9 +268,11 @@ def test_every_task_trains_and_evaluates(name):
     encoders = {"image": tiny_encoder("image_encoders", "timm"),
                 "text": tiny_encoder("text_encoders", "transformer")}
     shapes = build("datasets", "synthetic_shapes", num_samples=8, image_size=32, label_by="colour")
-    task = build("tasks", name, encoders=encoders, data=shapes.info, **TASK_SETTINGS.get(name, {}))
+    widths = {m: Modality.of(e) for m, e in encoders.items()}
+    fusion = build("fusion_heads", "mlm_ae", modalities=widths, dim=32, heads=2) if name == "pretrain" else None
+    task = build("tasks", name, encoders=encoders, data=shapes.info, fusion=fusion, **TASK_SETTINGS.get(name, {}))
     dataset = Preprocessed(shapes, {m: e.preprocess for m, e in encoders.items()})
-    batch = default_collate([dataset[i] for i in range(8)])
+    batch = task.prepare(default_collate([dataset[i] for i in range(8)]))  # as the engine does
     if task.fits:  # learns from its outputs over the training set, not by gradient
         task.eval()
         assert task.fit(task.predict([batch]))

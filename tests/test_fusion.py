@@ -61,7 +61,9 @@ def test_a_recipe_builds_the_head_from_widths_and_the_task_owns_each_encoder_onc
     assert len(reached) == len({id(p) for p in reached})  # no encoder (or head) reached twice
     assert parts.task.head[-1].in_features == 16 and parts.task.head[-1].out_features == 240
     text = parts.encoders["text"]
-    assert Modality.of(text) == Modality(text.dim, text.token_dim, text.vocab_size, text.pad_id, text.mask_id)
+    assert Modality.of(text) == Modality(text.dim, text.token_dim, text.vocab_size, text.pad_id, text.mask_id,
+                                         special_ids=(49406, 49407))  # start and end of text
+    assert Modality.of(parts.encoders["image"]).cell == (3, 16, 16)  # test_vit's patches
 
 
 class Agreement(FusionHead):
@@ -100,7 +102,7 @@ def test_every_fusion_head_fuses_tiny_encoders_and_trains(name):
     task = build("tasks", "classification", encoders=encoders, data=SHAPES, fusion=head)
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     text = torch.stack([encoders["text"].preprocess(c) for c in ("a red circle", "a blue cross")])
-    batch = {"image": images, "text": text, "label": torch.tensor([0, 2])}
+    batch = task.prepare({"image": images, "text": text, "label": torch.tensor([0, 2])})  # as the engine does
     fused = head({m: e(batch[m]) for m, e in encoders.items()}, batch)
     assert fused.pooled.shape == (2, head.dim) and fused.tokens.shape[::2] == (2, head.dim)
     total_loss(task.training_step(batch), {}).backward()

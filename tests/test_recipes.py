@@ -61,15 +61,16 @@ def test_each_recipe_that_follows_another_runs_after_it(recipe, tmp_path):
     """A recipe that starts from another recipe's run (init_from "runs/<name>") runs as shipped
     once that run is there; here both shortened, into a scratch folder."""
     overrides = [f"run.output_dir={tmp_path}", *COMMON, *GENERATED]
-    for part, name in runs_it_starts_from(recipe).items():
+    for name in set(runs_it_starts_from(recipe).values()):
         first = run_mmkit("run", ROOT / "recipes" / f"{name}.toml", *overrides, cwd=ROOT)
         assert first.returncode == 0, first.stderr[-3000:]
-        overrides.append(f"model.{part}.init_from={tmp_path / name}")
+    overrides += [f"model.{part}.init_from={tmp_path / name}" for part, name in runs_it_starts_from(recipe).items()]
     done = run_mmkit("run", recipe, *overrides, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((tmp_path / recipe.stem / "summary.json").read_text())
     assert summary["metrics"] and summary["chance"]
-    assert all(f"init_from {tmp_path / name}: " in done.stdout for name in runs_it_starts_from(recipe).values())
+    for part, name in runs_it_starts_from(recipe).items():
+        assert f"model.{part}: init_from {tmp_path / name}: " in done.stdout, part
 
 
 def test_training_beats_chance_by_far(tmp_path):

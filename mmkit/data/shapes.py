@@ -46,15 +46,18 @@ class SyntheticShapes(SyntheticSet):
         seed: selects the whole set.
         label_by: "all" (the 240 combinations), or "colour" (6), "shape" (4), "size" (2),
             "position" (5).
+        omit: properties left out of the captions ("a large circle in the centre" without
+            colour), so that a label by one of them is found in the image, not in the text.
     """
 
     def __init__(self, num_samples: int = 2000, split: Literal["train", "val"] = "train",
                  image_size: int = 64, seed: int = 0,
-                 label_by: Literal["all", "colour", "shape", "size", "position"] = "all"):
+                 label_by: Literal["all", "colour", "shape", "size", "position"] = "all",
+                 omit: list[Literal["colour", "shape", "size", "position"]] = []):
         super().__init__(num_samples, split, seed)
         if image_size < 16:
             raise ValueError(f"image_size must be at least 16 pixels, got {image_size}")
-        self.image_size, self.label_by = image_size, label_by
+        self.image_size, self.label_by, self.omit = image_size, label_by, set(omit)
         names = PROPERTIES.get(label_by) or tuple(f"{size} {colour} {shape} in the {position}"
                                                    for colour, shape, size, position in COMBINATIONS)
         self.info = DatasetInfo(keys=("id", "image", "text", "label"), label_kind="single", class_names=names)
@@ -66,9 +69,18 @@ class SyntheticShapes(SyntheticSet):
         label = PROPERTIES[self.label_by].index(values[self.label_by]) if self.label_by != "all" else combination
         return {
             "image": draw_shape(rng, self.image_size, colour, shape, size, position),
-            "text": f"a {size} {colour} {shape} in the {position}",
+            "text": caption(values, self.omit),
             "label": label,
         }
+
+
+def caption(values: dict[str, str], omit: set[str]) -> str:
+    """ "a large red circle in the top left", less the omitted properties ("a shape" when the
+    shape is omitted, no place phrase when the position is)."""
+    words = [values[key] for key in ("size", "colour") if key not in omit]
+    words.append("shape" if "shape" in omit else values["shape"])
+    place = "" if "position" in omit else f" in the {values['position']}"
+    return f"a {' '.join(words)}{place}"
 
 
 def draw_shape(rng: np.random.Generator, side: int, colour: str, shape: str, size: str,

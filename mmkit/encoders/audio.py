@@ -82,6 +82,7 @@ class LogMelCNNEncoder(Encoder):
         self.cnn = nn.Sequential(*layers)
         self.project = nn.Linear(width_in, dim)
         self.norm = nn.LayerNorm(dim)
+        self.cell = (1, n_mels, 2**blocks)  # a token: every band of 2**blocks frames
 
     def forward(self, spectrograms: torch.Tensor) -> Encoded:
         features = self.cnn(spectrograms).mean(dim=2)  # [B, C, frames]: average over frequency

@@ -39,13 +39,18 @@ class Encoder(nn.Module):
     attention_mask); it is a small picklable object, not a method, so DataLoader workers get
     the transform without a copy of the weights. An encoder whose values need more than
     stacking to batch sets ``collate`` (a list of values -> a batch). Text encoders also give
-    ``vocab_size`` and the ids of padding and of the mask token (``pad_id``, ``mask_id``),
-    which masked-language modelling needs.
+    ``vocab_size``, the ids of padding and of the mask token (``pad_id``, ``mask_id``) and
+    the other ids no word becomes (``special_ids``: start, end, separator), which masked-language
+    modelling needs. Image and audio encoders whose tokens lie on a grid say what each grid
+    cell covers of their input tensor [B, C, H, W] (``cell``: channels, rows, columns), which a
+    decoder that reconstructs the input needs.
     """
 
     dim: int
     preprocess: Callable[[Any], Any]
     collate: Callable[[list[Any]], Any] | None = None
+    special_ids: tuple[int, ...] = ()
+    cell: tuple[int, int, int] | None = None
 
     @property
     def token_dim(self) -> int:
@@ -55,6 +60,10 @@ class Encoder(nn.Module):
 
     def forward(self, inputs: Any) -> Encoded:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def words(self, ids: list[int]) -> list[str]:
+        """Text encoders: each token id as the text it stands for, for plots of what a token attends to."""
+        raise NotImplementedError(f"{type(self).__name__} encodes no text")
 
 
 def feature_map_cells(features: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:

@@ -64,6 +64,10 @@ class HFTextEncoder(Encoder):
         self.dim = self.model.config.hidden_size
         self.vocab_size = self.model.get_input_embeddings().num_embeddings
         self.pad_id, self.mask_id = tokenizer.pad_token_id, tokenizer.mask_token_id
+        self.special_ids = tuple(tokenizer.all_special_ids)
+
+    def words(self, ids: list[int]) -> list[str]:
+        return self.preprocess.tokenizer.convert_ids_to_tokens(ids)
 
     def forward(self, inputs: dict[str, torch.Tensor] | torch.Tensor) -> Encoded:
         """Encode a batch of ``preprocess`` outputs; bare input_ids count every id but pad_id as real."""

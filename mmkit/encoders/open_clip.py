@@ -49,6 +49,20 @@ class OpenClipImageEncoder(Encoder):
             self.visual.output_tokens = True
         self.dim = config["embed_dim"]
         self.preprocess = image_transform(self.visual, tag, what)
+        self.cell = self._cell()
+
+    def _cell(self) -> tuple[int, int, int]:
+        """The pixels one token covers: a patch, or the ResNet's stride of 32."""
+        if self.kind == "timm":
+            from mmkit.encoders.timm_image import timm_cell
+
+            return timm_cell(self.visual.trunk)
+        if self.kind == "resnet":
+            return 3, 32, 32
+        size = self.visual.image_size
+        rows, columns = self.visual.grid_size
+        height, width = (size, size) if isinstance(size, int) else size
+        return 3, height // rows, width // columns
 
     def forward(self, images: torch.Tensor) -> Encoded:
         pooled, tokens, prefix, grid = getattr(self, f"_{self.kind}")(images)
@@ -124,9 +138,15 @@ class OpenClipTextEncoder(Encoder):
             # has a higher id, so pool at the end-of-text token by name, which gives the same for any text.
             self.text.pool_type, self.text.eos_id = "eos", tokenizer.eot_token_id
         self.mask_id, self.pad_id = add_mask_and_pad_tokens(self.text)
+        self.special_ids = (tokenizer.sot_token_id, tokenizer.eot_token_id)
         self.vocab_size = self.text.vocab_size
         self.dim = self.text.output_dim if self.text.text_projection is not None else self.text.width
         self.preprocess = OpenClipTokenize(tokenizer, self.pad_id)
+
+    def words(self, ids: list[int]) -> list[str]:
+        from mmkit.encoders.text import bpe_words
+
+        return bpe_words(self.preprocess.tokenizer, ids, {self.mask_id: "[mask]", self.pad_id: "[pad]"})
 
     def forward(self, ids: torch.Tensor) -> Encoded:
         pooled, tokens = self.text(ids)

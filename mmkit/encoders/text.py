@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -26,6 +28,14 @@ class Tokenize:
     def __call__(self, text: str) -> torch.Tensor:
         ids = self.tokenizer([text], context_length=self.context_length)[0]
         return pad_after_end(ids, self.tokenizer.eot_token_id, self.pad_id)
+
+    def words(self, ids: list[int]) -> list[str]:
+        return bpe_words(self.tokenizer, ids, {self.mask_id: "[mask]", self.pad_id: "[pad]"})
+
+
+def bpe_words(tokenizer: Any, ids: list[int], extra: dict[int, str]) -> list[str]:
+    """open_clip byte-pair ids as text, ids past the vocabulary by ``extra``."""
+    return [extra[i] if i in extra else tokenizer.decode([i]).strip() for i in ids]
 
 
 def pad_after_end(ids: torch.Tensor, end_id: int, pad_id: int) -> torch.Tensor:
@@ -55,6 +65,7 @@ class TransformerTextEncoder(Encoder):
         self.preprocess = Tokenize(context_length)
         self.dim = width
         self.vocab_size, self.pad_id, self.mask_id = self.preprocess.vocab_size, self.preprocess.pad_id, self.preprocess.mask_id
+        self.special_ids = (self.preprocess.tokenizer.sot_token_id, self.preprocess.tokenizer.eot_token_id)
         self.token_embedding = nn.Embedding(self.vocab_size, width)
         self.position_embedding = nn.Parameter(torch.randn(context_length, width) * 0.01)
         block = nn.TransformerEncoderLayer(
@@ -70,3 +81,6 @@ class TransformerTextEncoder(Encoder):
         x = self.token_embedding(ids) + self.position_embedding[: ids.shape[1]]
         tokens = self.norm(self.blocks(x, src_key_padding_mask=~mask))
         return Encoded(tokens=tokens, pooled=masked_mean(tokens, mask), mask=mask)
+
+    def words(self, ids: list[int]) -> list[str]:
+        return self.preprocess.words(ids)

@@ -41,6 +41,7 @@ class TimmImageEncoder(Encoder):
         self.model = create_timm_model(model_name, pretrained, image_size, model_args or {})
         self.dim = getattr(self.model, "head_hidden_size", None) or self.model.num_features  # what forward_head gives
         self.preprocess = image_transform(self.model, image_size)
+        self.cell = timm_cell(self.model)
 
     @property
     def token_dim(self) -> int:
@@ -52,6 +53,16 @@ class TimmImageEncoder(Encoder):
         tokens, prefix, grid = timm_tokens(self.model, features, images.shape[-2:])
         mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
         return Encoded(tokens=tokens, pooled=pooled, mask=mask, grid=grid, prefix=prefix)
+
+
+def timm_cell(model: nn.Module) -> tuple[int, int, int]:
+    """The pixels one token covers: the stride of the last feature map (a ViT's patch, a CNN's
+    or a hierarchical ViT's final reduction); a patch of another height and width as it is."""
+    embed = getattr(model, "patch_embed", None)
+    stride = int(model.feature_info[-1]["reduction"])
+    if embed is not None and getattr(embed, "patch_size", None) is not None and max(embed.patch_size) == stride:
+        return (3, *(int(n) for n in embed.patch_size))
+    return 3, stride, stride
 
 
 def timm_tokens(model: nn.Module, features: torch.Tensor,

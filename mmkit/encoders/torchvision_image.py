@@ -49,6 +49,19 @@ class TorchvisionImageEncoder(Encoder):
             load_into(self.model, renamed(state, dropped), what)
         self.dim = classifier.in_features
         self.preprocess = image_transform(published, image_size)
+        self.cell = (3, self.model.patch_size, self.model.patch_size) if self.vit else self._stride()
+
+    @torch.no_grad()
+    def _stride(self, side: int = 256) -> tuple[int, int, int]:
+        """The pixels one feature-map cell covers: the network's stride, from the map of one
+        blank image whose side every power-of-two stride divides."""
+        training = self.model.training
+        self.model.eval()
+        self.model(torch.zeros(1, 3, side, side))
+        rows, columns = self.tap.value.shape[-2:]
+        self.tap.value = None
+        self.model.train(training)
+        return 3, side // rows, side // columns
 
     def forward(self, images: torch.Tensor) -> Encoded:
         pooled = self.model(images)

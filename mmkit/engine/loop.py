@@ -214,8 +214,8 @@ def step_counts(per_batch: list[dict[str, torch.Tensor]], accelerator: Any) -> d
         return {}
     counts = torch.stack([sum(batch[key] for batch in per_batch) for key in keys]).float()
     if accelerator.num_processes > 1:
-        counts = accelerator.reduce(counts, reduction="mean")
-    return dict(zip(keys, counts.clamp(min=1)))
+        counts = accelerator.reduce(counts, reduction="sum")
+    return dict(zip(keys, counts.clamp(min=1) / accelerator.num_processes))
 
 
 def step_shares(values: dict[str, torch.Tensor], counts: dict[str, torch.Tensor], micro_batches: int,

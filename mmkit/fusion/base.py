@@ -15,18 +15,23 @@ from mmkit.encoders.base import Encoded, Encoder
 @dataclass(frozen=True)
 class Modality:
     """What a fusion head knows of one modality's encoder: the widths of its pooled features
-    and tokens, and for text its vocabulary size and the ids of padding and of the mask token
-    (for heads that predict tokens). Token grids come with each batch's ``Encoded``."""
+    and tokens; for text its vocabulary size and the ids of padding, of the mask token and of
+    the other special tokens (for heads that predict tokens); for a grid encoder what one grid
+    cell covers of its input (channels, rows, columns; for heads that reconstruct it). Token
+    grids come with each batch's ``Encoded``."""
 
     dim: int
     token_dim: int
     vocab_size: int | None = None
     pad_id: int | None = None
     mask_id: int | None = None
+    special_ids: tuple[int, ...] = ()
+    cell: tuple[int, int, int] | None = None
 
     @classmethod
     def of(cls, encoder: Encoder) -> Modality:
-        return cls(encoder.dim, encoder.token_dim, *(getattr(encoder, key, None) for key in ("vocab_size", "pad_id", "mask_id")))
+        return cls(encoder.dim, encoder.token_dim, *(getattr(encoder, key, None) for key in ("vocab_size", "pad_id", "mask_id")),
+                   special_ids=tuple(encoder.special_ids), cell=encoder.cell)
 
 
 @dataclass
@@ -67,4 +72,23 @@ class FusionHead(nn.Module):
     def item_counts(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Items of the values that ``forward`` sums rather than averages (``loss/mlm`` over masked
         tokens), by the key a task returns them under; the engine normalises by the step's count."""
+        return {}
+
+    # A head that learns by itself (its own loss terms) also measures held-out data:
+
+    def statistics(self, encoded: dict[str, Encoded], batch: dict[str, Any]) -> dict[str, Any]:
+        """Sums over one prepared held-out batch: tensors of one row [1, ...] (mmkit joins the
+        rows of every batch and process), or one-item lists."""
+        return {}
+
+    def measures(self, statistics: dict[str, Any]) -> dict[str, float]:
+        """Held-out metrics from the joined statistics, each with ``chance/<name>`` beside it."""
+        return {}
+
+    def headline(self) -> list[str]:
+        """The measures whose values over training the report plots."""
+        return []
+
+    def figures(self, encoded: dict[str, Encoded], batch: dict[str, Any]) -> dict[str, Any]:
+        """Figures of a few prepared held-out items (e.g. inputs and their reconstructions)."""
         return {}
