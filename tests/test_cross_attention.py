@@ -122,3 +122,15 @@ def test_the_pair_defaults_to_text_asking_the_other(names, query, context, pair)
 def test_bad_pairs_and_widths_fail_in_one_line(names, params, message):
     with pytest.raises(MMKitError, match=message):
         build("fusion_heads", "cross_attention", modalities={m: Modality(4, 4) for m in names}, **params)
+
+
+def test_a_classifier_fused_by_cross_attention_draws_where_its_words_attend(tiny_recipe):
+    from mmkit.engine.run import Run
+    from mmkit.recipe import load_recipe
+
+    recipe = load_recipe(tiny_recipe, ["model.fusion={name='cross_attention', dim=32, heads=2}",
+                                       "task={name='classification'}", "data.label_by=colour", "data.omit=['colour']"])
+    Run(recipe).fit()
+    folder = tiny_recipe.parent / "runs" / "tiny"
+    assert (folder / "attention_maps.png").exists()
+    assert 'src="attention_maps.png"' in (folder / "report.html").read_text()

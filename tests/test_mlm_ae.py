@@ -231,3 +231,26 @@ def test_a_short_pretraining_lowers_both_terms_and_predicts_masked_words_above_c
     assert metrics["mlm_accuracy"] > chance["mlm_accuracy"] and math.isfinite(metrics["ae_mse"])
     for figure in ("reconstructions.png", "attention_maps.png", "training_curves.png"):
         assert (tmp_path / "pretrain_mlm_ae" / figure).exists(), figure
+
+
+def test_a_fine_tune_takes_every_encoder_and_head_tensor_of_a_pretraining_run_and_names_a_misfit(tiny_recipe, capsys):
+    from mmkit.components import build_parts
+    from mmkit.plugins import get_registry
+
+    pretraining = ["model.fusion={name='mlm_ae', dim=32, heads=2, layers=1}", "task={name='pretrain'}",
+                   "run.name=pretrained", "train.max_steps=2", "train.checkpoint_every=0", "eval.every=0"]
+    Run(load_recipe(tiny_recipe, pretraining)).fit()
+    run = str(tiny_recipe.parent / "runs" / "pretrained")
+    capsys.readouterr()
+    fine_tune = [f"model.image.init_from={run!r}", f"model.text.init_from={run!r}", "task={name='classification'}",
+                 f"model.fusion={{name='cross_attention', dim=32, heads=2, layers=1, init_from={run!r}}}"]
+    parts = build_parts(load_recipe(tiny_recipe, fine_tune), get_registry())
+    printed = capsys.readouterr().out
+    head = len(parts.fusion.state_dict())
+    assert f"model.fusion: init_from {run}: {head} tensors loaded, 10 skipped, 0 newly created" in printed  # mlm + decoder skipped
+    for part in ("image", "text"):
+        assert f"model.{part}: init_from {run}: {len(parts.encoders[part].state_dict())} tensors loaded, 0 skipped" in printed
+    wider = [*fine_tune[:-1], f"model.fusion={{name='cross_attention', dim=64, heads=2, layers=1, init_from={run!r}}}"]
+    with pytest.raises(MMKitError, match=r"model.fusion: init_from .*model.safetensors: fusion.inputs.text.weight is "
+                                         r"\[32, 32\] there, \[64, 32\] here"):
+        build_parts(load_recipe(tiny_recipe, wider), get_registry())

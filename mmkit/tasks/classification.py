@@ -135,6 +135,21 @@ class Classification(Task):
         figures = {"roc_curves": roc_curves(curves(scores, positives, names))}
         if not self.multi_label:
             figures["confusion_matrix"] = confusion_heatmap(confusion_matrix(scores.argmax(1), labels, len(names)), names)
+        if self.fusion is not None and dataset is not None and len(dataset):
+            figures |= self.attention(dataset)
+        return figures
+
+    @torch.no_grad()
+    def attention(self, dataset: Dataset) -> dict[str, Any]:
+        """Where the words of the first held-out texts attend, when the fusion head attends from text."""
+        from mmkit.tasks.shown import attention_figure, shown_batch
+
+        was_training = self.training
+        self.eval()
+        batch = shown_batch(dataset, dict(self.encoders), self.head[-1].weight.device)
+        encoded = {m: encoder(batch[m]) for m, encoder in self.encoders.items()}
+        figures = attention_figure(dict(self.encoders), encoded, batch, self.fusion(encoded, batch))
+        self.train(was_training)
         return figures
 
 

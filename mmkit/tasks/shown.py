@@ -1,0 +1,58 @@
+"""A few held-out items run through a task's model for the report: where each word attends."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset, default_collate
+
+from mmkit.encoders.base import Encoded, Encoder
+from mmkit.fusion.base import Fused
+from mmkit.fusion.mlm_ae import IGNORE, token_ids
+
+SHOWN_ITEMS = 4
+SHOWN_WORDS = 5
+
+
+def shown_batch(dataset: Dataset, encoders: dict[str, Encoder], device: torch.device) -> dict[str, Any]:
+    """The first few raw samples of ``dataset``, preprocessed and batched as the loader would, on ``device``."""
+    from mmkit.engine.loop import to_device
+
+    samples = [dataset[i] for i in range(min(SHOWN_ITEMS, len(dataset)))]
+    batch = {m: (encoder.collate or default_collate)([encoder.preprocess(s[m]) for s in samples])
+             for m, encoder in encoders.items()}
+    return to_device(batch, device)
+
+
+def attention_figure(encoders: dict[str, Encoder], encoded: dict[str, Encoded], batch: dict[str, Any],
+                     fused: Fused) -> dict[str, Any]:
+    """Where the first words of each shown text attend in the other modality (the last layer
+    of text -> other attention, averaged over heads), drawn over the part of its input the
+    token grid covers; a masked word is shown as written, in brackets. {} without such attention."""
+    from mmkit.report import attention_maps
+
+    names = sorted((n for n in fused.attention if n.startswith("text->")), key=lambda n: int(n.rsplit("/", 1)[1]))
+    other = names[-1].split("->")[1].split("/")[0] if names else None
+    if other is None or other == "text" or encoded[other].grid is None:
+        return {}
+    grid, prefix = encoded[other].grid, encoded[other].prefix
+    weights = fused.attention[names[-1]].float().mean(dim=1)[..., prefix:].cpu()  # [B, words, cells]
+    ids, real = token_ids(batch["text"])
+    targets = batch.get("mlm_targets", torch.full_like(ids, IGNORE))
+    masked = targets != IGNORE
+    ids = torch.where(masked, targets, ids).cpu()  # the words as written
+    text = encoders["text"]
+    hidden = {text.pad_id, text.mask_id, *text.special_ids}
+    _, height, width = encoders[other].cell or (0, *batch[other].shape[-2:])
+    inputs, words, maps = [], [], []
+    for i in range(len(weights)):
+        shown = [t for t, (token, is_real) in enumerate(zip(ids[i].tolist(), real[i].tolist()))
+                 if is_real and token not in hidden][:SHOWN_WORDS]
+        if shown:
+            covered = batch.get("ae_target", batch[other])[i, :, : grid[0] * height, : grid[1] * width]
+            inputs.append(covered.float().cpu())
+            written = text.words([ids[i, t].item() for t in shown])
+            words.append([f"[{w}]" if masked[i, t] else w for w, t in zip(written, shown)])
+            maps.append(weights[i, shown].reshape(len(shown), *grid))
+    return {"attention_maps": attention_maps(inputs, words, maps)} if inputs else {}
