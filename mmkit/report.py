@@ -24,16 +24,22 @@ def _pyplot():
 
 
 def training_curves(records: list[dict[str, Any]], headline: list[str]) -> Any:
-    """Training loss (and learning rate) per step, and the task's headline held-out metrics
-    per step, each with its chance level dotted."""
+    """Training loss per step (with each loss term, when there are several, and the learning
+    rate), and the task's headline held-out metrics per step, each with its chance level dotted."""
     plt = _pyplot()
     train = [r for r in records if "train/loss" in r]
     evals = [r for r in records if any(k.startswith("val/") for k in r)]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    left.plot([r["step"] for r in train], [r["train/loss"] for r in train], label="train loss")
+    left.plot([r["step"] for r in train], [r["train/loss"] for r in train], label="total")
+    terms = sorted({k for r in train for k in r if k.startswith("train/loss/")})
+    for key in terms if len(terms) > 1 else []:  # each weighted term of a sum (mlm, ae)
+        points = [(r["step"], r[key]) for r in train if key in r]
+        left.plot(*zip(*points), linestyle="--", label=key.removeprefix("train/loss/"))
     left.set_xlabel("step")
     left.set_ylabel("loss")
     left.set_title("training loss")
+    if len(terms) > 1:
+        left.legend(fontsize=7, loc="upper right")
     if train and "lr" in train[0]:
         lr_axis = left.twinx()
         lr_axis.plot([r["step"] for r in train], [r["lr"] for r in train], color="grey", alpha=0.5)

@@ -254,3 +254,16 @@ def test_a_fine_tune_takes_every_encoder_and_head_tensor_of_a_pretraining_run_an
     with pytest.raises(MMKitError, match=r"model.fusion: init_from .*model.safetensors: fusion.inputs.text.weight is "
                                          r"\[32, 32\] there, \[64, 32\] here"):
         build_parts(load_recipe(tiny_recipe, wider), get_registry())
+
+
+def test_the_training_curves_draw_each_loss_term_beside_the_total():
+    from mmkit.report import training_curves
+
+    records = [{"step": s, "train/loss": 3.0 / s, "train/loss/mlm": 2.0 / s, "train/loss/ae": 1.0 / s, "lr": 1e-3}
+               for s in (1, 2, 3)] + [{"step": 3, "val/mlm_accuracy": 0.5, "val/chance/mlm_accuracy": 0.1}]
+    left, right = training_curves(records, ["mlm_accuracy"]).axes[:2]
+    assert [line.get_label() for line in left.get_lines()] == ["total", "ae", "mlm"]
+    assert list(left.get_lines()[2].get_ydata()) == [2.0, 1.0, 2.0 / 3]
+    assert [line.get_label() for line in right.get_lines()][0] == "mlm_accuracy"
+    single = [{"step": 1, "train/loss": 1.0, "train/loss/contrastive": 1.0}]
+    assert [line.get_label() for line in training_curves(single, []).axes[0].get_lines()] == ["total"]
