@@ -40,6 +40,8 @@ def training_curves(records: list[dict[str, Any]], headline: list[str]) -> Any:
     left.set_title("training loss")
     if len(terms) > 1:
         left.legend(fontsize=7, loc="upper right")
+        if all(r[k] > 0 for r in train for k in terms if k in r):
+            left.set_yscale("log")  # terms of different sizes each stay readable
     if train and "lr" in train[0]:
         lr_axis = left.twinx()
         lr_axis.plot([r["step"] for r in train], [r["lr"] for r in train], color="grey", alpha=0.5)
