@@ -82,7 +82,8 @@ def test_builtins_are_registered_through_plugins():
     assert plugins[("image_encoders", "timm")] == "mmkit.encoders"
     assert plugins[("datasets", "synthetic_shapes")] == "mmkit.data"
     assert plugins[("tasks", "clip_retrieval")] == "mmkit.tasks"
-    assert [c.name for c in registry.components("datasets", "synthetic_*")] == ["synthetic_audio", "synthetic_shapes"]
+    assert [c.name for c in registry.components("datasets", "synthetic_*")] == ["synthetic_audio", "synthetic_diagnosis",
+                                                                           "synthetic_shapes"]
 
 
 def test_kinds_accept_singular_names():

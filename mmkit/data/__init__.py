@@ -5,6 +5,7 @@ from mmkit.hookspecs import hookimpl
 
 @hookimpl
 def register_datasets(register):
+    from mmkit.data.diagnosis import SyntheticDiagnosis
     from mmkit.data.image_folder import ImageFolder
     from mmkit.data.manifest import Manifest
     from mmkit.data.shapes import SyntheticShapes
@@ -13,6 +14,7 @@ def register_datasets(register):
 
     register("synthetic_shapes", SyntheticShapes)
     register("synthetic_audio", SyntheticAudio)
+    register("synthetic_diagnosis", SyntheticDiagnosis)
     register("manifest", Manifest)
     register("image_folder", ImageFolder)
     register("webdataset", WebDataset)

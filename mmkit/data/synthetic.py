@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-SPLIT_STREAMS = {"train": 0, "val": 1}
+SPLIT_STREAMS = {"train": 0, "val": 1, "test": 2}
 
 
 class SyntheticSet(Dataset):
