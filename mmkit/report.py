@@ -167,7 +167,6 @@ def class_accuracy_bars(accuracy: dict[str, float]) -> Any:
     return fig
 
 
-
 def penalty_sweep(penalties: list[float], scores: list[float], measure: str) -> Any:
     """A probe's validation score for each L2 penalty tried, weakest first, the chosen one marked."""
     plt = _pyplot()
@@ -236,6 +235,7 @@ def attention_maps(inputs: list[torch.Tensor], words: list[list[str]], maps: lis
     fig.suptitle("cross-attention: where each word attends (last layer, mean over heads)", fontsize=10)
     fig.tight_layout()
     return fig
+
 
 def write_report(folder: Path, summary: dict[str, Any], figures: dict[str, Any]) -> Path:
     """Save each figure as PNG beside report.html, which shows them under the summary."""

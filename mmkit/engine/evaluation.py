@@ -35,7 +35,7 @@ class Evaluation:
 
     def all_problems(self, accelerator: Any) -> Problems:
         """The bad held-out samples every process met."""
-        return Problems.joined(all_processes(list(self.problems.seen.values()), accelerator))
+        return every_process_problems(self.problems, accelerator)
 
     def _batches(self, device: torch.device) -> Iterator[dict[str, Any]]:
         from mmkit.engine.loop import to_device
@@ -55,6 +55,11 @@ def all_processes(value: Any, accelerator: Any) -> list[Any]:
     gathered: list[Any] = [None] * accelerator.num_processes
     dist.all_gather_object(gathered, value)
     return gathered
+
+
+def every_process_problems(problems: Problems, accelerator: Any) -> Problems:
+    """The bad samples every process met (each met ``problems``), as one count."""
+    return Problems.joined(all_processes(list(problems.seen.values()), accelerator))
 
 
 def join(shares: list[dict[str, Any]]) -> dict[str, Any]:

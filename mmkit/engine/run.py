@@ -121,7 +121,7 @@ class Run:
         from mmkit.components import build_parts
         from mmkit.data.examples import write_example
         from mmkit.engine.checkpoint import load_trained_parts, load_trained_weights, weights_mismatch
-        from mmkit.engine.evaluation import all_processes
+        from mmkit.engine.evaluation import every_process_problems
         from mmkit.engine.feed import Problems
         from mmkit.report import write_report
 
@@ -147,7 +147,7 @@ class Run:
         problems = val.all_problems(accelerator)
         skipped = {"val": problems.summary()}
         if fitted:
-            skipped["train"] = Problems.joined(all_processes(list(train_problems.seen.values()), accelerator)).summary()
+            skipped["train"] = every_process_problems(train_problems, accelerator).summary()
         self.paths = RunPaths(self._free_folder(run / "eval", accelerator))
         summary: dict[str, Any] = {}
         if accelerator.is_main_process:
@@ -182,12 +182,11 @@ class Run:
                 fitted: dict[str, float]) -> dict[str, Any]:
         """The final evaluation, weights, summary and report (the report from the same outputs)."""
         from mmkit.engine.checkpoint import write_atomic_model
-        from mmkit.engine.evaluation import all_processes
-        from mmkit.engine.feed import Problems
+        from mmkit.engine.evaluation import every_process_problems
 
         outputs = val.outputs(parts.task, accelerator) if val else None
         metrics = val.metrics(parts.task, accelerator, outputs) if val else {}
-        skipped = {"train": Problems.joined(all_processes(list(feed.problems.seen.values()), accelerator))}
+        skipped = {"train": every_process_problems(feed.problems, accelerator)}
         if val:
             skipped["val"] = val.all_problems(accelerator)
         summary: dict[str, Any] = {}

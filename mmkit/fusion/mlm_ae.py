@@ -113,9 +113,8 @@ class MlmAe(CrossAttention):
         fused = self(encoded, batch)
         targets = batch["mlm_targets"]
         chosen = targets != IGNORE
-        reconstruction = self.reconstruct(encoded[self.context])
-        target = batch["ae_target"][..., : reconstruction.shape[-2], : reconstruction.shape[-1]].float()
-        counted = self.pixels(batch["ae_cells"], reconstruction.shape[-2:]).float()
+        target, counted = self.covered(encoded[self.context], batch)
+        counted = counted.float()
         row = lambda value: value.detach().float().reshape(1, *value.shape).cpu()  # noqa: E731
         return {"mlm_nll": row(fused.losses["mlm"]), "mlm_correct": row(fused.logged["mlm_accuracy"]),
                 "mlm_count": row(chosen.sum()), "mlm_targets": [targets[chosen].tolist()],
@@ -166,15 +165,21 @@ class MlmAe(CrossAttention):
 
     def squared_errors(self, encoded: Encoded, batch: dict[str, Any]) -> torch.Tensor:
         """[B, C, H', W']: each reconstructed value's squared error where its cell counts (else 0)."""
+        reconstruction = self.reconstruct(encoded).float()
+        target, counted = self.covered(encoded, batch)
+        return (reconstruction - target).square() * counted
+
+    def covered(self, encoded: Encoded, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The original input [B, C, H', W'] where the grid's whole cells cover it, and where its
+        values count [B, 1, H', W'] (the blanked cells, or all)."""
         cells = batch["ae_cells"]
+        _, height, width = self.cell
         if encoded.grid != tuple(cells.shape[1:]):
-            _, height, width = self.cell
             raise MMKitError(f"mlm_ae: the {self.context} encoder gives a {encoded.grid} grid where its "
                              f"{tuple(batch['ae_target'].shape[-2:])} input holds {tuple(cells.shape[1:])} cells of "
                              f"{height}x{width}; use an input size that is a multiple of the cell")
-        reconstruction = self.reconstruct(encoded).float()
-        target = batch["ae_target"][..., : reconstruction.shape[-2], : reconstruction.shape[-1]].float()
-        return (reconstruction - target).square() * self.pixels(cells, reconstruction.shape[-2:])
+        size = (encoded.grid[0] * height, encoded.grid[1] * width)
+        return batch["ae_target"][..., : size[0], : size[1]].float(), self.pixels(cells, size)
 
     def grid(self, source: torch.Tensor) -> tuple[int, int]:
         """How many whole cells the input [B, C, H, W] holds down and across."""

@@ -14,7 +14,6 @@ class Task(nn.Module):
 
     fits = False  # whether ``fit`` learns from the training set's ``predict`` outputs
 
-
     def training_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Loss terms for one batch under ``loss/<name>`` (a fusion head's terms too), which the
         engine sums, weighted by ``train.loss_weights``, into what the optimizer minimises;

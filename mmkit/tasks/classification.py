@@ -142,15 +142,12 @@ class Classification(Task):
     @torch.no_grad()
     def attention(self, dataset: Dataset) -> dict[str, Any]:
         """Where the words of the first held-out texts attend, when the fusion head attends from text."""
-        from mmkit.tasks.shown import attention_figure, shown_batch
+        from mmkit.tasks.shown import attention_figure, in_eval_mode, shown_batch
 
-        was_training = self.training
-        self.eval()
-        batch = shown_batch(dataset, dict(self.encoders), self.head[-1].weight.device)
-        encoded = {m: encoder(batch[m]) for m, encoder in self.encoders.items()}
-        figures = attention_figure(dict(self.encoders), encoded, batch, self.fusion(encoded, batch))
-        self.train(was_training)
-        return figures
+        with in_eval_mode(self):
+            batch = shown_batch(dataset, dict(self.encoders), self.head[-1].weight.device)
+            encoded = {m: encoder(batch[m]) for m, encoder in self.encoders.items()}
+            return attention_figure(dict(self.encoders), encoded, batch, self.fusion(encoded, batch))
 
 
 def curves(scores: torch.Tensor, positives: torch.Tensor,

@@ -51,15 +51,14 @@ class Pretrain(Task):
     @torch.no_grad()
     def predict(self, batches: Iterable[dict[str, Any]]) -> dict[str, Any]:
         """The head's statistics of each held-out batch (a row each), masked with a fixed seed."""
-        rows: dict[str, list[Any]] = {}
-        generator = None
+        from mmkit.engine.evaluation import join
+
+        rows = []
+        generator = torch.Generator(self.device).manual_seed(HELD_OUT_SEED)
         for batch in batches:
-            generator = generator or torch.Generator(self.device).manual_seed(HELD_OUT_SEED)
             prepared = self.prepare(batch, generator)
-            for key, value in self.fusion.statistics(self.encode(prepared), prepared).items():
-                rows.setdefault(key, []).append(value)
-        return {key: torch.cat(values) if isinstance(values[0], torch.Tensor) else [v for part in values for v in part]
-                for key, values in rows.items()}
+            rows.append(self.fusion.statistics(self.encode(prepared), prepared))
+        return join(rows) if rows else {}
 
     def evaluate(self, outputs: dict[str, Any]) -> dict[str, float]:
         return self.fusion.measures(outputs) if outputs else {}
@@ -73,16 +72,13 @@ class Pretrain(Task):
 
     @torch.no_grad()
     def figures(self, dataset: Dataset | None, outputs: dict[str, Any]) -> dict[str, Any]:
-        from mmkit.tasks.shown import attention_figure, shown_batch
+        from mmkit.tasks.shown import attention_figure, in_eval_mode, shown_batch
 
         if dataset is None or not len(dataset):
             return {}
-        was_training = self.training
-        self.eval()
-        batch = self.prepare(shown_batch(dataset, dict(self.encoders), self.device),
-                             torch.Generator(self.device).manual_seed(HELD_OUT_SEED))
-        encoded = self.encode(batch)
-        fused = self.fusion(encoded, batch)
-        figures = {**self.fusion.figures(encoded, batch), **attention_figure(dict(self.encoders), encoded, batch, fused)}
-        self.train(was_training)
-        return figures
+        with in_eval_mode(self):
+            batch = self.prepare(shown_batch(dataset, dict(self.encoders), self.device),
+                                 torch.Generator(self.device).manual_seed(HELD_OUT_SEED))
+            encoded = self.encode(batch)
+            fused = self.fusion(encoded, batch)
+            return {**self.fusion.figures(encoded, batch), **attention_figure(dict(self.encoders), encoded, batch, fused)}

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 import torch
 from torch.utils.data import Dataset, default_collate
@@ -13,6 +14,17 @@ from mmkit.fusion.mlm_ae import IGNORE, token_ids
 
 SHOWN_ITEMS = 4
 SHOWN_WORDS = 5
+
+
+@contextlib.contextmanager
+def in_eval_mode(module: torch.nn.Module) -> Iterator[None]:
+    """``module`` in eval mode within the block (no dropout, running norms), then as it was."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
 
 
 def shown_batch(dataset: Dataset, encoders: dict[str, Encoder], device: torch.device) -> dict[str, Any]:
