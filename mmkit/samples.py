@@ -21,13 +21,20 @@ class Waveform:
     sample_rate: int
 
 
+UNCERTAIN = {"negative": 0.0, "positive": 1.0, "ignore": float("nan")}
+"""What an uncertain finding (CheXpert's -1, a hedged "possible nodule") becomes in a multi-hot
+label, by the recipe's policy: absent, present, or not known (NaN, left out of loss and metrics)."""
+
+
 @dataclass(frozen=True)
 class DatasetInfo:
     """What a dataset gives, known without loading a sample: the keys of its samples and,
     for labelled data, the class names and whether a sample has one label or several.
 
     A single label is an int (the class index); multi-label values are float multi-hot
-    tensors [num_classes], so batches stack into [B, num_classes] targets."""
+    tensors [num_classes], so batches stack into [B, num_classes] targets. A NaN entry is a
+    label not known for that sample (an uncertain finding under ``uncertain = "ignore"``):
+    tasks leave it out of their loss and metrics."""
 
     keys: tuple[str, ...]
     class_names: tuple[str, ...] = ()

@@ -79,7 +79,38 @@ def test_multi_label_thresholds_are_per_label():
     assert per_label["auroc/fox"] == pytest.approx(1.0) and "auroc/cat" in per_label
 
 
+def test_unknown_labels_are_left_out_of_the_loss_and_the_training_accuracy():
+    task = tiny_task(MULTI)
+    labels = torch.tensor([[1.0, float("nan"), 1.0], [float("nan"), 0.0, 1.0]])
+    logits = task.logits(batch(labels))
+    known = ~labels.isnan()
+    expected = F.binary_cross_entropy_with_logits(logits[known], labels[known])  # the mean over the 4 known
+    step = task.training_step(batch(labels))
+    assert step["loss/classification"].item() == pytest.approx(expected.item(), rel=1e-5)
+    right = ((logits.sigmoid() >= 0.5) == (labels == 1)) | ~known
+    assert step["accuracy"].item() == pytest.approx(right.all(dim=1).float().mean().item())
+
+
+def test_thresholds_chosen_on_the_validation_split_are_kept_with_the_weights():
+    from mmkit.metrics.classification import best_thresholds
+
+    scores = torch.tensor([[0.9, 0.2, 0.3], [0.4, 0.8, 0.35], [0.3, 0.1, 0.6], [0.2, 0.7, 0.1]])
+    labels = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 1.0], [0.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    task = tiny_task(MULTI, thresholds="val")
+    before = task.evaluate({"scores": scores, "labels": labels})
+    task.calibrate({"scores": scores, "labels": labels})
+    chosen = best_thresholds(scores, labels, torch.full((3,), 0.5))
+    assert task.thresholds.tolist() == pytest.approx(chosen.tolist()) and chosen.tolist() == pytest.approx([0.4, 0.7, 0.35])
+    after = task.evaluate({"scores": scores, "labels": labels})
+    assert before["f1/cat"] == pytest.approx(2 / 3) and after["f1/cat"] == 1.0 and after["threshold/fox"] == pytest.approx(0.35)
+    assert "thresholds" in task.state_dict() and "thresholds" not in tiny_task(MULTI).state_dict()
+    other = tiny_task(MULTI, thresholds="val")
+    other.load_state_dict(task.state_dict())
+    assert other.evaluate({"scores": scores, "labels": labels}) == after  # another split is judged with them
+
+
 @pytest.mark.parametrize("params, data, message", [
+    ({"thresholds": "val"}, SINGLE, 'thresholds = "val" chooses multi-label thresholds'),
     ({}, DatasetInfo(keys=("id", "image")), "classification needs labelled data"),
     ({"modality": "text"}, SINGLE, "set task.modality to one of the recipe's encoders (image), not 'text'"),
     ({"thresholds": [0.5, 0.5]}, MULTI, "thresholds has 2 values for 3 classes"),

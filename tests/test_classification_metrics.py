@@ -1,5 +1,6 @@
 """Classification metrics equal scikit-learn's on the same predictions: binary, multi-class,
-multi-label, a class never predicted, a class absent from the labels, tied scores."""
+multi-label, a class never predicted, a class absent from the labels, tied scores, labels not
+known (NaN); calibration error and thresholds chosen for F1 by hand."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import pytest
 import torch
 from sklearn import metrics as sk
 
-from mmkit.metrics.classification import (auroc, chance_scores, confusion_matrix, multi_label_metrics, roc_curve,
+from mmkit.metrics.classification import (auroc, best_thresholds, calibration_error, chance_scores,
+                                          confusion_matrix, multi_label_beside_chance, multi_label_metrics, roc_curve,
                                           single_label_metrics)
 
 
@@ -121,3 +123,66 @@ def test_chance_is_what_always_predicting_the_majority_scores():
     assert scores[0].tolist() == [0.75, 0.25]
     multi = multi_label_metrics(scores, targets, torch.full((2,), 0.5, dtype=torch.float64), ("x", "y"))
     assert multi["accuracy"] == pytest.approx(2 / 4)  # predicts [1, 0] for everyone: rows 0 and 2 match
+
+
+def test_unknown_labels_count_nowhere_in_the_multi_label_metrics():
+    generator = torch.Generator().manual_seed(5)
+    targets = (torch.rand(60, 3, generator=generator) < 0.4).double()
+    scores = (targets * 0.3 + torch.rand(60, 3, generator=generator) * 0.7).clamp(0, 1)
+    unknown = torch.rand(60, 3, generator=generator) < 0.3
+    with_unknown = targets.masked_fill(unknown, float("nan"))
+    thresholds = torch.full((3,), 0.5, dtype=torch.float64)
+    metrics = multi_label_metrics(scores, with_unknown, thresholds, ("a", "b", "c"))
+    for c, name in enumerate("abc"):
+        rows = ~unknown[:, c]
+        y, s = targets[rows, c].numpy(), scores[rows, c].numpy()
+        assert metrics[f"auroc/{name}"] == pytest.approx(sk.roc_auc_score(y, s))
+        assert metrics[f"f1/{name}"] == pytest.approx(sk.f1_score(y, s >= 0.5))
+    counted = (~unknown).sum().item()
+    predicted, actual = (scores >= 0.5) & ~unknown, targets.bool() & ~unknown
+    assert metrics["precision_micro"] == pytest.approx((predicted & actual).sum().item() / predicted.sum().item())
+    right = (((scores >= 0.5) == targets.bool()) | unknown).all(dim=1)
+    assert metrics["accuracy"] == pytest.approx(right.double().mean().item())
+    assert counted < 180 and metrics["accuracy"] != multi_label_metrics(scores, targets, thresholds, ("a", "b", "c"))["accuracy"]
+
+
+def test_calibration_error_by_hand():
+    p = torch.tensor([0.05, 0.15, 0.12, 0.95, 0.9, 1.0, 0.55], dtype=torch.float64)
+    y = torch.tensor([0, 1, 0, 1, 1, 0, 1]).bool()
+    # bins of width 0.1: [0.0,0.1): 0.05 / y 0; [0.1,0.2): 0.15, 0.12 / y 1, 0; [0.5,0.6): 0.55 / y 1;
+    # [0.9,1.0]: 0.95, 0.9, 1.0 / y 1, 1, 0 (1.0 falls in the last bin)
+    expected = (abs(0 - 0.05) + abs(1 - 0.27) + abs(1 - 0.55) + abs(2 - 2.85)) / 7
+    assert calibration_error(p, y) == pytest.approx(expected)
+    assert calibration_error(torch.full((8,), 0.25), torch.tensor([1, 0, 0, 0] * 2).bool()) == pytest.approx(0)
+    assert calibration_error(torch.tensor([0.8, 0.8]), torch.tensor([False, False])) == pytest.approx(0.8)
+
+
+def test_chosen_thresholds_give_the_best_f1_and_the_highest_on_a_tie():
+    scores = torch.tensor([[0.9], [0.8], [0.7], [0.6], [0.3], [0.2]], dtype=torch.float64)
+    targets = torch.tensor([[1], [0], [1], [1], [0], [1]]).double()
+    # >= 0.9: F1 2/5; >= 0.8: 2/6; >= 0.7: 4/7; >= 0.6: 6/8; >= 0.3: 6/9; >= 0.2: 8/10 (the best)
+    assert best_thresholds(scores, targets, torch.tensor([0.5])).tolist() == [0.2]
+    tie = torch.tensor([[1], [0], [0], [1]]).double()  # >= 0.9: 2/3 and >= 0.6: 4/6 tie; the higher wins
+    assert best_thresholds(scores[:4], tie, torch.tensor([0.5])).tolist() == [0.9]
+    none = torch.tensor([[0], [0], [float("nan")], [0]]).double()
+    assert best_thresholds(scores[:4], none, torch.tensor([0.5])).tolist() == [0.5]  # no positive: kept
+    generator = torch.Generator().manual_seed(6)
+    many = torch.randint(0, 8, (80, 3), generator=generator).double() / 7
+    labels = (torch.rand(80, 3, generator=generator) < many * 0.8).double()
+    chosen = best_thresholds(many, labels, torch.full((3,), 0.5))
+    for c in range(3):
+        f1 = {t: sk.f1_score(labels[:, c].numpy(), (many[:, c] >= t).numpy()) for t in many[:, c].unique().tolist()}
+        best = max(f1.values())
+        assert chosen[c].item() == max(t for t, v in f1.items() if v == best)
+
+
+def test_the_constant_predictor_with_chosen_thresholds_predicts_every_label_present():
+    targets = torch.tensor([[1, 0], [1, 1], [0, 0], [0, 0]]).double()
+    scores = torch.tensor([[0.9, 0.1], [0.8, 0.7], [0.2, 0.2], [0.1, 0.3]]).double()
+    metrics = multi_label_beside_chance(scores, targets, torch.tensor([0.8, 0.7]).double(), ("x", "y"), chosen=True)
+    assert metrics["f1/x"] == 1.0 and metrics["threshold/y"] == pytest.approx(0.7)
+    assert metrics["chance/f1/x"] == pytest.approx(2 * 0.5 / 1.5)  # all called positive: 2p / (1 + p)
+    assert metrics["chance/f1/y"] == pytest.approx(2 * 0.25 / 1.25)
+    assert metrics["chance/auroc/x"] == 0.5 and metrics["chance/ece/x"] == pytest.approx(0)
+    fixed = multi_label_beside_chance(scores, targets, torch.tensor([0.8, 0.7]).double(), ("x", "y"), chosen=False)
+    assert fixed["chance/f1/y"] == 0 and "threshold/x" not in fixed  # 0.25 < 0.7: never predicted

@@ -72,3 +72,98 @@ def test_the_images_show_the_findings():
 def test_bad_settings_are_refused(params):
     with pytest.raises(ValueError):
         dataset(**params)
+
+
+@pytest.mark.parametrize("policy, value", [("positive", 1.0), ("negative", 0.0), ("ignore", None)])
+def test_a_hedged_finding_takes_the_uncertain_policy(policy, value):
+    hedges = 0
+    for plain, sample in zip(dataset(num_samples=150), dataset(num_samples=150, uncertain=policy)):
+        for index, name in enumerate(FINDINGS):
+            is_hedged = f"Possible {name}" in sample["text"] or f"Possible small {name}" in sample["text"]
+            label = sample["label"][index].item()
+            if is_hedged:
+                hedges += 1
+                assert (np.isnan(label) if value is None else label == value), sample["text"]
+                assert plain["label"][index].item() == 1.0  # the truth: a faint finding is drawn
+            else:
+                assert label == plain["label"][index].item()
+    assert hedges > 5
+
+
+# CheXpert / MIMIC-CXR-JPG layout: one row per study, a frontal and a lateral image, findings and
+# impression text, one column per finding holding 1, 0, -1 (uncertain) or nothing.
+CHEXPERT = """Path,Lateral,Findings,Impression,Cardiomegaly,Edema,split
+s1/frontal.png,s1/lateral.png,Heart is enlarged.,Cardiomegaly.,1.0,-1.0,train
+s2/frontal.png,,Lungs are clear.,No acute process.,0.0,,train
+s3/frontal.png,s3/lateral.png,,Possible edema.,-1.0,1.0,train
+s4/frontal.png,,Clear.,Normal.,0.0,0.0,val
+"""
+
+
+@pytest.fixture
+def chexpert(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "chexpert.csv").write_text(CHEXPERT)
+    for study in ("s1", "s2", "s3", "s4"):
+        (tmp_path / study).mkdir()
+        for view in ("frontal", "lateral"):
+            Image.new("L", (8, 8), 100).save(tmp_path / study / f"{view}.png")
+    return tmp_path / "chexpert.csv"
+
+
+def chexpert_manifest(path, **params):
+    return build("datasets", "manifest", path=str(path), label_columns=["Cardiomegaly", "Edema"],
+                 columns={"image": ["Path", "Lateral"], "text": ["Findings", "Impression"]}, join_text=" ", **params)
+
+
+@pytest.mark.parametrize("policy, uncertain", [("positive", 1.0), ("negative", 0.0), ("ignore", float("nan"))])
+def test_a_chexpert_layout_reads_both_views_the_joined_report_and_the_uncertain_policy(chexpert, policy, uncertain):
+    data = chexpert_manifest(chexpert, uncertain=policy)
+    samples = [data[i] for i in range(len(data))]
+    assert [s["id"] for s in samples] == ["2#Path", "2#Lateral", "3#Path", "4#Path", "4#Lateral"]
+    assert samples[0]["text"] == "Heart is enlarged. Cardiomegaly." and samples[3]["text"] == "Possible edema."
+    assert samples[0]["image"].size == (8, 8) and data.info.class_names == ("Cardiomegaly", "Edema")
+    assert data.info.label_kind == "multi"
+    expected = [[1.0, uncertain], [1.0, uncertain], [0.0, 0.0], [uncertain, 1.0], [uncertain, 1.0]]
+    for sample, label in zip(samples, expected):
+        assert sample["label"].tolist() == pytest.approx(label, nan_ok=True)
+    assert chexpert_manifest(chexpert, uncertain=policy, split="val")[0]["label"].tolist() == [0.0, 0.0]
+
+
+def test_uncertain_findings_without_a_policy_are_refused_naming_the_column_and_line(chexpert):
+    from mmkit.errors import MMKitError
+
+    with pytest.raises(MMKitError, match=r"2 uncertain findings \(-1\), the first in row 2, column 'Edema'; set uncertain"):
+        chexpert_manifest(chexpert)
+    chexpert.write_text(CHEXPERT.replace("-1.0,1.0", "yes,1.0"))
+    data = chexpert_manifest(chexpert, uncertain="ignore")
+    with pytest.raises(MMKitError, match=r"row 4: bad value: column 'Cardiomegaly' holds 'yes'"):
+        data[3]
+
+
+def test_the_policies_change_the_loss_and_the_metrics_as_stated(chexpert):
+    import torch
+
+    from mmkit.metrics.classification import multi_label_metrics
+    from mmkit.tasks.classification import masked_bce
+
+    logits = torch.tensor([[2.0, -1.0], [1.0, 0.5], [-2.0, -1.0], [0.0, 1.5], [-0.5, 2.0]])
+    labels = {policy: torch.stack([s["label"] for s in chexpert_manifest(chexpert, uncertain=policy)])
+              for policy in ("positive", "negative", "ignore")}
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    ignored = labels["ignore"].isnan()
+    assert ignored.sum() == 4
+    assert masked_bce(logits, labels["ignore"], None) == pytest.approx(
+        bce(logits[~ignored], labels["positive"][~ignored]).item())  # the mean over the 6 known entries
+    for policy in ("positive", "negative"):
+        assert masked_bce(logits, labels[policy], None) == pytest.approx(bce(logits, labels[policy]).item())
+    assert masked_bce(logits, labels["positive"], None) != pytest.approx(masked_bce(logits, labels["negative"], None))
+    scores, names, half = logits.sigmoid().double(), ("Cardiomegaly", "Edema"), torch.full((2,), 0.5).double()
+    metrics = {policy: multi_label_metrics(scores, labels[policy].double(), half, names) for policy in labels}
+    # Edema: said present (logit >= 0) in rows 1, 3, 4; uncertain in rows 0 and 1
+    assert metrics["positive"]["f1/Edema"] == pytest.approx(2 * 3 / (3 + 4))  # 4 present, 3 of them said
+    assert metrics["negative"]["f1/Edema"] == pytest.approx(2 * 2 / (3 + 2))  # 2 present, both said, row 1 a false alarm
+    assert metrics["ignore"]["f1/Edema"] == pytest.approx(1.0)  # rows 2-4 only: 2 present, both said, no other
+    assert metrics["positive"]["auroc/Edema"] == pytest.approx(3.5 / 4)  # row 0 (logit -1) ties the negative
+    assert metrics["ignore"]["auroc/Edema"] == pytest.approx(1.0)

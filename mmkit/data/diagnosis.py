@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from torch.utils.data import Dataset
 
 from mmkit.data.synthetic import SPLIT_STREAMS
-from mmkit.samples import DatasetInfo
+from mmkit.samples import UNCERTAIN, DatasetInfo
 
 FINDINGS = ("nodule", "effusion", "consolidation", "cardiomegaly", "pneumothorax")
 SIDES = ("right", "left")  # the patient's right is the image's left, as on a frontal radiograph
@@ -32,8 +32,9 @@ class SyntheticDiagnosis(Dataset):
     present findings as statements, or hedged ("possible small nodule") when faint; absent ones
     negated ("No pleural effusion.") or left unmentioned; a study without findings reads "No
     acute cardiopulmonary abnormality." ``label`` is the multi-hot findings vector, ``patient``
-    the patient id. Deterministic from the seed; patients are numbered per split, so no patient
-    is in two splits.
+    the patient id. A hedged finding is uncertain, as a report labeler would mark it (CheXpert's
+    -1): ``uncertain`` says what its label holds. Deterministic from the seed; patients are
+    numbered per split, so no patient is in two splits.
 
     Args:
         num_samples: studies in this split.
@@ -41,15 +42,18 @@ class SyntheticDiagnosis(Dataset):
         image_size: side of the square images in pixels; at least 32.
         seed: selects the whole set.
         prevalence: the chance of each finding in a study.
+        uncertain: the label of a hedged finding: "positive" (what is drawn: it is there),
+            "negative", or "ignore" (NaN: left out of the loss and metrics).
     """
 
     def __init__(self, num_samples: int = 2000, split: Literal["train", "val", "test"] = "train",
-                 image_size: int = 64, seed: int = 0, prevalence: float = 0.2):
+                 image_size: int = 64, seed: int = 0, prevalence: float = 0.2,
+                 uncertain: Literal["negative", "positive", "ignore"] = "positive"):
         if num_samples < 1 or image_size < 32 or not 0 <= prevalence <= 1:
             raise ValueError(f"need num_samples >= 1, image_size >= 32 and 0 <= prevalence <= 1, got "
                              f"{num_samples}, {image_size} and {prevalence}")
         self.num_samples, self.split, self.image_size, self.seed = num_samples, split, image_size, seed
-        self.prevalence = prevalence
+        self.prevalence, self.uncertain = prevalence, UNCERTAIN[uncertain]
         self.studies = patient_studies(num_samples, seed, split)
         self.info = DatasetInfo(keys=("id", "image", "text", "label", "patient"), label_kind="multi",
                                 class_names=FINDINGS)
@@ -66,7 +70,13 @@ class SyntheticDiagnosis(Dataset):
         findings = draw_findings(rng, self.prevalence)
         return {"id": f"{self.split}-{patient:05d}-{study}", "patient": f"{self.split}-{patient:05d}",
                 "image": draw_scan(build, rng, self.image_size, findings), "text": write_report(rng, findings),
-                "label": torch.tensor([float(name in findings) for name in FINDINGS])}
+                "label": torch.tensor([self.uncertain if hedged(name, findings) else float(name in findings)
+                                       for name in FINDINGS])}
+
+
+def hedged(name: str, findings: dict[str, dict[str, Any]]) -> bool:
+    """Whether the report hedges a finding ("Possible ..."): a faint one; never cardiomegaly."""
+    return name in findings and findings[name]["faint"] and name != "cardiomegaly"
 
 
 def patient_studies(num_samples: int, seed: int, split: str) -> list[tuple[int, int]]:
@@ -166,7 +176,7 @@ def describe(name: str, where: dict[str, Any]) -> str:
         "cardiomegaly": "The heart is enlarged (cardiomegaly).",
         "pneumothorax": f"{small.capitalize() or ''}{side} apical pneumothorax.".capitalize(),
     }
-    if where["faint"] and name != "cardiomegaly":
+    if hedged(name, {name: where}):
         return f"Possible {small}{name} in the {side} {zone} zone."
     return statements[name]
 
@@ -180,7 +190,7 @@ def write_report(rng: np.random.Generator, findings: dict[str, dict[str, Any]]) 
         elif rng.random() < 0.6:
             sentences.append(NEGATIONS[name])
     if findings:
-        impression = ", ".join(("possible " if findings[n]["faint"] and n != "cardiomegaly" else "") + IMPRESSIONS[n]
+        impression = ", ".join(("possible " if hedged(n, findings) else "") + IMPRESSIONS[n]
                                for n in FINDINGS if n in findings)
     else:
         impression = "no acute cardiopulmonary abnormality"

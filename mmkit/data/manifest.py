@@ -9,14 +9,14 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 import torch
 from torch.utils.data import Dataset
 
 from mmkit.data.read import MAX_IMAGE_PIXELS, Where, file_bytes, read_audio, read_image, read_text
 from mmkit.errors import MMKitError
-from mmkit.samples import DatasetInfo
+from mmkit.samples import UNCERTAIN, DatasetInfo
 
 KEYS = ("id", "image", "audio", "text", "label")  # the sample keys a column of the same name gives
 LISTABLE = ("image", "audio", "text")  # the keys that may take several columns, one sample each
@@ -54,6 +54,13 @@ class Manifest(Dataset):
     column. Bad samples raise SampleError when loaded, with the line the row starts on (a
     CSV's header is line 1); only a problem with the whole file stops construction.
 
+    Chest X-ray layouts (CheXpert, MIMIC-CXR-JPG): ``label_columns`` names one column per
+    finding, each cell 1 (present), 0 or empty (absent, or not mentioned) or -1 (uncertain),
+    which becomes what ``uncertain`` says: "negative", "positive" or "ignore" (not known: left
+    out of the loss and metrics). A file with -1 cells needs the policy set. Several image
+    columns (frontal, lateral) give one sample each; ``join_text`` joins several text columns
+    (findings, impression) into one report per row.
+
     Args:
         path: the .csv or .jsonl file; the paths in it are relative to its folder, or absolute.
         columns: sample key -> column name, or a list of columns giving one sample each.
@@ -63,26 +70,42 @@ class Manifest(Dataset):
         multi_label: each row has any number of labels, given as a float multi-hot vector.
         label_separator: what joins the names in a multi-label CSV cell, as in "cat|dog".
         max_image_pixels: larger images are bad samples ("image too large"), refused undecoded.
+        label_columns: one column per finding (1, 0, empty or -1), giving multi-hot labels
+            whose classes are these columns (``classes`` may rename them, in the same order).
+        uncertain: what a -1 cell of ``label_columns`` becomes: "negative", "positive", or
+            "ignore" (left out of the loss and metrics).
+        join_text: when columns.text lists several columns, join a row's non-empty ones with
+            this into one text (one sample per row) instead of one sample per column.
     """
 
     def __init__(self, path: str, columns: dict[str, str | list[str]] = {}, split: str = "train",
                  split_column: str = "split", classes: list[str] | None = None,
                  multi_label: bool = False, label_separator: str = "|",
-                 max_image_pixels: int = MAX_IMAGE_PIXELS):
+                 max_image_pixels: int = MAX_IMAGE_PIXELS, label_columns: list[str] | None = None,
+                 uncertain: Literal["negative", "positive", "ignore"] | None = None,
+                 join_text: str | None = None):
         self.source = str(path)
         self.folder = Path(path).absolute().parent
-        self.multi_label, self.label_separator = multi_label, label_separator
-        self.max_image_pixels = max_image_pixels
+        self.multi_label, self.label_separator = multi_label or bool(label_columns), label_separator
+        self.max_image_pixels, self.label_columns, self.uncertain = max_image_pixels, label_columns, uncertain
+        self.join_text = join_text
         file_columns, rows = read_rows(Path(path), self.source)
-        self.columns = map_columns(columns, file_columns, self.source)
-        self.listed = next((key for key, value in self.columns.items() if isinstance(value, list)), None)
+        self.columns = map_columns(columns, file_columns, self.source, joined="text" if join_text is not None else None)
+        self.listed = next((key for key, value in self.columns.items()
+                            if isinstance(value, list) and not (key == "text" and join_text is not None)), None)
         self.samples = expand(select_split(rows, file_columns, split, split_column, self.source),
                               self.columns.get(self.listed))
-        self.class_names = self._classes(rows, classes)
+        if label_columns is not None:
+            self.class_names = finding_columns(label_columns, classes, "label" in self.columns, file_columns,
+                                               self.source)
+            check_uncertain(rows, label_columns, uncertain, self.source)
+        else:
+            self.class_names = self._classes(rows, classes)
         self.class_index = {name: index for index, name in enumerate(self.class_names)}
-        label_kind = "none" if "label" not in self.columns else "multi" if multi_label else "single"
-        self.info = DatasetInfo(keys=("id", *(key for key in self.columns if key != "id")),
-                                class_names=self.class_names, label_kind=label_kind)
+        labelled = "label" in self.columns or label_columns is not None
+        label_kind = "none" if not labelled else "multi" if self.multi_label else "single"
+        keys = (*(key for key in self.columns if key != "id"), *(("label",) if label_columns is not None else ()))
+        self.info = DatasetInfo(keys=("id", *keys), class_names=self.class_names, label_kind=label_kind)
 
     def _classes(self, rows: list[Row], classes: list[str] | None) -> tuple[str, ...]:
         """The class names: as given, or read from the label column of every row."""
@@ -110,8 +133,32 @@ class Manifest(Dataset):
         sample = {"id": self._id(row, chosen)}
         for key, column in self.columns.items():
             if key != "id":
-                sample[key] = self._value(key, row.cells.get(chosen if key == self.listed else column), where)
+                sample[key] = self._value(key, self._cell(row, key, column, chosen), where)
+        if self.label_columns is not None:
+            sample["label"] = self._findings(row, where)
         return sample
+
+    def _cell(self, row: Row, key: str, column: str | list[str], chosen: str | None) -> Any:
+        """A key's cell: the sample's own column when the row gives several samples, the joined
+        non-empty cells of joined text columns, else the column's."""
+        if key == self.listed:
+            return row.cells.get(chosen)
+        if isinstance(column, list):
+            present = [str(row.cells[c]) for c in column if row.cells.get(c) not in (None, "")]
+            return self.join_text.join(present) if present else None
+        return row.cells.get(column)
+
+    def _findings(self, row: Row, where: Where) -> torch.Tensor:
+        """The multi-hot label of ``label_columns``: 1 present, 0 or empty absent, -1 uncertain
+        (as the ``uncertain`` policy says)."""
+        target = torch.zeros(len(self.label_columns))
+        for index, column in enumerate(self.label_columns):
+            value = finding_value(row.cells.get(column))
+            if value is None:
+                raise where.error("bad value", f"column {column!r} holds {row.cells.get(column)!r}; "
+                                               "a finding is 1, 0, -1 (uncertain) or empty")
+            target[index] = UNCERTAIN[self.uncertain] if value == -1 else value
+        return target
 
     def _id(self, row: Row, chosen: str | None) -> str:
         """The id cell, or the row's line number; "#column" added when a row gives several samples."""
@@ -221,9 +268,10 @@ def read_jsonl(file: IO[str], source: str) -> tuple[list[str], list[Row]]:
     return list(dict.fromkeys(key for row in rows for key in row.cells)), rows
 
 
-def map_columns(columns: dict[str, str | list[str]], file_columns: list[str],
-                source: str) -> dict[str, str | list[str]]:
-    """Sample key -> column(s): the sample keys in KEYS order, then the keys passed through."""
+def map_columns(columns: dict[str, str | list[str]], file_columns: list[str], source: str,
+                joined: str | None = None) -> dict[str, str | list[str]]:
+    """Sample key -> column(s): the sample keys in KEYS order, then the keys passed through;
+    the ``joined`` key's columns are joined into one value, not one sample each."""
     for key, value in columns.items():
         names = value if isinstance(value, list) else [value]
         if not names or not all(isinstance(name, str) for name in names):
@@ -234,7 +282,7 @@ def map_columns(columns: dict[str, str | list[str]], file_columns: list[str],
         if missing := next((name for name in names if name not in file_columns), None):
             raise MMKitError(f"{source}: columns.{key} names {missing!r}, not a column of the file "
                              f"(it has {', '.join(file_columns)}); fix columns.{key}")
-    if len(listed := [key for key, value in columns.items() if isinstance(value, list)]) > 1:
+    if len(listed := [key for key, value in columns.items() if isinstance(value, list) and key != joined]) > 1:
         raise MMKitError(f"{source}: columns.{listed[0]} and columns.{listed[1]} both list several "
                          "columns; only one key can")
     mapping = {key: columns.get(key, key) for key in KEYS if key in columns or key in file_columns}
@@ -243,6 +291,46 @@ def map_columns(columns: dict[str, str | list[str]], file_columns: list[str],
         raise MMKitError(f"{source}: no image, audio or text column (it has {', '.join(file_columns)}); "
                          'map yours with columns, e.g. columns = {image = "filepath", text = "title"}')
     return mapping
+
+
+def finding_columns(label_columns: list[str], classes: list[str] | None, has_label: bool,
+                    file_columns: list[str], source: str) -> tuple[str, ...]:
+    """The class names of ``label_columns`` (the columns, or ``classes`` naming them), checked."""
+    if has_label:
+        raise MMKitError(f"{source}: both a label column and label_columns; keep one")
+    if not label_columns:
+        raise MMKitError(f"{source}: label_columns is empty; name one column per finding")
+    if missing := [name for name in label_columns if name not in file_columns]:
+        raise MMKitError(f"{source}: label_columns names {missing[0]!r}, not a column of the file "
+                         f"(it has {', '.join(file_columns)}); fix label_columns")
+    names = tuple(classes) if classes is not None else tuple(label_columns)
+    if len(names) != len(label_columns) or len(set(names)) < len(names):
+        raise MMKitError(f"{source}: classes gives {len(names)} names for {len(label_columns)} label_columns; "
+                         "name each column once, in order, or leave classes unset")
+    return names
+
+
+def finding_value(cell: Any) -> int | None:
+    """A finding cell as 1, 0 (also empty) or -1; None for anything else."""
+    if cell is None or cell == "":
+        return 0
+    try:
+        value = float(cell)
+    except (TypeError, ValueError):
+        return None
+    return int(value) if value in (1.0, 0.0, -1.0) and not isinstance(cell, bool) else None
+
+
+def check_uncertain(rows: list[Row], label_columns: list[str], uncertain: str | None, source: str) -> None:
+    """A file with uncertain (-1) findings needs a policy for them; say where the first one is."""
+    if uncertain is not None:
+        return
+    found = [(row, column) for row in rows for column in label_columns if finding_value(row.cells.get(column)) == -1]
+    if found:
+        row, column = found[0]
+        raise MMKitError(f"{source}: {len(found)} uncertain findings (-1), the first in row {row.line}, "
+                         f"column {column!r}; set uncertain to \"negative\", \"positive\" or \"ignore\" "
+                         "(left out of the loss and metrics)")
 
 
 def select_split(rows: list[Row], file_columns: list[str], split: str, split_column: str,

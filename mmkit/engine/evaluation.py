@@ -26,9 +26,14 @@ class Evaluation:
         task.train()
         return join(all_processes(mine, accelerator))
 
-    def metrics(self, task: Task, accelerator: Any, outputs: dict[str, Any] | None = None) -> dict[str, float]:
-        """Held-out metrics (from ``outputs`` when given), prefixed ``val/``, on the main process."""
+    def metrics(self, task: Task, accelerator: Any, outputs: dict[str, Any] | None = None,
+                calibrate: bool = False) -> dict[str, float]:
+        """Held-out metrics (from ``outputs`` when given), prefixed ``val/``, on the main process;
+        with ``calibrate`` (a training run's validation split) the task first sets what it
+        chooses there, on every process alike."""
         outputs = self.outputs(task, accelerator) if outputs is None else outputs
+        if calibrate:
+            task.calibrate(outputs)
         if not accelerator.is_main_process:
             return {}
         return {f"val/{key}": value for key, value in task.evaluate(outputs).items()}

@@ -53,7 +53,7 @@ def fit(task: Task, feed: TrainFeed, val: Evaluation | None, train: TrainSpec, e
     ``lr_scales`` scale the learning rate of some parts."""
     trainer = Trainer(task, feed, train, accelerator, tracker, checkpoints, plan[1], layout, lr_scales)
     trainer.restore(resume_from)
-    trainer.run(lambda step: val.metrics(task, accelerator)
+    trainer.run(lambda step: val.metrics(task, accelerator, calibrate=True)
                 if val is not None and evaluation.every and step % evaluation.every == 0 else None)
     steps, seconds = trainer.step, trainer.seconds
     return FitResult(steps, steps / plan[0] if plan[0] else None, seconds,

@@ -185,7 +185,7 @@ class Run:
         from mmkit.engine.evaluation import every_process_problems
 
         outputs = val.outputs(parts.task, accelerator) if val else None
-        metrics = val.metrics(parts.task, accelerator, outputs) if val else {}
+        metrics = val.metrics(parts.task, accelerator, outputs, calibrate=True) if val else {}
         skipped = {"train": every_process_problems(feed.problems, accelerator)}
         if val:
             skipped["val"] = val.all_problems(accelerator)

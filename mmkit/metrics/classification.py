@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 
 MetricDict = dict[str, float]
+ECE_BINS = 10
 
 
 def single_label_metrics(scores: torch.Tensor, labels: torch.Tensor) -> MetricDict:
@@ -31,17 +32,56 @@ def single_label_metrics(scores: torch.Tensor, labels: torch.Tensor) -> MetricDi
 def multi_label_metrics(scores: torch.Tensor, targets: torch.Tensor, thresholds: torch.Tensor,
                         class_names: tuple[str, ...]) -> MetricDict:
     """Exact-match accuracy, macro and micro precision / recall / F1 over every label, macro
-    AUROC (labels with positives and negatives) and each label's AUROC under ``auroc/<name>``.
-    A label is predicted where its score (a probability) reaches its threshold."""
-    predicted, actual = scores >= thresholds, targets.bool()
-    metrics = {"accuracy": (predicted == actual).all(dim=1).double().mean().item()}
-    true_positives = (predicted & actual).sum(0)
-    metrics |= precision_recall_f1(true_positives, predicted.sum(0), actual.sum(0))
-    metrics["auroc_macro"] = macro_auroc(scores, actual)
-    for name, column, positives in zip(class_names, scores.T, actual.T):
-        if 0 < positives.sum() < len(positives):
-            metrics[f"auroc/{name}"] = auroc(column, positives)
-    return metrics
+    AUROC and ECE (labels with positives and negatives), and each label's AUROC, F1 and ECE under
+    ``auroc/<name>``, ``f1/<name>``, ``ece/<name>``. A label is predicted where its score (a
+    probability) reaches its threshold. A NaN target is not known (an uncertain finding left
+    out): that entry counts nowhere, and an item is exactly right when its known labels are."""
+    known, actual = ~targets.isnan(), targets.nan_to_num(0).bool()
+    predicted = scores >= thresholds
+    metrics = {"accuracy": ((predicted == actual) | ~known).all(dim=1).double().mean().item()}
+    true_positives, said, found = ((predicted & actual & known).sum(0), (predicted & known).sum(0),
+                                   (actual & known).sum(0))
+    metrics |= precision_recall_f1(true_positives, said, found)
+    per_label = _ratio(2 * true_positives.double(), (said + found).double())
+    aurocs, errors = {}, {}
+    for index, (name, column, positives) in enumerate(zip(class_names, scores.T, actual.T)):
+        rows = known[:, index]
+        metrics[f"f1/{name}"] = per_label[index].item()
+        if 0 < positives[rows].sum() < rows.sum():
+            aurocs[name] = auroc(column[rows], positives[rows])
+            errors[name] = calibration_error(column[rows], positives[rows])
+    metrics["auroc_macro"] = sum(aurocs.values()) / len(aurocs) if aurocs else float("nan")
+    metrics["ece_macro"] = sum(errors.values()) / len(errors) if errors else float("nan")
+    metrics |= {f"auroc/{name}": value for name, value in aurocs.items()}
+    return metrics | {f"ece/{name}": value for name, value in errors.items()}
+
+
+def calibration_error(probabilities: torch.Tensor, positives: torch.Tensor, bins: int = ECE_BINS) -> float:
+    """Expected calibration error of one label's probabilities: items binned by probability
+    into ``bins`` equal-width bins (the last one closed at 1), then the item-weighted mean over
+    bins of |share of positives - mean probability|."""
+    p = probabilities.double()
+    index = (p * bins).long().clamp(0, bins - 1)
+    gap = torch.zeros(bins, dtype=torch.float64).index_add_(0, index, positives.double() - p)
+    return (gap.abs().sum() / len(p)).item()
+
+
+def best_thresholds(scores: torch.Tensor, targets: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+    """Per label, the threshold (one of its scores) at which predicting ``score >= threshold``
+    gives the highest F1 over the known entries; the highest such threshold on a tie. A label
+    without a known positive keeps its ``fallback``."""
+    chosen = fallback.clone().double()
+    for index, (column, target) in enumerate(zip(scores.double().T, targets.T)):
+        rows = ~target.isnan()
+        ordered, order = column[rows].sort(descending=True, stable=True)
+        hits = target[rows][order].double()
+        if not hits.sum():
+            continue
+        last_of_tie = torch.cat([ordered[1:] != ordered[:-1], torch.tensor([True])])
+        true_positives, predicted = hits.cumsum(0)[last_of_tie], torch.arange(1, len(hits) + 1)[last_of_tie]
+        f1 = 2 * true_positives / (predicted + hits.sum())
+        chosen[index] = ordered[last_of_tie][f1.argmax()]  # argmax takes the first: the highest threshold
+    return chosen
 
 
 def precision_recall_f1(true_positives: torch.Tensor, predicted: torch.Tensor, actual: torch.Tensor) -> MetricDict:
@@ -71,10 +111,15 @@ def auroc(scores: torch.Tensor, positives: torch.Tensor) -> float:
     return u / (n_pos * n_neg)
 
 
-def macro_auroc(scores: torch.Tensor, positives: torch.Tensor) -> float:
-    """Mean one-vs-rest AUROC over the columns that have both positives and negatives (NaN if none)."""
-    values = [auroc(column, column_positives) for column, column_positives in zip(scores.T, positives.T)
-              if 0 < column_positives.sum() < len(column_positives)]
+def macro_auroc(scores: torch.Tensor, targets: torch.Tensor) -> float:
+    """Mean one-vs-rest AUROC over the columns that have both positives and negatives (NaN if
+    none); ``targets`` are booleans, or floats whose NaN entries are not known and left out."""
+    values = []
+    for column, target in zip(scores.T, targets.T):
+        rows = ~target.isnan() if target.is_floating_point() else torch.ones_like(target, dtype=torch.bool)
+        positives = target[rows].bool()
+        if 0 < positives.sum() < len(positives):
+            values.append(auroc(column[rows], positives))
     return sum(values) / len(values) if values else float("nan")
 
 
@@ -101,8 +146,9 @@ def average_ranks(values: torch.Tensor) -> torch.Tensor:
 
 def chance_scores(labels: torch.Tensor, classes: int, multi_label: bool) -> torch.Tensor:
     """What a constant predictor gives every item: the held-out set's class frequencies
-    (its argmax is the majority class; for multi-label, each label's prevalence)."""
-    frequency = labels.double().mean(0) if multi_label else torch.bincount(labels, minlength=classes).double() / len(labels)
+    (its argmax is the majority class; for multi-label, each label's prevalence among the
+    known entries)."""
+    frequency = labels.double().nanmean(0).nan_to_num(0) if multi_label else torch.bincount(labels, minlength=classes).double() / len(labels)
     return frequency.expand(len(labels), classes)
 
 
@@ -112,6 +158,20 @@ def beside_chance(measure: Callable[[torch.Tensor], MetricDict], scores: torch.T
     constant predictor (chance_scores) on the same labels."""
     chance = measure(chance_scores(labels, classes, multi_label))
     return {**measure(scores), **{f"chance/{name}": value for name, value in chance.items()}}
+
+
+def multi_label_beside_chance(scores: torch.Tensor, targets: torch.Tensor, thresholds: torch.Tensor,
+                              class_names: tuple[str, ...], chosen: bool) -> MetricDict:
+    """multi_label_metrics at ``thresholds`` and, under ``chance/``, the constant predictor's
+    (each label's prevalence); when the thresholds were ``chosen`` on held-out data (reported
+    under ``threshold/<name>``), the constant predictor's are chosen for it on these targets."""
+    chance = chance_scores(targets, len(class_names), multi_label=True)
+    chance_thresholds = best_thresholds(chance, targets, thresholds) if chosen else thresholds
+    metrics = multi_label_metrics(scores, targets, thresholds, class_names)
+    if chosen:
+        metrics |= {f"threshold/{name}": value for name, value in zip(class_names, thresholds.tolist())}
+    return metrics | {f"chance/{name}": value for name, value in
+                      multi_label_metrics(chance, targets, chance_thresholds, class_names).items()}
 
 
 def _ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:

@@ -46,6 +46,11 @@ class Task(nn.Module):
         trainable then takes no optimizer step."""
         raise NotImplementedError
 
+    def calibrate(self, outputs: dict[str, Any]) -> None:
+        """Set what the task chooses on the validation split (decision thresholds) from its
+        held-out ``outputs``, before ``evaluate``. A training run calls it at each evaluation;
+        ``mmkit eval`` does not, so another split is judged with the run's choices."""
+
     def evaluate(self, outputs: dict[str, Any]) -> dict[str, float]:
         """Metrics from the whole held-out set's outputs; keys under ``chance/`` give the chance level."""
         raise NotImplementedError

@@ -3,7 +3,7 @@ from several modalities fused by a fusion head."""
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Iterable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -13,8 +13,8 @@ from torch.utils.data import Dataset
 from mmkit.encoders.base import Encoder
 from mmkit.errors import MMKitError
 from mmkit.fusion.base import FusionHead
-from mmkit.metrics.classification import (auroc, beside_chance, confusion_matrix, multi_label_metrics, roc_curve,
-                                          single_label_metrics)
+from mmkit.metrics.classification import (auroc, beside_chance, best_thresholds, confusion_matrix,
+                                          multi_label_beside_chance, roc_curve, single_label_metrics)
 from mmkit.samples import DatasetInfo
 from mmkit.tasks.base import Task
 
@@ -25,12 +25,12 @@ class Classification(Task):
     """Classify samples from one encoder's pooled features, or, with a [model.fusion] head,
     from every encoder's features fused (the head's own loss terms are added to the task's):
     cross-entropy when a sample has one label, binary cross-entropy per label when it has
-    several (the dataset says which).
+    several (the dataset says which; a NaN label is not known and left out of loss and metrics).
 
     Held-out: accuracy (exact match for multi-label), top-5 accuracy (over 5 classes), macro
-    and micro precision / recall / F1, one-vs-rest AUROC (per label for multi-label) and the
-    confusion matrix, each metric beside what always predicting the held-out class
-    frequencies scores (the majority class; AUROC 0.5).
+    and micro precision / recall / F1, one-vs-rest AUROC and the confusion matrix; for
+    multi-label, each label's AUROC, F1 and calibration error (ECE). Each metric beside what
+    always predicting the held-out class frequencies scores (the majority class; AUROC 0.5).
 
     Args:
         modality: the encoder whose features are classified (without a fusion head; by
@@ -41,12 +41,13 @@ class Classification(Task):
         class_weights: one weight per class: single-label, the cross-entropy's class weights;
             multi-label, each label's weight on its positives (BCE pos_weight).
         thresholds: multi-label: the probability from which a label is predicted, one for
-            all labels or one per label.
+            all labels or one per label; "val": each label's, chosen for the best F1 on the
+            validation split at every evaluation of a training run, and kept with the weights.
     """
 
     def __init__(self, encoders: dict[str, Encoder], data: DatasetInfo | None = None, fusion: FusionHead | None = None,
                  modality: str | None = None, hidden: int = 0, dropout: float = 0.0, label_smoothing: float = 0.0,
-                 class_weights: list[float] | None = None, thresholds: float | list[float] = 0.5):
+                 class_weights: list[float] | None = None, thresholds: float | list[float] | Literal["val"] = 0.5):
         super().__init__()
         self.info = labelled(data)
         classes = self.info.num_classes
@@ -62,7 +63,12 @@ class Classification(Task):
         if label_smoothing and self.multi_label:
             raise MMKitError("classification: label_smoothing applies to single-label data; remove it")
         self.register_buffer("class_weights", per_class(class_weights, classes, "class_weights"), persistent=False)
-        self.register_buffer("thresholds", per_class(thresholds, classes, "thresholds"), persistent=False)
+        self.choose = thresholds == "val"
+        if self.choose and not self.multi_label:
+            raise MMKitError('classification: thresholds = "val" chooses multi-label thresholds; single-label '
+                             "data takes the most likely class, remove it")
+        self.register_buffer("thresholds", per_class(0.5 if self.choose else thresholds, classes, "thresholds"),
+                             persistent=self.choose)
         self.label_smoothing = label_smoothing
 
     def features(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -87,8 +93,9 @@ class Classification(Task):
         features, fused = self.features(batch)
         logits, labels = self.head(features).float(), batch["label"]
         if self.multi_label:
-            loss = F.binary_cross_entropy_with_logits(logits, labels.float(), pos_weight=self.class_weights)
-            right = ((logits.sigmoid() >= self.thresholds) == labels.bool()).all(dim=1)
+            loss = masked_bce(logits, labels.float(), self.class_weights)
+            right = ((logits.sigmoid() >= self.thresholds) == (labels == 1)) | labels.isnan()
+            right = right.all(dim=1)
         else:
             loss = F.cross_entropy(logits, labels, weight=self.class_weights, label_smoothing=self.label_smoothing)
             right = logits.argmax(dim=1) == labels
@@ -110,16 +117,20 @@ class Classification(Task):
         return {"scores": torch.cat(scores) if scores else torch.empty(0, classes),
                 "labels": torch.cat(labels) if labels else empty_labels}
 
+    def calibrate(self, outputs: dict[str, Any]) -> None:
+        """With thresholds = "val": each label's threshold for the best F1 on these outputs."""
+        if self.choose and len(outputs["labels"]):
+            chosen = best_thresholds(outputs["scores"], outputs["labels"], self.thresholds.cpu())
+            self.thresholds.copy_(chosen.to(self.thresholds))
+
     def evaluate(self, outputs: dict[str, Any]) -> dict[str, float]:
         scores, labels = outputs["scores"].double(), outputs["labels"]
         if not len(labels):
             return {}
-        return beside_chance(lambda s: self._metrics(s, labels), scores, labels, self.info.num_classes, self.multi_label)
-
-    def _metrics(self, scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         if self.multi_label:
-            return multi_label_metrics(scores, labels, self.thresholds.cpu().double(), self.info.class_names)
-        return single_label_metrics(scores, labels)
+            return multi_label_beside_chance(scores, labels, self.thresholds.cpu().double(), self.info.class_names,
+                                             self.choose)
+        return beside_chance(lambda s: single_label_metrics(s, labels), scores, labels, self.info.num_classes, False)
 
     def headline(self) -> list[str]:
         return ["accuracy", "f1_macro", "auroc_macro"]
@@ -131,8 +142,8 @@ class Classification(Task):
         if not len(labels):
             return {}
         names = self.info.class_names
-        positives = labels.bool() if self.multi_label else F.one_hot(labels, len(names)).bool()
-        figures = {"roc_curves": roc_curves(curves(scores, positives, names))}
+        targets = labels.double() if self.multi_label else F.one_hot(labels, len(names)).double()
+        figures = {"roc_curves": roc_curves(curves(scores, targets, names))}
         if not self.multi_label:
             figures["confusion_matrix"] = confusion_heatmap(confusion_matrix(scores.argmax(1), labels, len(names)), names)
         if self.fusion is not None and dataset is not None and len(dataset):
@@ -150,13 +161,27 @@ class Classification(Task):
             return attention_figure(dict(self.encoders), encoded, batch, self.fusion(encoded, batch))
 
 
-def curves(scores: torch.Tensor, positives: torch.Tensor,
+def curves(scores: torch.Tensor, targets: torch.Tensor,
            names: tuple[str, ...]) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-    """ROC curves of the classes (labels) with the most held-out positives, up to ten."""
-    counts = positives.sum(0)
-    usable = [c for c in counts.argsort(descending=True).tolist() if 0 < counts[c] < len(positives)]
-    return {names[c]: (*roc_curve(scores[:, c], positives[:, c]), auroc(scores[:, c], positives[:, c]))
-            for c in usable[:MAX_ROC_CURVES]}
+    """ROC curves of the classes (labels) with the most held-out positives, up to ten, each
+    over the items whose label is known (not NaN)."""
+    known = ~targets.isnan()
+    positives, counts = targets.nan_to_num(0).bool(), targets.nan_to_num(0).sum(0)
+    drawn = {}
+    for c in counts.argsort(descending=True, stable=True).tolist():
+        rows = known[:, c]
+        if 0 < counts[c] < rows.sum() and len(drawn) < MAX_ROC_CURVES:
+            column, hits = scores[rows, c], positives[rows, c]
+            drawn[names[c]] = (*roc_curve(column, hits), auroc(column, hits))
+    return drawn
+
+
+def masked_bce(logits: torch.Tensor, targets: torch.Tensor, pos_weight: torch.Tensor | None) -> torch.Tensor:
+    """Binary cross-entropy per label, averaged over the known entries (a NaN target is not
+    known: an uncertain finding left out); the plain mean when every entry is known."""
+    known = ~targets.isnan()
+    losses = F.binary_cross_entropy_with_logits(logits, targets.nan_to_num(0), pos_weight=pos_weight, reduction="none")
+    return (losses * known).sum() / known.sum().clamp(min=1)
 
 
 def chosen_modality(encoders: dict[str, Encoder], modality: str | None) -> str:

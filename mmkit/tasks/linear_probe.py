@@ -3,7 +3,7 @@ logistic regression fitted on them (as CLIP and CLIP_benchmark judge representat
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Iterable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +33,8 @@ class LinearProbe(Classification):
         l2: the penalties tried: the fit minimises mean loss + l2 / 2 * |W|^2 (bias not penalised).
         val_fraction: the share of the training features, a fixed random one, that scores each penalty.
         normalize: divide each feature vector by its length first (CLIP's own probe does not).
-        thresholds: multi-label: the probability from which a label is predicted.
+        thresholds: multi-label: the probability from which a label is predicted; "val": chosen on
+            the validation split for each label's best F1, as classification does.
         max_iter: L-BFGS iterations per fit.
     """
 
@@ -41,7 +42,7 @@ class LinearProbe(Classification):
 
     def __init__(self, encoders: dict[str, Encoder], data: DatasetInfo | None = None, modality: str | None = None,
                  l2: list[float] = list(DEFAULT_L2), val_fraction: float = 0.2, normalize: bool = False,
-                 thresholds: float | list[float] = 0.5, max_iter: int = 500):
+                 thresholds: float | list[float] | Literal["val"] = 0.5, max_iter: int = 500):
         super().__init__(encoders, data, modality=modality, thresholds=thresholds)
         if not l2 or min(l2) < 0:
             raise MMKitError("linear_probe: l2 lists the penalties to try, each 0 or more")
@@ -100,7 +101,7 @@ class LinearProbe(Classification):
     def score(self, probabilities: torch.Tensor, labels: torch.Tensor) -> float:
         """What chooses the penalty: accuracy, or for multi-label the macro AUROC."""
         if self.multi_label:
-            return macro_auroc(probabilities, labels.bool())
+            return macro_auroc(probabilities, labels.double())
         return (probabilities.argmax(dim=1) == labels).double().mean().item()
 
     def figures(self, dataset: Dataset | None, outputs: dict[str, Any]) -> dict[str, Any]:
@@ -138,7 +139,9 @@ def fit_logistic(features: torch.Tensor, labels: torch.Tensor, classes: int, l2:
         optimizer.zero_grad()
         logits = x @ weight + bias
         if multi_label:
-            loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / len(x)
+            known = ~targets.isnan()  # an unknown label (NaN) is left out
+            loss = F.binary_cross_entropy_with_logits(logits, targets.nan_to_num(0), weight=known.double(),
+                                                      reduction="sum") / len(x)
         else:
             loss = F.cross_entropy(logits, targets)
         loss = loss + l2 / 2 * weight.square().sum()
