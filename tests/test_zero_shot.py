@@ -20,10 +20,13 @@ COLOURS = DatasetInfo(keys=("id", "image", "text", "label"), class_names=("red",
 TEMPLATES = ["a large {} circle", "a small {} square in the top left"]
 
 
-def tiny_task(**params):
+FINDINGS = DatasetInfo(keys=("id", "image", "text", "label"), class_names=("nodule", "effusion"), label_kind="multi")
+
+
+def tiny_task(data=COLOURS, **params):
     encoders = {"image": build("image_encoders", "timm", model_name="test_vit", image_size=32),
                 "text": build("text_encoders", "transformer", width=32, layers=1, heads=2, context_length=16)}
-    return build("tasks", "zero_shot", encoders=encoders, data=COLOURS, embed_dim=16, **params).eval()
+    return build("tasks", "zero_shot", encoders=encoders, data=data, embed_dim=16, **params).eval()
 
 
 def test_class_vectors_average_each_classes_prompts():
@@ -48,10 +51,29 @@ def test_an_item_takes_its_most_similar_class_and_classes_are_scored_one_by_one(
     assert metrics["chance/accuracy"] == pytest.approx(2 / 5)
 
 
+def test_a_finding_is_the_softmax_over_its_negative_and_positive_prompts():
+    task = tiny_task(FINDINGS, templates=["{}.", "there is {}."], negative_templates=["no {}."], temperature=0.5,
+                     learn_temperature=False)
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([[1.0, 0.0], [float("nan"), 1.0], [0.0, 0.0]])
+    outputs = task.predict([{"image": images, "label": labels}])
+    with torch.no_grad():
+        image = task.embed({"image": images}, "image")
+        present, absent = task.class_embeddings(), task.class_embeddings(["no {}."])
+        pair = torch.stack([image @ absent.T, image @ present.T], dim=-1) / 0.5  # [items, findings, (no, yes)]
+        expected = pair.softmax(dim=-1)[..., 1]
+    assert torch.allclose(outputs["scores"], expected, atol=1e-5)
+    assert torch.equal(outputs["labels"].isnan(), labels.isnan())
+    metrics = task.evaluate(outputs)
+    assert "threshold/nodule" not in metrics and set(metrics) >= {"auroc_macro", "f1/nodule", "ece/effusion"}
+    task.calibrate(outputs)  # a training run's validation split: the thresholds are chosen there
+    assert task.evaluate(outputs)["threshold/effusion"] == pytest.approx(outputs["scores"][1, 1].item())
+
+
 def test_templates_need_one_place_for_the_name_and_data_needs_classes():
     with pytest.raises(MMKitError, match=r"each zero_shot template needs one \{\} for the class name: \['a photo'\]"):
         tiny_task(templates=["a photo"])
-    with pytest.raises(MMKitError, match="zero_shot needs data with one label per sample"):
+    with pytest.raises(MMKitError, match="zero_shot needs labelled data with named classes"):
         build("tasks", "zero_shot", encoders=tiny_task().encoders, data=DatasetInfo(keys=("id", "image", "text")))
 
 

@@ -10,11 +10,13 @@ from torch.utils.data import Dataset, default_collate
 
 from mmkit.encoders.base import Encoder
 from mmkit.errors import MMKitError
-from mmkit.metrics.classification import beside_chance, confusion_matrix, single_label_metrics
+from mmkit.metrics.classification import (beside_chance, best_thresholds, confusion_matrix, multi_label_beside_chance,
+                                          single_label_metrics)
 from mmkit.samples import DatasetInfo
-from mmkit.tasks.clip_retrieval import ClipRetrieval, full_precision_similarity
+from mmkit.tasks.clip_retrieval import ClipRetrieval, clamped_scale, full_precision_similarity
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
+DEFAULT_NEGATIVE_TEMPLATES = ("no {}.",)
 
 
 class ZeroShot(ClipRetrieval):
@@ -24,8 +26,14 @@ class ZeroShot(ClipRetrieval):
     most similar. It trains as clip_retrieval does (same parameters), so a clip_retrieval run's
     weights load into it: ``mmkit eval runs/clip_retrieval 'task={name="zero_shot", embed_dim=128}'``.
 
+    Multi-label data (findings) is judged label by label, as CheXzero does: an item's
+    probability of a finding is the softmax, at the model's temperature, over its similarity
+    to the finding's negative prompts ("no {}") and to its positive ones ("{}").
+
     Held-out: top-1 and top-5 accuracy (over 5 classes), macro precision / recall / F1, AUROC
-    and each class's accuracy, beside what always answering the majority class scores.
+    and each class's accuracy, beside what always answering the majority class scores; for
+    multi-label, each finding's AUROC, F1 (at the threshold chosen for it on the validation
+    split in a training run, else 0.5) and calibration error, beside the prevalence's.
 
     Args:
         modalities: the classified modality, then "text"; default: the recipe's two.
@@ -33,64 +41,89 @@ class ZeroShot(ClipRetrieval):
         temperature: initial softmax temperature.
         learn_temperature: train the temperature (as CLIP does), clamped at 1/100.
         templates: prompts with "{}" where the class name goes, averaged per class.
+        negative_templates: multi-label: the prompts saying a finding is absent.
     """
 
     def __init__(self, encoders: dict[str, Encoder], data: DatasetInfo | None = None,
                  modalities: list[str] | None = None, embed_dim: int = 256, temperature: float = 0.07,
-                 learn_temperature: bool = True, templates: list[str] = list(DEFAULT_TEMPLATES)):
+                 learn_temperature: bool = True, templates: list[str] = list(DEFAULT_TEMPLATES),
+                 negative_templates: list[str] = list(DEFAULT_NEGATIVE_TEMPLATES)):
         modalities = list(modalities or sorted(encoders, key=lambda m: m == "text"))
         super().__init__(encoders, modalities, embed_dim, temperature, learn_temperature)
         if self.modalities[1] != "text":
             raise MMKitError(f"zero_shot classifies with class names in words: task.modalities must end with "
                              f"\"text\", got {self.modalities}")
-        if data is None or data.label_kind != "single":
-            raise MMKitError("zero_shot needs data with one label per sample and named classes "
-                             "(see `mmkit info datasets <name>`)")
-        if bad := [t for t in templates if t.count("{}") != 1]:
+        if data is None or data.label_kind == "none":
+            raise MMKitError("zero_shot needs labelled data with named classes (see `mmkit info datasets <name>`)")
+        if bad := [t for t in [*templates, *negative_templates] if t.count("{}") != 1]:
             raise MMKitError(f"each zero_shot template needs one {{}} for the class name: {bad}")
-        self.info, self.templates = data, list(templates)
+        self.info, self.templates, self.negative_templates = data, list(templates), list(negative_templates)
+        self.multi_label = data.label_kind == "multi"
+        # chosen on a training run's validation split; not saved, so the weights stay a clip_retrieval run's
+        self.register_buffer("thresholds", torch.full((data.num_classes,), 0.5), persistent=False)
+        self.calibrated = False
 
-    def class_embeddings(self) -> torch.Tensor:
-        """[classes, embed_dim]: each class's prompts embedded, normalised, averaged, normalised."""
+    def class_embeddings(self, templates: list[str] | None = None) -> torch.Tensor:
+        """[classes, embed_dim]: each class's prompts (``templates``, by default the task's)
+        embedded, normalised, averaged, normalised."""
         from mmkit.engine.loop import to_device
 
-        text = self.encoders["text"]
-        prompts = [template.format(name) for name in self.info.class_names for template in self.templates]
+        text, templates = self.encoders["text"], templates or self.templates
+        prompts = [template.format(name) for name in self.info.class_names for template in templates]
         batch = (text.collate or default_collate)([text.preprocess(prompt) for prompt in prompts])
         embedded = self.embed({"text": to_device(batch, self.logit_scale.device)}, "text")
-        per_class = embedded.view(len(self.info.class_names), len(self.templates), -1).mean(dim=1)
+        per_class = embedded.view(len(self.info.class_names), len(templates), -1).mean(dim=1)
         return F.normalize(per_class, dim=-1)
 
     @torch.no_grad()
     def predict(self, batches: Iterable[dict[str, Any]]) -> dict[str, Any]:
-        """Each held-out item's similarity to every class (cosine, [N, classes]) and its label."""
+        """Each held-out item's similarity to every class (cosine, [N, classes]), or for
+        multi-label each finding's probability, and its label."""
         query = self.modalities[0]
         classes, scores, labels = self.class_embeddings(), [], []
+        absent = self.class_embeddings(self.negative_templates) if self.multi_label else None
         for batch in batches:
-            scores.append(full_precision_similarity(self.embed(batch, query), classes).cpu())
+            embedded = self.embed(batch, query)
+            similarity = full_precision_similarity(embedded, classes)
+            if absent is not None:  # softmax over (absent, present) = sigmoid of the scaled difference
+                scale = clamped_scale(self.logit_scale).float()
+                similarity = (scale * (similarity - full_precision_similarity(embedded, absent))).sigmoid()
+            scores.append(similarity.cpu())
             labels.append(batch["label"].cpu())
         count = len(self.info.class_names)
+        empty_labels = torch.empty(0, count) if self.multi_label else torch.empty(0, dtype=torch.long)
         return {"scores": torch.cat(scores) if scores else torch.empty(0, count),
-                "labels": torch.cat(labels) if labels else torch.empty(0, dtype=torch.long)}
+                "labels": torch.cat(labels) if labels else empty_labels}
+
+    def calibrate(self, outputs: dict[str, Any]) -> None:
+        """Multi-label: each finding's threshold for the best F1 on the validation split."""
+        if self.multi_label and len(outputs["labels"]):
+            self.thresholds.copy_(best_thresholds(outputs["scores"], outputs["labels"], self.thresholds.cpu()))
+            self.calibrated = True
 
     def evaluate(self, outputs: dict[str, Any]) -> dict[str, float]:
         scores, labels = outputs["scores"].double(), outputs["labels"]
         if not len(labels):
             return {}
         names = self.info.class_names
+        if self.multi_label:
+            return multi_label_beside_chance(scores, labels, self.thresholds.cpu().double(), names, self.calibrated)
         return (beside_chance(lambda s: single_label_metrics(s, labels), scores, labels, len(names), multi_label=False)
                 | per_class_accuracy(scores, labels, names))
 
     def headline(self) -> list[str]:
-        return ["accuracy", "top5_accuracy", "f1_macro"]
+        return ["auroc_macro", "f1_macro"] if self.multi_label else ["accuracy", "top5_accuracy", "f1_macro"]
 
     def figures(self, dataset: Dataset | None, outputs: dict[str, Any]) -> dict[str, Any]:
-        from mmkit.report import class_accuracy_bars, confusion_heatmap
+        from mmkit.report import class_accuracy_bars, confusion_heatmap, roc_curves
+        from mmkit.tasks.classification import curves
 
         scores, labels = outputs["scores"], outputs["labels"]
         if not len(labels):
             return {}
         names = self.info.class_names
+        if self.multi_label:
+            return {"roc_curves": roc_curves(curves(scores.double(), labels.double(), names))}
         accuracy = per_class_accuracy(scores, labels, names)
         return {"per_class_accuracy": class_accuracy_bars({n: accuracy[f"accuracy/{n}"] for n in names
                                                             if f"accuracy/{n}" in accuracy}),
