@@ -89,6 +89,11 @@ class Classification(Task):
     def logits(self, batch: dict[str, Any]) -> torch.Tensor:
         return self.head(self.features(batch)[0]).float()
 
+    def scores(self, batch: dict[str, Any]) -> torch.Tensor:
+        """[B, classes] probabilities: softmax, or a sigmoid per label for multi-label data."""
+        logits = self.logits(batch)
+        return logits.sigmoid() if self.multi_label else logits.softmax(dim=1)
+
     def training_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         features, fused = self.features(batch)
         logits, labels = self.head(features).float(), batch["label"]
@@ -109,8 +114,7 @@ class Classification(Task):
         """Each held-out item's class probabilities (softmax, or sigmoid per label) and labels."""
         scores, labels = [], []
         for batch in batches:
-            logits = self.logits(batch)
-            scores.append((logits.sigmoid() if self.multi_label else logits.softmax(dim=1)).cpu())
+            scores.append(self.scores(batch).cpu())
             labels.append(batch["label"].cpu())
         classes = self.info.num_classes
         empty_labels = torch.empty(0, classes) if self.multi_label else torch.empty(0, dtype=torch.long)

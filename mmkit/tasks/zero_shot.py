@@ -79,21 +79,30 @@ class ZeroShot(ClipRetrieval):
     def predict(self, batches: Iterable[dict[str, Any]]) -> dict[str, Any]:
         """Each held-out item's similarity to every class (cosine, [N, classes]), or for
         multi-label each finding's probability, and its label."""
-        query = self.modalities[0]
-        classes, scores, labels = self.class_embeddings(), [], []
-        absent = self.class_embeddings(self.negative_templates) if self.multi_label else None
+        prompts, scores, labels = self.prompts(), [], []
         for batch in batches:
-            embedded = self.embed(batch, query)
-            similarity = full_precision_similarity(embedded, classes)
-            if absent is not None:  # softmax over (absent, present) = sigmoid of the scaled difference
-                scale = clamped_scale(self.logit_scale).float()
-                similarity = (scale * (similarity - full_precision_similarity(embedded, absent))).sigmoid()
-            scores.append(similarity.cpu())
+            scores.append(self.scores(batch, prompts).cpu())
             labels.append(batch["label"].cpu())
         count = len(self.info.class_names)
         empty_labels = torch.empty(0, count) if self.multi_label else torch.empty(0, dtype=torch.long)
         return {"scores": torch.cat(scores) if scores else torch.empty(0, count),
                 "labels": torch.cat(labels) if labels else empty_labels}
+
+    def prompts(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The class vectors, and for multi-label the vectors of the negative prompts."""
+        return self.class_embeddings(), self.class_embeddings(self.negative_templates) if self.multi_label else None
+
+    def scores(self, batch: dict[str, Any], prompts: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+               ) -> torch.Tensor:
+        """[B, classes]: each item's cosine similarity to every class, or for multi-label each
+        finding's probability (softmax over absent / present = sigmoid of the scaled difference)."""
+        present, absent = prompts or self.prompts()
+        embedded = self.embed(batch, self.modalities[0])
+        similarity = full_precision_similarity(embedded, present)
+        if absent is None:
+            return similarity
+        scale = clamped_scale(self.logit_scale).float()
+        return (scale * (similarity - full_precision_similarity(embedded, absent))).sigmoid()
 
     def calibrate(self, outputs: dict[str, Any]) -> None:
         """Multi-label: each finding's threshold for the best F1 on the validation split."""
