@@ -14,22 +14,21 @@ import torch
 from mmkit.files import write_text_atomic
 
 
-def _pyplot():
-    import matplotlib
+def _subplots(*grid: int, figsize: tuple[float, float], **kwargs: Any) -> tuple[Any, Any]:
+    """A figure and its axes, made without pyplot: no backend is chosen and no global figure
+    list is touched, so a notebook's own plots keep showing after a run writes its report."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*grid, **kwargs)
 
 
 def training_curves(records: list[dict[str, Any]], headline: list[str]) -> Any:
     """Training loss per step (with each loss term, when there are several, and the learning
     rate), and the task's headline held-out metrics per step, each with its chance level dotted."""
-    plt = _pyplot()
     train = [r for r in records if "train/loss" in r]
     evals = [r for r in records if any(k.startswith("val/") for k in r)]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (left, right) = _subplots(1, 2, figsize=(11, 4))
     left.plot([r["step"] for r in train], [r["train/loss"] for r in train], label="total")
     terms = sorted({k for r in train for k in r if k.startswith("train/loss/")})
     for key in terms if len(terms) > 1 else []:  # each weighted term of a sum (mlm, ae)
@@ -77,7 +76,6 @@ def retrieval_grid(dataset: Any, similarity: torch.Tensor, relevant: torch.Tenso
                    gallery: str, rows: int = 6, k: int = 5) -> Any:
     """For a few queries with distinct captions: the query, then its top-k retrieved items,
     framed green when they match and red when they do not."""
-    plt = _pyplot()
     chosen, seen = [], set()
     for i in range(len(similarity)):
         key = tuple(relevant[i].nonzero().flatten().tolist()[:3])
@@ -86,7 +84,7 @@ def retrieval_grid(dataset: Any, similarity: torch.Tensor, relevant: torch.Tenso
             chosen.append(i)
         if len(chosen) == rows:
             break
-    fig, axes = plt.subplots(len(chosen), k + 1, figsize=(1.9 * (k + 1), 1.9 * len(chosen)), squeeze=False)
+    fig, axes = _subplots(len(chosen), k + 1, figsize=(1.9 * (k + 1), 1.9 * len(chosen)), squeeze=False)
     for row, i in enumerate(chosen):
         _draw(axes[row][0], dataset[i], query)
         axes[row][0].set_title("query", fontsize=8)
@@ -104,8 +102,7 @@ def retrieval_grid(dataset: Any, similarity: torch.Tensor, relevant: torch.Tenso
 
 def similarity_heatmap(similarity: torch.Tensor, query: str, gallery: str) -> Any:
     """Cosine similarities of the first held-out pairs; a bright diagonal means aligned."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5, 4.5))
+    fig, ax = _subplots(figsize=(5, 4.5))
     image = ax.imshow(similarity.numpy(), cmap="viridis")
     ax.set_xlabel(f"{gallery} item")
     ax.set_ylabel(f"{query} item")
@@ -118,10 +115,9 @@ def similarity_heatmap(similarity: torch.Tensor, query: str, gallery: str) -> An
 def confusion_heatmap(counts: torch.Tensor, class_names: tuple[str, ...]) -> Any:
     """Held-out counts, true class by row and predicted class by column, each row shaded by
     its share so rare classes show as clearly as common ones; names shown up to 30 classes."""
-    plt = _pyplot()
     classes = len(class_names)
     side = min(4 + 0.3 * classes, 14)
-    fig, ax = plt.subplots(figsize=(side + 1, side))
+    fig, ax = _subplots(figsize=(side + 1, side))
     shares = counts.double() / counts.sum(1, keepdim=True).clamp(min=1)
     image = ax.imshow(shares.numpy(), cmap="Blues", vmin=0, vmax=1)
     if classes <= 30:
@@ -141,8 +137,7 @@ def confusion_heatmap(counts: torch.Tensor, class_names: tuple[str, ...]) -> Any
 
 def roc_curves(curves: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> Any:
     """One ROC curve per class or label: name -> (false positive rates, true positive rates, AUROC)."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 5))
+    fig, ax = _subplots(figsize=(5.5, 5))
     for name, (fpr, tpr, area) in curves.items():
         ax.plot(fpr.numpy(), tpr.numpy(), label=f"{textwrap.shorten(name, 24)} ({area:.3f})")
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1, label="chance (0.5)")
@@ -156,9 +151,8 @@ def roc_curves(curves: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> A
 
 def class_accuracy_bars(accuracy: dict[str, float]) -> Any:
     """Each class's held-out accuracy as a bar (up to 40 classes, the lowest first)."""
-    plt = _pyplot()
     shown = sorted(accuracy.items(), key=lambda item: item[1])[:40]
-    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.28 * len(shown)))
+    fig, ax = _subplots(figsize=(7, 1.2 + 0.28 * len(shown)))
     ax.barh([textwrap.shorten(name, 28) for name, _ in shown], [value for _, value in shown], color="tab:blue")
     ax.set_xlim(0, 1)
     ax.set_xlabel("accuracy")
@@ -169,11 +163,10 @@ def class_accuracy_bars(accuracy: dict[str, float]) -> Any:
 
 def penalty_sweep(penalties: list[float], scores: list[float], measure: str) -> Any:
     """A probe's validation score for each L2 penalty tried, weakest first, the chosen one marked."""
-    plt = _pyplot()
     order = sorted(range(len(penalties)), key=lambda i: penalties[i])
     values = [scores[i] for i in order]
     best = max(range(len(values)), key=lambda i: (values[i], penalties[order[i]]))
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = _subplots(figsize=(6, 3.5))
     ax.plot(range(len(values)), values, marker="o")
     ax.plot([best], [values[best]], marker="*", markersize=14, color="tab:red", linestyle="", label="chosen")
     ax.set_xticks(range(len(values)), [f"{penalties[i]:g}" for i in order])
@@ -199,9 +192,8 @@ def _picture(ax: Any, values: torch.Tensor, low: float, high: float) -> None:
 
 def reconstructions(shown: torch.Tensor, reconstructed: torch.Tensor, original: torch.Tensor) -> Any:
     """Per held-out item: what the encoder saw (blanked cells), the decoder's output, the original."""
-    plt = _pyplot()
     rows = len(original)
-    fig, axes = plt.subplots(rows, 3, figsize=(6.5, 2.1 * rows), squeeze=False)
+    fig, axes = _subplots(rows, 3, figsize=(6.5, 2.1 * rows), squeeze=False)
     for i in range(rows):
         low, high = original[i].min().item(), original[i].max().item()
         for ax, values, title in zip(axes[i], (shown[i], reconstructed[i], original[i]),
@@ -217,9 +209,8 @@ def reconstructions(shown: torch.Tensor, reconstructed: torch.Tensor, original: 
 def attention_maps(inputs: list[torch.Tensor], words: list[list[str]], maps: list[torch.Tensor]) -> Any:
     """Per held-out item and word: where in the input [C, H, W] (the part the token grid covers)
     the word attends, its weights on the grid [words, rows, columns] drawn over it."""
-    plt = _pyplot()
     columns = max(len(w) for w in words)
-    fig, axes = plt.subplots(len(inputs), columns, figsize=(1.9 * columns, 2.0 * len(inputs)), squeeze=False)
+    fig, axes = _subplots(len(inputs), columns, figsize=(1.9 * columns, 2.0 * len(inputs)), squeeze=False)
     for row, (values, names, weights) in enumerate(zip(inputs, words, maps)):
         height, width = values.shape[-2:]  # the part of the input the grid covers
         for column, ax in enumerate(axes[row]):
@@ -239,11 +230,9 @@ def attention_maps(inputs: list[torch.Tensor], words: list[list[str]], maps: lis
 
 def write_report(folder: Path, summary: dict[str, Any], figures: dict[str, Any]) -> Path:
     """Save each figure as PNG beside report.html, which shows them under the summary."""
-    plt = _pyplot()
     images = []
     for name, fig in figures.items():
         fig.savefig(folder / f"{name}.png", dpi=100)
-        plt.close(fig)
         images.append(f'<h2>{html.escape(name.replace("_", " "))}</h2><img src="{name}.png">')
     rows = "".join(
         f"<tr><td>{html.escape(k)}</td><td>{v:.4g}</td><td>{_chance(summary, k)}</td></tr>"

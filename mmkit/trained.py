@@ -111,6 +111,25 @@ class Trained:
             out[modality] = torch.cat(chunks)
         return out
 
+    @torch.no_grad()
+    def attention(self, image: Image.Image, text: str) -> tuple[list[str], torch.Tensor]:
+        """Where each token of ``text`` attends over ``image`` in a run with a cross-attention
+        head: the tokens as words, and their weights on the image's token grid [tokens, rows,
+        columns] (the last text -> image layer, the mean over heads)."""
+        from mmkit.tasks.clip_retrieval import token_ids
+
+        fusion = getattr(self.task, "fusion", None)
+        batch = self.batch(images=[image], texts=[text])
+        encoded = {m: encoder(batch[m]) for m, encoder in self.parts.encoders.items()}
+        attention = fusion(encoded, batch).attention if fusion is not None else {}
+        layers = sorted((n for n in attention if n.startswith("text->image/")), key=lambda n: int(n.rsplit("/", 1)[1]))
+        if not layers or encoded["image"].grid is None:
+            raise MMKitError(f"{self.name}: no text -> image attention over an image grid; load a run whose "
+                             "[model.fusion] is cross_attention")
+        ids, real = token_ids(batch["text"])[0].cpu(), encoded["text"].mask[0].cpu()
+        weights = attention[layers[-1]].float().mean(dim=1)[0, :, encoded["image"].prefix:].cpu()
+        return self.parts.encoders["text"].words(ids[real].tolist()), weights[real].reshape(-1, *encoded["image"].grid)
+
     def _batches(self, images: Any, texts: Any, audio: Any, batch_size: int) -> list[dict[str, Any]]:
         count = len(next(v for v in (images, texts, audio) if v is not None))
         cut = lambda values, start: None if values is None else list(values)[start:start + batch_size]  # noqa: E731
@@ -157,7 +176,10 @@ def metrics_table(runs: Sequence[Trained | str | Path], prefix: str = "") -> pan
     """The runs' final metrics side by side (one column per run), the metrics whose names start
     with ``prefix`` (e.g. "auroc/"), with each metric's chance level beside them: one "chance"
     column where the runs agree on it (the same held-out set), else one per run."""
-    import pandas
+    try:
+        import pandas
+    except ImportError:
+        raise MMKitError("metrics_table needs pandas: pip install 'mmkit[notebook]'") from None
 
     loaded = [run if isinstance(run, Trained) else _Summary(Path(run)) for run in runs]
     names = list(dict.fromkeys(k for run in loaded for k in run.metrics if k.startswith(prefix)))

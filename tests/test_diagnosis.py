@@ -66,6 +66,8 @@ def test_the_images_show_the_findings():
     assert heart[labels[:, 3]].mean() > heart[~labels[:, 3]].mean() + 0.1  # cardiomegaly: a wider heart
     bases = np.maximum(pixels[:, 46:53, 10:27].mean(axis=(1, 2)), pixels[:, 46:53, 37:54].mean(axis=(1, 2)))
     assert bases[labels[:, 1]].mean() > bases[~labels[:, 1]].mean() + 15  # effusion: a brighter lung base
+    apices = np.minimum(pixels[:, 12:26, 10:14].mean(axis=(1, 2)), pixels[:, 12:26, 51:55].mean(axis=(1, 2)))
+    assert apices[labels[:, 4]].mean() < apices[~labels[:, 4]].mean() - 15  # pneumothorax: a dark apex
 
 
 @pytest.mark.parametrize("params", [{"num_samples": 0}, {"image_size": 16}, {"prevalence": 1.5}])

@@ -59,6 +59,20 @@ def test_multi_label_fits_each_label_as_its_own_logistic_regression(l2):
         assert torch.allclose(ours[:, label], torch.tensor(sklearn.predict_proba(x.numpy())[:, 1]), atol=1e-5)
 
 
+def test_an_unknown_label_is_left_out_of_that_labels_fit():
+    x, y = noisy(60, 5, 4, multi_label=True)
+    unknown = torch.rand(60, 3, generator=torch.Generator().manual_seed(5)) < 0.3
+    targets = y.double().masked_fill(unknown, float("nan"))
+    l2 = 0.05
+    weight, bias = fit_logistic(x, targets, 3, l2, multi_label=True, max_iter=500)
+    ours = (x @ weight + bias).sigmoid()
+    for label in range(3):  # mean loss over all 60 rows, the unknown ones adding nothing: C = 1 / (60 * l2) on the known
+        rows = ~unknown[:, label]
+        sklearn = LogisticRegression(C=1 / (len(x) * l2), tol=1e-10, max_iter=10_000).fit(
+            x[rows].numpy(), y[rows, label].numpy())
+        assert torch.allclose(ours[:, label], torch.tensor(sklearn.predict_proba(x.numpy())[:, 1]), atol=1e-5)
+
+
 def test_the_held_out_share_is_a_fixed_random_fifth_disjoint_from_the_rest():
     rest, held = holdout_split(10, 0.2, seed=0)
     assert len(held) == 2 and len(rest) == 8

@@ -50,6 +50,14 @@ def test_embed_gives_each_encoders_pooled_features_and_inputs_are_checked(fused)
         fused.classify(images=[samples[0]["image"]], texts=["a", "b"])
 
 
+def test_attention_gives_each_words_weights_over_the_image_grid(fused):
+    report = "Frontal chest radiograph. Moderate right pleural effusion. Impression: pleural effusion."
+    words, maps = fused.attention(fused.val_set[0]["image"], report)
+    assert words[8:12] == ["ple", "ural", "ef", "fusion"] and words.count("fusion") == 2 and words[-1] == "<end_of_text>"
+    assert maps.shape == (len(words), 8, 8)  # 64 px in patches of 8
+    assert (maps >= 0).all() and (maps.sum(dim=(1, 2)) <= 1 + 1e-5).all()  # softmax weights; the cls token has the rest
+
+
 def test_metrics_table_puts_runs_side_by_side_with_the_chance_level(fused, tmp_path):
     table = metrics_table([fused], prefix="auroc/")
     assert list(table.index) == [f"auroc/{name}" for name in fused.class_names if f"auroc/{name}" in fused.metrics]
@@ -72,6 +80,8 @@ def test_a_contrastive_run_embeds_into_its_shared_space(tmp_path):
                 "model.text.layers=1")
     with pytest.raises(MMKitError, match=r"its task \(clip_retrieval\) does not classify"):
         run.classify(images=[run.val_set[0]["image"]], texts=["x"])
+    with pytest.raises(MMKitError, match="no text -> image attention over an image grid"):
+        run.attention(run.val_set[0]["image"], "No pneumothorax.")
     reports = ["Frontal chest radiograph. Impression: pleural effusion.", "No pneumothorax."]
     embedded = run.embed(texts=reports)
     assert set(embedded) == {"text"} and torch.allclose(embedded["text"].norm(dim=1), torch.ones(2), atol=1e-5)

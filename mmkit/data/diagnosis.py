@@ -155,10 +155,10 @@ def draw_consolidation(draw: ImageDraw.ImageDraw, rng: np.random.Generator, size
 def draw_pneumothorax(draw: ImageDraw.ImageDraw, rng: np.random.Generator, size: int, where: dict[str, Any]) -> None:
     left, top, right, bottom = lung_box(where["side"], size)
     outer = left if where["side"] == "right" else right
-    width = (0.08 + 0.1 * where["size"]) * (right - left)
-    box = (outer, top, outer + width, top + 0.5 * (bottom - top)) if where["side"] == "right" else \
-        (outer - width, top, outer, top + 0.5 * (bottom - top))
-    draw.rectangle(box, fill=25 if where["faint"] else 5)
+    width = (0.25 + 0.25 * where["size"]) * (right - left)  # air without lung markings at the apex
+    box = (outer, top, outer + width, top + 0.45 * (bottom - top)) if where["side"] == "right" else \
+        (outer - width, top, outer, top + 0.45 * (bottom - top))
+    draw.rectangle(box, fill=28 if where["faint"] else 5)
 
 
 DRAWERS = {"nodule": draw_nodule, "effusion": draw_effusion, "consolidation": draw_consolidation,
