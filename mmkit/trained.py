@@ -20,6 +20,9 @@ if TYPE_CHECKING:
     from mmkit.components import Parts
 
 
+KEYWORDS = {"image": "images", "text": "texts", "audio": "audio"}  # the argument each modality's inputs come by
+
+
 class Trained:
     """A finished run: its resolved recipe, its task holding the run's weights (on ``device``),
     the encoders' preprocessing, its held-out set and its summary. Built by ``load_run``."""
@@ -56,18 +59,22 @@ class Trained:
         return self.parts.val_set
 
     def batch(self, images: Sequence[Image.Image] | None = None, texts: Sequence[str] | None = None,
-              audio: Sequence[Any] | None = None) -> dict[str, Any]:
-        """Raw inputs (one of each per item, for every encoder of the run) as one batch on the
-        run's device, through each encoder's preprocessing and collate, as the run's loaders do."""
+              audio: Sequence[Any] | None = None, needed: Sequence[str] | None = None) -> dict[str, Any]:
+        """Raw inputs (one of each per item) as one batch on the run's device, through each
+        encoder's preprocessing and collate, as the run's loaders do; ``needed`` (by default
+        every encoder of the run) names the modalities that must be given."""
         given = {key: list(values) for key, values in (("image", images), ("text", texts), ("audio", audio))
-                 if values is not None and key in self.parts.encoders}
-        if missing := [m for m in self.parts.encoders if m not in given]:
-            raise MMKitError(f"{self.name}: the run's model takes {', '.join(self.parts.encoders)}; "
-                             f"give {', '.join(missing)} too")
-        if len({len(values) for values in given.values()}) != 1 or not next(iter(given.values())):
+                 if values is not None}
+        needed = list(self.parts.encoders if needed is None else needed)
+        if missing := [m for m in needed if m not in given]:
+            raise MMKitError(f"{self.name}: the run's model reads {', '.join(needed)}; give {', '.join(missing)} too")
+        if unknown := [m for m in given if m not in self.parts.encoders]:
+            raise MMKitError(f"{self.name}: the run has no {unknown[0]} encoder (it has {', '.join(self.parts.encoders)})")
+        used = {m: given[m] for m in needed}
+        if len({len(values) for values in used.values()}) != 1 or not next(iter(used.values())):
             raise MMKitError(f"{self.name}: give the same number (at least one) of each input, got "
-                             + ", ".join(f"{len(v)} {k}" for k, v in given.items()))
-        return self._prepare(given)
+                             + ", ".join(f"{len(v)} {k}" for k, v in used.items()))
+        return self._prepare(used)
 
     def _prepare(self, given: dict[str, list[Any]]) -> dict[str, Any]:
         from mmkit.data.loader import transform
@@ -80,16 +87,29 @@ class Trained:
         batch.pop("_problems", None)
         return to_device(batch, self.device)
 
+    def _autocast(self) -> Any:
+        """The run's precision, as its evaluation ran under accelerate's autocast."""
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.recipe.spec("run").precision)
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+
     @torch.no_grad()
     def classify(self, images: Sequence[Image.Image] | None = None, texts: Sequence[str] | None = None,
                  audio: Sequence[Any] | None = None, batch_size: int = 64) -> torch.Tensor:
         """[N, classes] scores of new inputs by the run's task: class probabilities (softmax, or
         per finding for multi-label; zero-shot: cosine similarity per class, or a finding's
-        probability), the same numbers the run's evaluation computed for its held-out items."""
+        probability), as the run's evaluation computed them for its held-out items."""
         if not hasattr(self.task, "scores"):
             raise MMKitError(f"{self.name}: its task ({self.summary.get('task')}) does not classify; "
                              "load a classification, linear_probe or zero_shot run")
-        return torch.cat([self.task.scores(batch).float().cpu() for batch in self._batches(images, texts, audio, batch_size)])
+        given = {"image": images, "text": texts, "audio": audio}
+        count = len(next((given[m] for m in self.task.reads if given[m] is not None), ()))
+        cut = lambda values, start: None if values is None else list(values)[start:start + batch_size]  # noqa: E731
+        scores = []
+        with self._autocast():
+            for start in range(0, max(count, 1), batch_size):
+                batch = self.batch(cut(images, start), cut(texts, start), cut(audio, start), needed=self.task.reads)
+                scores.append(self.task.scores(batch).float().cpu())
+        return torch.cat(scores)
 
     @torch.no_grad()
     def embed(self, images: Sequence[Image.Image] | None = None, texts: Sequence[str] | None = None,
@@ -101,13 +121,13 @@ class Trained:
         for modality, values in given.items():
             if values is None:
                 continue
-            if modality not in self.parts.encoders:
-                raise MMKitError(f"{self.name}: the run has no {modality} encoder (it has {', '.join(self.parts.encoders)})")
             encoder, shared = self.parts.encoders[modality], hasattr(self.task, "projections")
             chunks = []
-            for start in range(0, len(values), batch_size):
-                batch = self._prepare({modality: list(values)[start:start + batch_size]})
-                chunks.append((self.task.embed(batch, modality) if shared else encoder(batch[modality]).pooled).float().cpu())
+            with self._autocast():
+                for start in range(0, len(values), batch_size):
+                    batch = self.batch(**{KEYWORDS[modality]: list(values)[start:start + batch_size]}, needed=[modality])
+                    chunks.append((self.task.embed(batch, modality) if shared else encoder(batch[modality]).pooled)
+                                  .float().cpu())
             out[modality] = torch.cat(chunks)
         return out
 
@@ -129,11 +149,6 @@ class Trained:
         ids, real = token_ids(batch["text"])[0].cpu(), encoded["text"].mask[0].cpu()
         weights = attention[layers[-1]].float().mean(dim=1)[0, :, encoded["image"].prefix:].cpu()
         return self.parts.encoders["text"].words(ids[real].tolist()), weights[real].reshape(-1, *encoded["image"].grid)
-
-    def _batches(self, images: Any, texts: Any, audio: Any, batch_size: int) -> list[dict[str, Any]]:
-        count = len(next(v for v in (images, texts, audio) if v is not None))
-        cut = lambda values, start: None if values is None else list(values)[start:start + batch_size]  # noqa: E731
-        return [self.batch(cut(images, s), cut(texts, s), cut(audio, s)) for s in range(0, count, batch_size)]
 
     def __repr__(self) -> str:
         return f"Trained({str(self.folder)!r}, task={self.summary.get('task')!r})"
@@ -187,12 +202,12 @@ def metrics_table(runs: Sequence[Trained | str | Path], prefix: str = "") -> pan
     labels = [str(run.folder) if shared.count(run.name) > 1 else run.name for run in loaded]  # two runs named alike
     table = pandas.DataFrame({label: [run.metrics.get(k) for k in names] for label, run in zip(labels, loaded)},
                              index=names)
-    chances = [[run.chance.get(k) for k in names] for run in loaded]
-    if all(c == chances[0] for c in chances):
-        table["chance"] = chances[0]
+    chances = [pandas.Series([run.chance.get(k) for k in names], dtype=float) for run in loaded]
+    if all(c.equals(chances[0]) for c in chances):  # NaN equals NaN here
+        table["chance"] = chances[0].to_numpy()
     else:
         for label, values in zip(labels, chances):
-            table[f"chance ({label})"] = values
+            table[f"chance ({label})"] = values.to_numpy()
     return table
 
 

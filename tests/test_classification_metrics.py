@@ -184,5 +184,7 @@ def test_the_constant_predictor_with_chosen_thresholds_predicts_every_label_pres
     assert metrics["chance/f1/x"] == pytest.approx(2 * 0.5 / 1.5)  # all called positive: 2p / (1 + p)
     assert metrics["chance/f1/y"] == pytest.approx(2 * 0.25 / 1.25)
     assert metrics["chance/auroc/x"] == 0.5 and metrics["chance/ece/x"] == pytest.approx(0)
+    # the rest of the chance levels: the majority constant (x, at prevalence 0.5, said present; y not)
+    assert metrics["chance/accuracy"] == pytest.approx(1 / 4) and metrics["chance/recall_macro"] == pytest.approx(0.5)
     fixed = multi_label_beside_chance(scores, targets, torch.tensor([0.8, 0.7]).double(), ("x", "y"), chosen=False)
     assert fixed["chance/f1/y"] == 0 and "threshold/x" not in fixed  # 0.25 < 0.7: never predicted

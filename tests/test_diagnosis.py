@@ -144,6 +144,21 @@ def test_uncertain_findings_without_a_policy_are_refused_naming_the_column_and_l
         data[3]
 
 
+@pytest.mark.parametrize("params, message", [
+    ({"uncertain": "zero"}, "uncertain = 'zero'; use one of 'negative', 'positive', 'ignore'"),
+    ({"uncertain": "ignore", "label_columns": None}, "uncertain applies to label_columns"),
+    ({"columns": {"image": "Path", "text": "Findings"}, "uncertain": "ignore"}, "join_text joins the text columns"),
+])
+def test_chest_xray_options_that_do_not_fit_together_are_refused(chexpert, params, message):
+    from mmkit.data.manifest import Manifest
+    from mmkit.errors import MMKitError
+
+    base = {"path": str(chexpert), "label_columns": ["Cardiomegaly", "Edema"], "join_text": " ",
+            "columns": {"image": "Path", "text": ["Findings", "Impression"]}}
+    with pytest.raises(MMKitError, match=message):
+        Manifest(**{**base, **params})  # from Python: a recipe's type check would catch the first earlier
+
+
 def test_the_policies_change_the_loss_and_the_metrics_as_stated(chexpert):
     import torch
 

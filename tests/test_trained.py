@@ -4,12 +4,13 @@ its weights and preprocessing (the run's own evaluation numbers again), compare 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 
 from conftest import ROOT
-from mmkit import load_run, metrics_table, train
+from mmkit import Trained, build, load_run, metrics_table, train
 from mmkit.errors import MMKitError
 
 TINY = ["train.max_steps=6", "train.batch_size=16", "train.warmup=2", "eval.batch_size=20", "eval.every=3",
@@ -44,7 +45,7 @@ def test_embed_gives_each_encoders_pooled_features_and_inputs_are_checked(fused)
     with torch.no_grad():
         assert torch.allclose(embedded["image"], fused.parts.encoders["image"](batch["image"]).pooled, atol=1e-6)
     assert embedded["text"].shape == (3, 128)
-    with pytest.raises(MMKitError, match="the run's model takes image, text; give text too"):
+    with pytest.raises(MMKitError, match="the run's model reads image, text; give text too"):
         fused.classify(images=[samples[0]["image"]])
     with pytest.raises(MMKitError, match="give the same number"):
         fused.classify(images=[samples[0]["image"]], texts=["a", "b"])
@@ -80,6 +81,10 @@ def test_a_contrastive_run_embeds_into_its_shared_space(tmp_path):
                 "model.text.layers=1")
     with pytest.raises(MMKitError, match=r"its task \(clip_retrieval\) does not classify"):
         run.classify(images=[run.val_set[0]["image"]], texts=["x"])
+    # the same weights judged by prompts, as `mmkit eval <run> 'task={name="zero_shot", ...}'`: only images are read
+    zero_shot = Trained(run.folder, run.recipe, replace(run.parts, task=build_zero_shot(run)), run.summary, run.device)
+    scores = zero_shot.classify(images=[run.val_set[i]["image"] for i in range(3)])
+    assert scores.shape == (3, 5) and ((0 < scores) & (scores < 1)).all()
     with pytest.raises(MMKitError, match="no text -> image attention over an image grid"):
         run.attention(run.val_set[0]["image"], "No pneumothorax.")
     reports = ["Frontal chest radiograph. Impression: pleural effusion.", "No pneumothorax."]
@@ -88,3 +93,10 @@ def test_a_contrastive_run_embeds_into_its_shared_space(tmp_path):
     with torch.no_grad():
         assert torch.allclose(embedded["text"], run.task.embed(run.batch(images=[run.val_set[0]["image"]] * 2,
                                                                           texts=reports), "text"), atol=1e-6)
+
+
+def build_zero_shot(run):
+    task = build("tasks", "zero_shot", encoders=run.parts.encoders, data=run.parts.val_set.info, embed_dim=128,
+                 templates=["Impression: {}."], negative_templates=["No {}."])
+    task.load_state_dict(run.task.state_dict())
+    return task.eval()

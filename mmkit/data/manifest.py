@@ -89,6 +89,7 @@ class Manifest(Dataset):
         self.multi_label, self.label_separator = multi_label or bool(label_columns), label_separator
         self.max_image_pixels, self.label_columns, self.uncertain = max_image_pixels, label_columns, uncertain
         self.join_text = join_text
+        check_options(self.source, columns, label_columns, uncertain, join_text)
         file_columns, rows = read_rows(Path(path), self.source)
         self.columns = map_columns(columns, file_columns, self.source, joined="text" if join_text is not None else None)
         self.listed = next((key for key, value in self.columns.items()
@@ -143,9 +144,10 @@ class Manifest(Dataset):
         non-empty cells of joined text columns, else the column's."""
         if key == self.listed:
             return row.cells.get(chosen)
-        if isinstance(column, list):
-            present = [str(row.cells[c]) for c in column if row.cells.get(c) not in (None, "")]
-            return self.join_text.join(present) if present else None
+        if isinstance(column, list):  # joined text: the cells that hold something, each checked as text
+            present = [row.cells[c] for c in column
+                       if row.cells.get(c) is not None and not (isinstance(row.cells[c], str) and not row.cells[c].strip())]
+            return present or None
         return row.cells.get(column)
 
     def _findings(self, row: Row, where: Where) -> torch.Tensor:
@@ -171,7 +173,8 @@ class Manifest(Dataset):
         if key in ("image", "audio"):
             return self._read_file(key, value, where)
         if key == "text":
-            return read_text(value, where)
+            return self.join_text.join(read_text(v, where) for v in value) if isinstance(value, list) \
+                else read_text(value, where)
         if key == "label":
             return self._label(value, where)
         return value
@@ -291,6 +294,18 @@ def map_columns(columns: dict[str, str | list[str]], file_columns: list[str], so
         raise MMKitError(f"{source}: no image, audio or text column (it has {', '.join(file_columns)}); "
                          'map yours with columns, e.g. columns = {image = "filepath", text = "title"}')
     return mapping
+
+
+def check_options(source: str, columns: dict[str, Any], label_columns: list[str] | None, uncertain: str | None,
+                  join_text: str | None) -> None:
+    """The chest X-ray options make sense together (a recipe checks their types; Python callers too)."""
+    if uncertain is not None and uncertain not in UNCERTAIN:
+        raise MMKitError(f"{source}: uncertain = {uncertain!r}; use one of {', '.join(map(repr, UNCERTAIN))}")
+    if uncertain is not None and label_columns is None:
+        raise MMKitError(f"{source}: uncertain applies to label_columns (-1 cells); name them, or remove uncertain")
+    if join_text is not None and not isinstance(columns.get("text"), list):
+        raise MMKitError(f"{source}: join_text joins the text columns that columns.text lists; list them, "
+                         "e.g. text = [\"findings\", \"impression\"], or remove join_text")
 
 
 def finding_columns(label_columns: list[str], classes: list[str] | None, has_label: bool,

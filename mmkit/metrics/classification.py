@@ -163,15 +163,19 @@ def beside_chance(measure: Callable[[torch.Tensor], MetricDict], scores: torch.T
 def multi_label_beside_chance(scores: torch.Tensor, targets: torch.Tensor, thresholds: torch.Tensor,
                               class_names: tuple[str, ...], chosen: bool) -> MetricDict:
     """multi_label_metrics at ``thresholds`` and, under ``chance/``, the constant predictor's
-    (each label's prevalence); when the thresholds were ``chosen`` on held-out data (reported
-    under ``threshold/<name>``), the constant predictor's are chosen for it on these targets."""
+    (each label's prevalence, a label predicted where it reaches 0.5). When the thresholds were
+    ``chosen`` for F1 on held-out data (reported under ``threshold/<name>``), the chance F1s are
+    the constant predictor's at thresholds chosen for it the same way: every label predicted
+    present, F1 = 2p / (1 + p)."""
     chance = chance_scores(targets, len(class_names), multi_label=True)
-    chance_thresholds = best_thresholds(chance, targets, thresholds) if chosen else thresholds
+    half = torch.full_like(thresholds, 0.5)
     metrics = multi_label_metrics(scores, targets, thresholds, class_names)
+    levels = multi_label_metrics(chance, targets, half, class_names)
     if chosen:
         metrics |= {f"threshold/{name}": value for name, value in zip(class_names, thresholds.tolist())}
-    return metrics | {f"chance/{name}": value for name, value in
-                      multi_label_metrics(chance, targets, chance_thresholds, class_names).items()}
+        best = multi_label_metrics(chance, targets, best_thresholds(chance, targets, half), class_names)
+        levels |= {key: value for key, value in best.items() if key.startswith("f1")}
+    return metrics | {f"chance/{name}": value for name, value in levels.items()}
 
 
 def _ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:

@@ -67,8 +67,9 @@ class Classification(Task):
         if self.choose and not self.multi_label:
             raise MMKitError('classification: thresholds = "val" chooses multi-label thresholds; single-label '
                              "data takes the most likely class, remove it")
-        self.register_buffer("thresholds", per_class(0.5 if self.choose else thresholds, classes, "thresholds"),
-                             persistent=self.choose)
+        # with "val", NaN until chosen (and kept so with the weights): 0.5 is applied meanwhile
+        self.register_buffer("thresholds", per_class(float("nan") if self.choose else thresholds, classes,
+                                                     "thresholds"), persistent=self.choose)
         self.label_smoothing = label_smoothing
 
     def features(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -89,6 +90,11 @@ class Classification(Task):
     def logits(self, batch: dict[str, Any]) -> torch.Tensor:
         return self.head(self.features(batch)[0]).float()
 
+    @property
+    def reads(self) -> list[str]:
+        """The modalities ``scores`` reads from a batch."""
+        return self.modalities
+
     def scores(self, batch: dict[str, Any]) -> torch.Tensor:
         """[B, classes] probabilities: softmax, or a sigmoid per label for multi-label data."""
         logits = self.logits(batch)
@@ -99,7 +105,7 @@ class Classification(Task):
         logits, labels = self.head(features).float(), batch["label"]
         if self.multi_label:
             loss = masked_bce(logits, labels.float(), self.class_weights)
-            right = ((logits.sigmoid() >= self.thresholds) == (labels == 1)) | labels.isnan()
+            right = ((logits.sigmoid() >= self.applied()) == (labels == 1)) | labels.isnan()
             right = right.all(dim=1)
         else:
             loss = F.cross_entropy(logits, labels, weight=self.class_weights, label_smoothing=self.label_smoothing)
@@ -121,19 +127,27 @@ class Classification(Task):
         return {"scores": torch.cat(scores) if scores else torch.empty(0, classes),
                 "labels": torch.cat(labels) if labels else empty_labels}
 
+    def applied(self) -> torch.Tensor:
+        """The thresholds in force: as given, or as chosen on the validation split (0.5 before)."""
+        return self.thresholds.nan_to_num(0.5)
+
     def calibrate(self, outputs: dict[str, Any]) -> None:
         """With thresholds = "val": each label's threshold for the best F1 on these outputs."""
         if self.choose and len(outputs["labels"]):
-            chosen = best_thresholds(outputs["scores"], outputs["labels"], self.thresholds.cpu())
-            self.thresholds.copy_(chosen.to(self.thresholds))
+            self.choose_thresholds(outputs["scores"], outputs["labels"])
+
+    def choose_thresholds(self, scores: torch.Tensor, labels: torch.Tensor) -> None:
+        chosen = best_thresholds(scores, labels, self.applied().cpu())
+        self.thresholds.copy_(chosen.to(self.thresholds))
 
     def evaluate(self, outputs: dict[str, Any]) -> dict[str, float]:
         scores, labels = outputs["scores"].double(), outputs["labels"]
         if not len(labels):
             return {}
         if self.multi_label:
-            return multi_label_beside_chance(scores, labels, self.thresholds.cpu().double(), self.info.class_names,
-                                             self.choose)
+            chosen = bool(self.choose and not self.thresholds.isnan().all())
+            return multi_label_beside_chance(scores, labels, self.applied().cpu().double(), self.info.class_names,
+                                             chosen)
         return beside_chance(lambda s: single_label_metrics(s, labels), scores, labels, self.info.num_classes, False)
 
     def headline(self) -> list[str]:

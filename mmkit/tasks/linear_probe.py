@@ -33,8 +33,9 @@ class LinearProbe(Classification):
         l2: the penalties tried: the fit minimises mean loss + l2 / 2 * |W|^2 (bias not penalised).
         val_fraction: the share of the training features, a fixed random one, that scores each penalty.
         normalize: divide each feature vector by its length first (CLIP's own probe does not).
-        thresholds: multi-label: the probability from which a label is predicted; "val": chosen on
-            the validation split for each label's best F1, as classification does.
+        thresholds: multi-label: the probability from which a label is predicted; "val": each
+            label's, for its best F1 on the held-out share of the fit, then on the validation
+            split at a training run's evaluation, as classification does.
         max_iter: L-BFGS iterations per fit.
     """
 
@@ -82,12 +83,15 @@ class LinearProbe(Classification):
         if len(labels) < 2:
             raise MMKitError(f"linear_probe: {len(labels)} training samples are too few to fit and choose a penalty")
         fit_part, val_part = holdout_split(len(labels), self.val_fraction, SPLIT_SEED)
-        weights, scores = None, []
+        weights, scores, held_out = None, [], []
         for l2 in self.l2:  # strongest first, each fit starting from the last
             weights = fit_logistic(features[fit_part], labels[fit_part], self.info.num_classes, l2,
                                    self.multi_label, self.max_iter, weights)
-            scores.append(self.score(probabilities(features[val_part], weights, self.multi_label), labels[val_part]))
+            held_out.append(probabilities(features[val_part], weights, self.multi_label))
+            scores.append(self.score(held_out[-1], labels[val_part]))
         best = max(range(len(scores)), key=lambda i: (scores[i], -i))
+        if self.choose:  # thresholds from the held-out share; a training run's validation split then re-chooses
+            self.choose_thresholds(held_out[best], labels[val_part])
         weight, bias = fit_logistic(features, labels, self.info.num_classes, self.l2[best], self.multi_label,
                                     self.max_iter, weights)
         with torch.no_grad():

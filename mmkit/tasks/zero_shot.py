@@ -57,6 +57,8 @@ class ZeroShot(ClipRetrieval):
             raise MMKitError("zero_shot needs labelled data with named classes (see `mmkit info datasets <name>`)")
         if bad := [t for t in [*templates, *negative_templates] if t.count("{}") != 1]:
             raise MMKitError(f"each zero_shot template needs one {{}} for the class name: {bad}")
+        if not templates or (data.label_kind == "multi" and not negative_templates):
+            raise MMKitError("zero_shot: templates (and negative_templates, for multi-label data) need a prompt each")
         self.info, self.templates, self.negative_templates = data, list(templates), list(negative_templates)
         self.multi_label = data.label_kind == "multi"
         # chosen on a training run's validation split; not saved, so the weights stay a clip_retrieval run's
@@ -68,7 +70,7 @@ class ZeroShot(ClipRetrieval):
         embedded, normalised, averaged, normalised."""
         from mmkit.engine.loop import to_device
 
-        text, templates = self.encoders["text"], templates or self.templates
+        text, templates = self.encoders["text"], self.templates if templates is None else templates
         prompts = [template.format(name) for name in self.info.class_names for template in templates]
         batch = (text.collate or default_collate)([text.preprocess(prompt) for prompt in prompts])
         embedded = self.embed({"text": to_device(batch, self.logit_scale.device)}, "text")
@@ -103,6 +105,11 @@ class ZeroShot(ClipRetrieval):
             return similarity
         scale = clamped_scale(self.logit_scale).float()
         return (scale * (similarity - full_precision_similarity(embedded, absent))).sigmoid()
+
+    @property
+    def reads(self) -> list[str]:
+        """The modality ``scores`` reads from a batch (the prompts are the task's own)."""
+        return self.modalities[:1]
 
     def calibrate(self, outputs: dict[str, Any]) -> None:
         """Multi-label: each finding's threshold for the best F1 on the validation split."""
