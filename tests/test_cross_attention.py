@@ -134,3 +134,15 @@ def test_a_classifier_fused_by_cross_attention_draws_where_its_words_attend(tiny
     folder = tiny_recipe.parent / "runs" / "tiny"
     assert (folder / "attention_maps.png").exists()
     assert 'src="attention_maps.png"' in (folder / "report.html").read_text()
+
+
+def test_the_attention_maps_show_the_words_that_tell_the_texts_apart():
+    from mmkit.tasks.shown import SHOWN_WORDS, shown_positions
+
+    ids = torch.tensor([[9, 1, 2, 3, 4, 8, 0], [9, 1, 2, 5, 8, 0, 0], [9, 1, 2, 8, 0, 0, 0]])
+    real = ids != 0
+    # 9 and 8 are start and end; 1 and 2 ("frontal chest") are in every text
+    assert shown_positions(ids, real, {9, 8}) == [[3, 4], [3], [1, 2]]  # the last has nothing else: its own words
+    assert shown_positions(ids[:1], real[:1], {9, 8}) == [[1, 2, 3, 4]]  # one text: nothing is common
+    many = torch.arange(1, 12).unsqueeze(0)
+    assert len(shown_positions(many, many > 0, set())[0]) == SHOWN_WORDS

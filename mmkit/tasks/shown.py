@@ -41,7 +41,8 @@ def attention_figure(encoders: dict[str, Encoder], encoded: dict[str, Encoded], 
                      fused: Fused) -> dict[str, Any]:
     """Where the first words of each shown text attend in the other modality (the last layer
     of text -> other attention, averaged over heads), drawn over the part of its input the
-    token grid covers; a masked word is shown as written, in brackets. {} without such attention."""
+    token grid covers (shown_positions picks the words); a masked word is shown as written, in
+    brackets. {} without such attention."""
     from mmkit.report import attention_maps
 
     names = sorted((n for n in fused.attention if n.startswith("text->")), key=lambda n: int(n.rsplit("/", 1)[1]))
@@ -58,9 +59,7 @@ def attention_figure(encoders: dict[str, Encoder], encoded: dict[str, Encoded], 
     hidden = {text.pad_id, text.mask_id, *text.special_ids}
     _, height, width = encoders[other].cell or (0, *batch[other].shape[-2:])
     inputs, words, maps = [], [], []
-    for i in range(len(weights)):
-        shown = [t for t, (token, is_real) in enumerate(zip(ids[i].tolist(), real[i].tolist()))
-                 if is_real and token not in hidden][:SHOWN_WORDS]
+    for i, shown in enumerate(shown_positions(ids, real, hidden)):
         if shown:
             covered = batch.get("ae_target", batch[other])[i, :, : grid[0] * height, : grid[1] * width]
             inputs.append(covered.float().cpu())
@@ -68,3 +67,15 @@ def attention_figure(encoders: dict[str, Encoder], encoded: dict[str, Encoded], 
             words.append([f"[{w}]" if masked[i, t] else w for w, t in zip(written, shown)])
             maps.append(weights[i, shown].reshape(len(shown), *grid))
     return {"attention_maps": attention_maps(inputs, words, maps)} if inputs else {}
+
+
+def shown_positions(ids: torch.Tensor, real: torch.Tensor, hidden: set[int]) -> list[list[int]]:
+    """Per text, the positions of up to SHOWN_WORDS words to draw: real, not special, and those
+    that tell it from the other shown texts first (tokens every text has are passed over while
+    others remain: "effusion" rather than "frontal chest")."""
+    common = set.intersection(*(set(row.tolist()) for row in ids)) if len(ids) > 1 else set()
+    chosen = []
+    for row, is_real in zip(ids.tolist(), real.tolist()):
+        candidates = [t for t, (token, keep) in enumerate(zip(row, is_real)) if keep and token not in hidden]
+        chosen.append(([t for t in candidates if row[t] not in common] or candidates)[:SHOWN_WORDS])
+    return chosen
