@@ -150,6 +150,13 @@ class Trained:
         weights = attention[layers[-1]].float().mean(dim=1)[0, :, encoded["image"].prefix:].cpu()
         return self.parts.encoders["text"].words(ids[real].tolist()), weights[real].reshape(-1, *encoded["image"].grid)
 
+    def evaluate(self, *overrides: str) -> dict[str, Any]:
+        """``mmkit eval`` of this run: its weights judged again on its held-out set, or on what
+        the ``overrides`` give (``"data.val.split=test"``); writes <run>/eval and returns its summary."""
+        from mmkit.engine.run import Run
+
+        return Run(load_recipe(self.folder / "recipe.toml", overrides)).evaluate(self.folder)
+
     def __repr__(self) -> str:
         return f"Trained({str(self.folder)!r}, task={self.summary.get('task')!r})"
 

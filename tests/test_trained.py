@@ -38,6 +38,14 @@ def test_a_loaded_run_classifies_its_held_out_studies_as_its_own_evaluation_did(
     assert again.class_names == ("nodule", "effusion", "consolidation", "cardiomegaly", "pneumothorax")
 
 
+def test_evaluate_judges_the_run_again_on_another_split(fused):
+    again = fused.evaluate("data.val.num_samples=40")  # its own held-out set: its own numbers
+    assert again["metrics"] == pytest.approx(fused.metrics, nan_ok=True) and again["evaluated"] == str(fused.folder)
+    test = fused.evaluate("data.val.split=test")
+    assert test["metrics"] != fused.metrics and "threshold/nodule" in test["metrics"]  # applied as chosen on val
+    assert test["metrics"]["threshold/nodule"] == fused.metrics["threshold/nodule"]
+
+
 def test_embed_gives_each_encoders_pooled_features_and_inputs_are_checked(fused):
     samples = [fused.val_set[i] for i in range(3)]
     embedded = fused.embed(images=[s["image"] for s in samples], texts=[s["text"] for s in samples])
