@@ -121,6 +121,8 @@ class Trained:
         for modality, values in given.items():
             if values is None:
                 continue
+            if modality not in self.parts.encoders:
+                raise MMKitError(f"{self.name}: the run has no {modality} encoder (it has {', '.join(self.parts.encoders)})")
             encoder, shared = self.parts.encoders[modality], hasattr(self.task, "projections")
             chunks = []
             with self._autocast():

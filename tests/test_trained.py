@@ -55,6 +55,8 @@ def test_embed_gives_each_encoders_pooled_features_and_inputs_are_checked(fused)
     assert embedded["text"].shape == (3, 128)
     with pytest.raises(MMKitError, match="the run's model reads image, text; give text too"):
         fused.classify(images=[samples[0]["image"]])
+    with pytest.raises(MMKitError, match="the run has no audio encoder"):
+        fused.embed(audio=[torch.zeros(10)])
     with pytest.raises(MMKitError, match="give the same number"):
         fused.classify(images=[samples[0]["image"]], texts=["a", "b"])
 
