@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from PIL import Image
 
+from mmkit.encoders.base import token_ids
 from mmkit.errors import MMKitError
 from mmkit.recipe import Recipe, load_recipe
 
@@ -18,9 +19,6 @@ if TYPE_CHECKING:
     import pandas
 
     from mmkit.components import Parts
-
-
-KEYWORDS = {"image": "images", "text": "texts", "audio": "audio"}  # the argument each modality's inputs come by
 
 
 class Trained:
@@ -123,11 +121,13 @@ class Trained:
                 continue
             if modality not in self.parts.encoders:
                 raise MMKitError(f"{self.name}: the run has no {modality} encoder (it has {', '.join(self.parts.encoders)})")
+            if not values:
+                raise MMKitError(f"{self.name}: give at least one {modality} input to embed")
             encoder, shared = self.parts.encoders[modality], hasattr(self.task, "projections")
             chunks = []
             with self._autocast():
                 for start in range(0, len(values), batch_size):
-                    batch = self.batch(**{KEYWORDS[modality]: list(values)[start:start + batch_size]}, needed=[modality])
+                    batch = self._prepare({modality: list(values)[start:start + batch_size]})
                     chunks.append((self.task.embed(batch, modality) if shared else encoder(batch[modality]).pooled)
                                   .float().cpu())
             out[modality] = torch.cat(chunks)
@@ -138,8 +138,6 @@ class Trained:
         """Where each token of ``text`` attends over ``image`` in a run with a cross-attention
         head: the tokens as words, and their weights on the image's token grid [tokens, rows,
         columns] (the last text -> image layer, the mean over heads)."""
-        from mmkit.tasks.clip_retrieval import token_ids
-
         fusion = getattr(self.task, "fusion", None)
         batch = self.batch(images=[image], texts=[text])
         encoded = {m: encoder(batch[m]) for m, encoder in self.parts.encoders.items()}
@@ -148,7 +146,7 @@ class Trained:
         if not layers or encoded["image"].grid is None:
             raise MMKitError(f"{self.name}: no text -> image attention over an image grid; load a run whose "
                              "[model.fusion] is cross_attention")
-        ids, real = token_ids(batch["text"])[0].cpu(), encoded["text"].mask[0].cpu()
+        ids, real = token_ids(batch["text"])[0][0].cpu(), encoded["text"].mask[0].cpu()  # the one text's ids
         weights = attention[layers[-1]].float().mean(dim=1)[0, :, encoded["image"].prefix:].cpu()
         return self.parts.encoders["text"].words(ids[real].tolist()), weights[real].reshape(-1, *encoded["image"].grid)
 

@@ -91,9 +91,10 @@ class Manifest(Dataset):
         self.join_text = join_text
         check_options(self.source, columns, label_columns, uncertain, join_text)
         file_columns, rows = read_rows(Path(path), self.source)
-        self.columns = map_columns(columns, file_columns, self.source, joined="text" if join_text is not None else None)
-        self.listed = next((key for key, value in self.columns.items()
-                            if isinstance(value, list) and not (key == "text" and join_text is not None)), None)
+        joined = "text" if join_text is not None else None  # its columns make one value, not one sample each
+        self.columns = map_columns(columns, file_columns, self.source, joined)
+        self.listed = next((key for key, value in self.columns.items() if isinstance(value, list) and key != joined),
+                           None)
         self.samples = expand(select_split(rows, file_columns, split, split_column, self.source),
                               self.columns.get(self.listed))
         if label_columns is not None:

@@ -120,3 +120,15 @@ def to_rgb(image: Any) -> Any:
     """Grayscale, palette and RGBA images as RGB; an RGB image as it is, not copied (the steps
     after it make new images). A module-level function, so workers can pickle it."""
     return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def token_ids(text: torch.Tensor | dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A text batch's ids [B, T] and where they are real (its attention mask, if it has one)."""
+    if isinstance(text, dict):
+        return text["input_ids"], text.get("attention_mask", torch.ones_like(text["input_ids"])).bool()
+    return text, torch.ones_like(text, dtype=torch.bool)
+
+
+def with_ids(text: torch.Tensor | dict[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The same text batch with its ids replaced (masked tokens), in the form it came in."""
+    return {**text, "input_ids": ids} if isinstance(text, dict) else ids

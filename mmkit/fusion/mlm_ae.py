@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmkit.encoders.base import Encoded
+from mmkit.encoders.base import Encoded, token_ids, with_ids
 from mmkit.errors import MMKitError
 from mmkit.fusion.base import Fused, Modality
 from mmkit.fusion.cross_attention import CrossAttention
@@ -219,14 +219,3 @@ def mask_tokens(ids: torch.Tensor, maskable: torch.Tensor, ratio: float, mask_id
     swap = chosen & (how >= 0.8) & (how < 0.9) & ~torch.isin(random_ids, unusable)
     masked = torch.where(swap, random_ids, masked)
     return masked, torch.where(chosen, ids, torch.full_like(ids, IGNORE))
-
-
-def token_ids(text: torch.Tensor | dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """A text batch's ids [B, T] and where they are real (its attention mask, if it has one)."""
-    if isinstance(text, dict):
-        return text["input_ids"], text.get("attention_mask", torch.ones_like(text["input_ids"])).bool()
-    return text, torch.ones_like(text, dtype=torch.bool)
-
-
-def with_ids(text: torch.Tensor | dict[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
-    return {**text, "input_ids": ids} if isinstance(text, dict) else ids

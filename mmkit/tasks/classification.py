@@ -129,7 +129,7 @@ class Classification(Task):
 
     def applied(self) -> torch.Tensor:
         """The thresholds in force: as given, or as chosen on the validation split (0.5 before)."""
-        return self.thresholds.nan_to_num(0.5)
+        return in_force(self.thresholds)
 
     def calibrate(self, outputs: dict[str, Any]) -> None:
         """With thresholds = "val": each label's threshold for the best F1 on these outputs."""
@@ -145,9 +145,8 @@ class Classification(Task):
         if not len(labels):
             return {}
         if self.multi_label:
-            chosen = bool(self.choose and not self.thresholds.isnan().all())
             return multi_label_beside_chance(scores, labels, self.applied().cpu().double(), self.info.class_names,
-                                             chosen)
+                                             self.choose and was_chosen(self.thresholds))
         return beside_chance(lambda s: single_label_metrics(s, labels), scores, labels, self.info.num_classes, False)
 
     def headline(self) -> list[str]:
@@ -192,6 +191,19 @@ def curves(scores: torch.Tensor, targets: torch.Tensor,
             column, hits = scores[rows, c], positives[rows, c]
             drawn[names[c]] = (*roc_curve(column, hits), auroc(column, hits))
     return drawn
+
+
+UNCHOSEN = 0.5  # the threshold applied to a label before one is chosen on the validation split
+
+
+def in_force(thresholds: torch.Tensor) -> torch.Tensor:
+    """Thresholds to apply: NaN (not chosen yet) stands for UNCHOSEN."""
+    return thresholds.nan_to_num(UNCHOSEN)
+
+
+def was_chosen(thresholds: torch.Tensor) -> bool:
+    """Whether thresholds that start NaN have been chosen on a validation split."""
+    return not bool(thresholds.isnan().all())
 
 
 def masked_bce(logits: torch.Tensor, targets: torch.Tensor, pos_weight: torch.Tensor | None) -> torch.Tensor:

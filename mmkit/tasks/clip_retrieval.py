@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from mmkit.encoders.base import Encoder
+from mmkit.encoders.base import Encoder, token_ids
 from mmkit.errors import MMKitError
 from mmkit.metrics.retrieval import chance_retrieval_metrics, retrieval_metrics
 from mmkit.tasks.base import Task
@@ -66,7 +66,7 @@ class ClipRetrieval(Task):
             for m in self.modalities:
                 embeddings[m].append(self.embed(batch, m).cpu())
             if "text" in self.modalities:
-                captions += batch.get("raw_text") or [tuple(ids) for ids in token_ids(batch["text"]).tolist()]
+                captions += batch.get("raw_text") or [tuple(ids) for ids in token_ids(batch["text"])[0].tolist()]
         empty = {m: torch.empty(0, self.projections[m].out_features) for m in self.modalities}
         return {**{m: torch.cat(e) if e else empty[m] for m, e in embeddings.items()}, "captions": captions}
 
@@ -98,11 +98,6 @@ def same_caption(outputs: dict[str, Any]) -> torch.Tensor:
 
 
 MAX_SCALE = 100.0
-
-
-def token_ids(text: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
-    """A text batch's token ids, whether it is a tensor of ids or a tokenizer's dict."""
-    return text["input_ids"] if isinstance(text, dict) else text
 
 
 def clamped_scale(logit_scale: torch.Tensor) -> torch.Tensor:

@@ -8,9 +8,9 @@ from typing import Any, Iterator
 import torch
 from torch.utils.data import Dataset, default_collate
 
-from mmkit.encoders.base import Encoded, Encoder
+from mmkit.encoders.base import Encoded, Encoder, token_ids
 from mmkit.fusion.base import Fused
-from mmkit.fusion.mlm_ae import IGNORE, token_ids
+from mmkit.fusion.mlm_ae import IGNORE
 
 SHOWN_ITEMS = 4
 SHOWN_WORDS = 5

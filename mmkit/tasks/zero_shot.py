@@ -13,6 +13,7 @@ from mmkit.errors import MMKitError
 from mmkit.metrics.classification import (beside_chance, best_thresholds, confusion_matrix, multi_label_beside_chance,
                                           single_label_metrics)
 from mmkit.samples import DatasetInfo
+from mmkit.tasks.classification import curves, in_force, was_chosen
 from mmkit.tasks.clip_retrieval import ClipRetrieval, clamped_scale, full_precision_similarity
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
@@ -61,9 +62,8 @@ class ZeroShot(ClipRetrieval):
             raise MMKitError("zero_shot: templates (and negative_templates, for multi-label data) need a prompt each")
         self.info, self.templates, self.negative_templates = data, list(templates), list(negative_templates)
         self.multi_label = data.label_kind == "multi"
-        # chosen on a training run's validation split; not saved, so the weights stay a clip_retrieval run's
-        self.register_buffer("thresholds", torch.full((data.num_classes,), 0.5), persistent=False)
-        self.calibrated = False
+        # NaN until chosen on a training run's validation split; not saved, so the weights stay a clip_retrieval run's
+        self.register_buffer("thresholds", torch.full((data.num_classes,), float("nan")), persistent=False)
 
     def class_embeddings(self, templates: list[str] | None = None) -> torch.Tensor:
         """[classes, embed_dim]: each class's prompts (``templates``, by default the task's)
@@ -114,8 +114,7 @@ class ZeroShot(ClipRetrieval):
     def calibrate(self, outputs: dict[str, Any]) -> None:
         """Multi-label: each finding's threshold for the best F1 on the validation split."""
         if self.multi_label and len(outputs["labels"]):
-            self.thresholds.copy_(best_thresholds(outputs["scores"], outputs["labels"], self.thresholds.cpu()))
-            self.calibrated = True
+            self.thresholds.copy_(best_thresholds(outputs["scores"], outputs["labels"], in_force(self.thresholds).cpu()))
 
     def evaluate(self, outputs: dict[str, Any]) -> dict[str, float]:
         scores, labels = outputs["scores"].double(), outputs["labels"]
@@ -123,7 +122,8 @@ class ZeroShot(ClipRetrieval):
             return {}
         names = self.info.class_names
         if self.multi_label:
-            return multi_label_beside_chance(scores, labels, self.thresholds.cpu().double(), names, self.calibrated)
+            return multi_label_beside_chance(scores, labels, in_force(self.thresholds).cpu().double(), names,
+                                             was_chosen(self.thresholds))
         return (beside_chance(lambda s: single_label_metrics(s, labels), scores, labels, len(names), multi_label=False)
                 | per_class_accuracy(scores, labels, names))
 
@@ -132,7 +132,6 @@ class ZeroShot(ClipRetrieval):
 
     def figures(self, dataset: Dataset | None, outputs: dict[str, Any]) -> dict[str, Any]:
         from mmkit.report import class_accuracy_bars, confusion_heatmap, roc_curves
-        from mmkit.tasks.classification import curves
 
         scores, labels = outputs["scores"], outputs["labels"]
         if not len(labels):
