@@ -1,30 +1,32 @@
 """Training throughput: mmkit against open_clip_train on the same CLIP shape, data and settings.
 
 Writes synthetic_shapes images and captions once as a CSV manifest (JPEGs beside it), then
-trains the same small CLIP on it with each, one after the other, in fresh subprocesses:
+trains the same CLIP on it with each trainer, one after the other, in fresh subprocesses:
 
-- open_clip_train (``python -m open_clip_train.main``, the model given as an open_clip config:
-  ViT 4 x 128, patch 8, 64 px; text transformer 4 x 128, context 32; embed 128);
-- mmkit (``mmkit run`` of a recipe with the same shapes: timm ViT with those model_args, the
-  ``transformer`` text encoder, clip_retrieval).
+- ``--device cpu``: a small CLIP (ViT 4 x 128, patch 8, 64 px; text transformer 4 x 128,
+  context 32; embed 128), fp32, batch 64. open_clip_train gets it as an open_clip config;
+  mmkit as a timm ViT with those model_args and its ``transformer`` text encoder.
+- ``--device cuda``: open_clip's ViT-B-32 at 224 px, bf16 autocast, batch 256; mmkit builds
+  the same towers through its ``open_clip`` encoders. open_clip_train runs eager and with
+  --torchcompile, mmkit eager and with train.compile.
 
-Same batch, precision (fp32), data workers, optimizer steps. Each logs every step; the rate is
-the median of the per-step samples/s after the first ``--skip`` steps (start-up excluded).
-mmkit's MFU is its samples/s times the FLOPs of one sample's forward + backward, counted by
-torch.utils.flop_counter, over the machine's measured fp32 matmul rate (a CPU has no datasheet
-peak to hand); peak memory is each run's peak resident set (its largest process, under a meter process of its own).
+Same batch, precision, data workers, optimizer (AdamW, the same betas, eps, decay, peak rate
+and warm-up, cosine to the last step) and steps. Each trainer logs every ``--log-every`` steps;
+the rate is the median over the log intervals that end after ``--skip`` steps (start-up and
+compilation excluded). mmkit's MFU is its own (summary.json: FLOPs per sample counted with
+torch.utils.flop_counter, over the device's measured matmul rate) at that rate. Peak memory:
+the largest process's resident set on the CPU; the GPU's memory in use (nvidia-smi) on CUDA.
 
     python benchmarks/clip_throughput.py --device cpu
-    python benchmarks/clip_throughput.py --device cpu --steps 120 --json benchmarks/results/clip_throughput_cpu.json
-
-``--device cuda`` (ViT-B-32 at 224 px, bf16, batch 256, and open_clip_train with
---torchcompile too) is the GPU half of issue 15, not written yet.
+    python benchmarks/clip_throughput.py --device cuda --json benchmarks/results/clip_throughput_cuda.json
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import multiprocessing
 import os
 import re
 import statistics
@@ -32,6 +34,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import data_folder, load_average, machine, write_results  # noqa: E402
@@ -40,73 +43,145 @@ ROOT = Path(__file__).resolve().parent.parent
 SMALL = {"embed_dim": 128,
          "vision_cfg": {"image_size": 64, "layers": 4, "width": 128, "head_width": 32, "patch_size": 8},
          "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 4}}
+PRESETS = {  # what each device trains unless the command line says otherwise
+    "cpu": {"model": "small", "image_size": 64, "batch_size": 64, "precision": "fp32", "workers": 2,
+            "steps": 80, "skip": 10, "log_every": 1, "samples": None, "lr": 1e-3, "compiled": False},
+    "cuda": {"model": "ViT-B-32", "image_size": 224, "batch_size": 256, "precision": "bf16", "workers": 12,
+             "steps": 192, "skip": 60, "log_every": 10, "samples": 16384, "lr": 5e-4, "compiled": True},
+}
+OPTIMIZER = {"warmup": 10, "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8}
 OPEN_CLIP_LAUNCHER = """import sys, open_clip
-open_clip.add_model_config(sys.argv[1])
+if sys.argv[1] != "-":
+    open_clip.add_model_config(sys.argv[1])
 from open_clip_train.main import main
 main(sys.argv[2:])
 """
 
 
-def write_data(folder: Path, samples: int) -> Path:
-    """synthetic_shapes as a CSV manifest (image, text) with JPEGs, once per folder and size."""
-    from mmkit import build
-    from mmkit.data.manifest import write_manifest
-
-    path = folder / f"shapes-{samples}.csv"
-    if not path.exists():
-        data = build("datasets", "synthetic_shapes", num_samples=samples, image_size=64)
-        write_manifest(({"image": s["image"], "text": s["text"]} for s in data), path)
+def write_data(folder: Path, samples: int, image_size: int, processes: int = 1) -> Path:
+    """synthetic_shapes as a CSV manifest (image, text) with JPEGs, once per folder, size and
+    count; the images are written by ``processes`` processes."""
+    path = folder / f"shapes-{samples}-{image_size}px.csv"
+    if path.exists():
+        return path
+    chunks = [(start, min(start + 1024, samples), samples, image_size, folder) for start in range(0, samples, 1024)]
+    with multiprocessing.get_context("spawn").Pool(max(1, min(processes, len(chunks)))) as pool:
+        rows = [row for chunk in pool.map(_write_images, chunks) for row in chunk]
+    partial = path.with_name(path.name + ".partial")
+    with partial.open("w", newline="", encoding="utf-8") as file:
+        writer = csv.DictWriter(file, ["image", "text"])
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(partial, path)
     return path
 
 
-def run_open_clip(csv: Path, args: argparse.Namespace, logs: Path) -> tuple[list[float], int]:
-    """open_clip_train on the manifest: its per-step samples/s and its peak RSS (KiB)."""
-    config = logs / "mmkit-bench-small.json"
-    config.write_text(json.dumps(SMALL))
+def _write_images(chunk: tuple[int, int, int, int, Path]) -> list[dict[str, str]]:
+    """One share of the samples' JPEGs, as write_manifest writes them: their cells (path, caption)."""
+    from mmkit import build
+    from mmkit.data.manifest import manifest_cells
+
+    start, stop, samples, image_size, folder = chunk
+    data = build("datasets", "synthetic_shapes", num_samples=samples, image_size=image_size)
+    return [manifest_cells({"image": data[i]["image"], "text": data[i]["text"]}, i, folder, ())
+            for i in range(start, stop)]
+
+
+def open_clip_command(csv: Path, args: argparse.Namespace, logs: Path, compiled: bool) -> list[str]:
+    """open_clip_train's command line for the benchmark's settings."""
     launcher = logs / "open_clip_launcher.py"
     launcher.write_text(OPEN_CLIP_LAUNCHER)
-    command = [sys.executable, str(launcher), str(config), "--train-data", str(csv.name), "--dataset-type", "csv",
-               "--csv-separator", ",", "--csv-img-key", "image", "--csv-caption-key", "text",
-               "--model", "mmkit-bench-small", "--batch-size", str(args.batch_size), "--workers", str(args.workers),
-               "--epochs", "1", "--train-num-samples", str(args.steps * args.batch_size), "--lr", "1e-3",
-               "--warmup", "10", "--precision", "fp32", "--device", args.device, "--log-every-n-steps", "1",
-               "--save-frequency", "0", "--zeroshot-frequency", "0", "--val-frequency", "0",
-               "--logs", str(logs), "--name", f"open_clip-{time.time_ns()}", "--seed", "0"]
-    output, peak = measured(command, cwd=csv.parent)  # the CSV's image paths are relative to its folder
-    return open_clip_rates(output), peak
+    config, model = "-", args.model
+    if args.model == "small":
+        config, model = str(logs / "mmkit-bench-small.json"), "mmkit-bench-small"
+        Path(config).write_text(json.dumps(SMALL))
+    epochs = max(1, round(args.steps * args.batch_size / args.samples))
+    precision = {"fp32": "fp32", "bf16": "amp_bf16"}[args.precision]
+    return [sys.executable, str(launcher), config, "--train-data", csv.name, "--dataset-type", "csv",
+            "--csv-separator", ",", "--csv-img-key", "image", "--csv-caption-key", "text",
+            "--model", model, "--batch-size", str(args.batch_size), "--workers", str(args.workers),
+            "--epochs", str(epochs), "--lr", str(args.lr), "--warmup", str(OPTIMIZER["warmup"]),
+            "--wd", str(OPTIMIZER["weight_decay"]), "--beta1", str(OPTIMIZER["beta1"]),
+            "--beta2", str(OPTIMIZER["beta2"]), "--eps", str(OPTIMIZER["eps"]),
+            "--precision", precision, "--device", args.device, "--log-every-n-steps", str(args.log_every),
+            "--save-frequency", "0", "--zeroshot-frequency", "0", "--val-frequency", "0",
+            "--logs", str(logs), "--name", f"open_clip-{time.time_ns()}", "--seed", "0",
+            *(["--torchcompile"] if compiled else [])]
 
 
-def open_clip_rates(output: str) -> list[float]:
-    """The per-step samples/s of open_clip_train's log lines ("Batch (t): 0.302, 211.9/s, ...")."""
-    return [float(rate) for rate in re.findall(r"Batch \(t\): [\d.]+, ([\d.]+)/s,", output)]
+def run_open_clip(csv: Path, args: argparse.Namespace, logs: Path, compiled: bool = False) -> dict[str, Any]:
+    """open_clip_train on the manifest: its log records and peak memory."""
+    output, peak = measured(open_clip_command(csv, args, logs, compiled), csv.parent, args.device)
+    return {"records": open_clip_log(output, args.batch_size), "peak_mib": peak}
 
 
-def run_mmkit(csv: Path, args: argparse.Namespace, logs: Path) -> tuple[list[float], int]:
-    """mmkit on the same manifest with the same shapes: its per-step samples/s and peak RSS (KiB)."""
+LINE = re.compile(r"Train Epoch: (\d+) \[\s*(\d+)/(\d+) .*?Data \(t\): ([\d.]+) Batch \(t\): ([\d.]+),"
+                  r".*? Loss: ([\d.]+) ")
+
+
+def open_clip_log(output: str, batch_size: int) -> list[dict[str, float]]:
+    """open_clip_train's log lines as records: the step, samples/s over the steps since the
+    previous line (its batch and data times are averages reset at each line), the share of
+    that time spent waiting for data, and the loss at that step."""
+    records = []
+    for epoch, seen, per_epoch, data_time, batch_time, loss in LINE.findall(output):
+        step = int(epoch) * (int(per_epoch) // batch_size) + int(seen) // batch_size
+        records.append({"step": step, "samples_per_s": batch_size / float(batch_time),
+                        "data_share": float(data_time) / float(batch_time), "loss": float(loss)})
+    return records
+
+
+def run_mmkit(csv: Path, args: argparse.Namespace, logs: Path, compiled: bool = False) -> dict[str, Any]:
+    """mmkit on the same manifest with the same shapes: its log records, peak memory and summary."""
     name = f"mmkit-{time.time_ns()}"  # a folder of its own, however often the data folder is reused
     recipe = logs / f"{name}.toml"
-    recipe.write_text(RECIPE.format(name=name, csv=csv, steps=args.steps, batch=args.batch_size,
-                                    workers=args.workers, device=args.device, output=logs))
-    _, peak = measured([sys.executable, "-m", "mmkit", "run", str(recipe)], cwd=ROOT)
-    records = [json.loads(line) for line in (logs / name / "metrics.jsonl").read_text().splitlines()]
-    return [r["samples_per_s"] for r in records if "samples_per_s" in r], peak
+    recipe.write_text(mmkit_recipe(name, csv, args, logs, compiled))
+    _, peak = measured([sys.executable, "-m", "mmkit", "run", str(recipe)], ROOT, args.device)
+    lines = [json.loads(line) for line in (logs / name / "metrics.jsonl").read_text().splitlines()]
+    records = [{"step": r["step"], "samples_per_s": r["samples_per_s"], "mfu": r["mfu"], "loss": r["train/loss"]}
+               for r in lines if "samples_per_s" in r]
+    return {"records": records, "peak_mib": peak, "summary": json.loads((logs / name / "summary.json").read_text())}
+
+
+def mmkit_recipe(name: str, csv: Path, args: argparse.Namespace, output: Path, compiled: bool) -> str:
+    """The recipe mmkit trains: the model as the preset names it, the shared settings."""
+    if args.model == "small":
+        model = SMALL_MODEL.format(size=args.image_size)
+    else:
+        model = OPEN_CLIP_MODEL.format(model=args.model)
+    return RECIPE.format(name=name, csv=csv, output=output, device=args.device, precision=args.precision,
+                         model=model, steps=args.steps, batch=args.batch_size, lr=args.lr,
+                         workers=args.workers, log_every=args.log_every, compile=str(compiled).lower(),
+                         **OPTIMIZER)
 
 
 RECIPE = """[run]
 name = "{name}"
 output_dir = "{output}"
 device = "{device}"
-precision = "fp32"
+precision = "{precision}"
 seed = 0
 
 [data]
 name = "manifest"
 path = "{csv}"
-
+{model}
+[train]
+max_steps = {steps}
+batch_size = {batch}
+lr = {lr}
+warmup = {warmup}
+weight_decay = {weight_decay}
+num_workers = {workers}
+log_every = {log_every}
+checkpoint_every = 0
+compile = {compile}
+"""
+SMALL_MODEL = """
 [model.image]
 name = "timm"
 model_name = "vit_tiny_patch16_224"
-image_size = 64
+image_size = {size}
 model_args = {{ depth = 4, embed_dim = 128, num_heads = 4, patch_size = 8 }}
 
 [model.text]
@@ -119,33 +194,58 @@ context_length = 32
 [task]
 name = "clip_retrieval"
 embed_dim = 128
+"""
+OPEN_CLIP_MODEL = """
+[model.image]
+name = "open_clip"
+model_name = "{model}"
 
-[train]
-max_steps = {steps}
-batch_size = {batch}
-lr = 1e-3
-warmup = 10
-num_workers = {workers}
-log_every = 1
-checkpoint_every = 0
+[model.text]
+name = "open_clip"
+model_name = "{model}"
+
+[task]
+name = "clip_retrieval"
+embed_dim = 512
 """
 
-
-METER = """import resource, subprocess, sys
-done = subprocess.run(sys.argv[1:])
+METER = """import resource, subprocess, sys, threading, time
+peak = [0]
+def watch():
+    while True:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True).stdout.split()
+        peak[0] = max([peak[0], *map(int, out[:1])])
+        time.sleep(0.5)
+if sys.argv[1] == "cuda":
+    threading.Thread(target=watch, daemon=True).start()
+done = subprocess.run(sys.argv[2:])
 print(f"peak rss kib: {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}", flush=True)
+print(f"peak gpu mib: {peak[0]}", flush=True)
 sys.exit(done.returncode)
 """
 
 
-def measured(command: list[str], cwd: Path) -> tuple[str, int]:
+def measured(command: list[str], cwd: Path, device: str) -> tuple[str, int]:
     """Run one trainer to the end under a meter process of its own: its output (stderr too)
-    and its peak resident set in KiB (the largest process it ran, workers included)."""
-    done = subprocess.run([sys.executable, "-c", METER, *command], cwd=cwd, capture_output=True, text=True,
+    and its peak memory in MiB: the GPU's memory in use on CUDA (nvidia-smi, twice a second),
+    else the largest process's resident set (workers included)."""
+    done = subprocess.run([sys.executable, "-c", METER, device, *command], cwd=cwd, capture_output=True, text=True,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if done.returncode:
         raise SystemExit(f"{' '.join(command[:4])} ... failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    return done.stdout + done.stderr, int(re.findall(r"peak rss kib: (\d+)", done.stdout)[-1])
+    if device == "cuda":
+        return done.stdout + done.stderr, int(re.findall(r"peak gpu mib: (\d+)", done.stdout)[-1])
+    return done.stdout + done.stderr, int(re.findall(r"peak rss kib: (\d+)", done.stdout)[-1]) // 1024
+
+
+def steady(records: list[dict[str, float]], skip: int) -> float:
+    """The median samples/s over the log intervals that end after step ``skip`` (start-up,
+    compilation and the first batches left out)."""
+    kept = [r["samples_per_s"] for r in records if r["step"] > skip]
+    if not kept:
+        raise SystemExit(f"no log line after step {skip} ({len(records)} lines); train more than --skip steps")
+    return statistics.median(kept)
 
 
 def mfu(samples_per_s: float, flops_per_sample: float, peak_flops_per_s: float) -> float:
@@ -153,77 +253,78 @@ def mfu(samples_per_s: float, flops_per_sample: float, peak_flops_per_s: float) 
     return samples_per_s * flops_per_sample / peak_flops_per_s
 
 
-def steady(rates: list[float], skip: int) -> float:
-    """The median per-step rate after the first ``skip`` steps (start-up, first batches)."""
-    kept = rates[skip:]
-    if not kept:
-        raise SystemExit(f"only {len(rates)} steps were logged; train more than --skip {skip}")
-    return statistics.median(kept)
+def loss_plot(runs: dict[str, dict[str, Any]], path: Path) -> None:
+    """Each trainer's training loss per logged step, overlaid."""
+    from matplotlib.figure import Figure
 
-
-def flops_per_sample(csv: Path, batch_size: int) -> float:
-    """One sample's forward + backward FLOPs in mmkit's model, counted (torch.utils.flop_counter)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from mmkit.components import build_parts
-    from mmkit.data.loader import transform
-    from mmkit.plugins import load_plugins
-    from mmkit.recipe import load_recipe
-
-    recipe_path = csv.parent / "mmkit_flops.toml"
-    recipe_path.write_text(RECIPE.format(name="flops", csv=csv, steps=1, batch=batch_size, workers=0, device="cpu",
-                                         output=csv.parent))
-    parts = build_parts(load_recipe(recipe_path), load_plugins().registry)
-    samples = [parts.train_set[i] for i in range(batch_size)]
-    batch = parts.collate([transform(s, parts.transforms) for s in samples])
-    batch.pop("_problems", None)
-    with FlopCounterMode(display=False) as counter:
-        loss = sum(v for k, v in parts.task.training_step(batch).items() if k.startswith("loss/"))
-        loss.backward()
-    return counter.get_total_flops() / batch_size
-
-
-def matmul_rate(size: int = 2048, repeats: int = 10) -> float:
-    """The machine's achieved fp32 matmul FLOP/s (the best of ``repeats``): MFU's denominator on a CPU."""
-    import torch
-
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
+    for name, run in runs.items():
+        ax.plot([r["step"] for r in run["records"]], [r["loss"] for r in run["records"]], label=name, alpha=0.8)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (contrastive)")
+    ax.set_title("the same CLIP, data and settings")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", choices=["cpu"], default="cpu")
-    parser.add_argument("--steps", type=int, default=80)
-    parser.add_argument("--skip", type=int, default=10, help="first steps left out of the rate")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--device", choices=sorted(PRESETS), default="cpu")
+    for key in ("steps", "skip", "batch_size", "workers", "log_every", "samples"):
+        parser.add_argument(f"--{key.replace('_', '-')}", type=int, help="default: the device's preset")
+    parser.add_argument("--model", help='"small" or an open_clip model name; default: the preset')
+    parser.add_argument("--precision", choices=["fp32", "bf16"])
+    parser.add_argument("--compiled", action=argparse.BooleanOptionalAction,
+                        help="also run open_clip_train --torchcompile and mmkit train.compile; default: the preset")
     parser.add_argument("--folder", help="keep the written data here and reuse it (default: a temporary folder)")
-    parser.add_argument("--json", default="benchmarks/results/clip_throughput_cpu.json")
+    parser.add_argument("--json", help="default: benchmarks/results/clip_throughput_<device>.json")
     args = parser.parse_args()
+    for key, value in PRESETS[args.device].items():
+        if getattr(args, key, None) is None:  # the preset's, where the command line is silent
+            setattr(args, key, value)
+    args.samples = args.samples or args.steps * args.batch_size
+    args.json = args.json or f"benchmarks/results/clip_throughput_{args.device}.json"
+    trainers = {"open_clip_train": (run_open_clip, False), "mmkit": (run_mmkit, False)}
+    if args.compiled:
+        trainers |= {"open_clip_train --torchcompile": (run_open_clip, True), "mmkit train.compile": (run_mmkit, True)}
+    runs: dict[str, dict[str, Any]] = {}
     with data_folder(args.folder, "mmkit-throughput-") as folder:
-        csv = write_data(folder, args.steps * args.batch_size)
+        csv = write_data(folder, args.samples, args.image_size, os.cpu_count() or 1)
         before = load_average()
-        open_clip_rates, open_clip_peak = run_open_clip(csv, args, folder)
-        mmkit_rates, mmkit_peak = run_mmkit(csv, args, folder)
-        flops = flops_per_sample(csv, args.batch_size)
-    peak_rate = matmul_rate()
-    ours, theirs = steady(mmkit_rates, args.skip), steady(open_clip_rates, args.skip)
-    results = {**machine(), "load_average_before": before, "load_average_after": load_average(),
-               "device": args.device, "steps": args.steps, "batch_size": args.batch_size, "workers": args.workers,
-               "open_clip_train_samples_per_s": round(theirs, 1), "mmkit_samples_per_s": round(ours, 1),
-               "ratio": round(ours / theirs, 3), "mmkit_flops_per_sample": flops,
-               "matmul_flops_per_s": peak_rate, "mmkit_mfu": round(mfu(ours, flops, peak_rate), 4),
-               "peak_rss_mib": {"open_clip_train": round(open_clip_peak / 1024), "mmkit": round(mmkit_peak / 1024)}}
+        for name, (trainer, compiled) in trainers.items():
+            runs[name] = trainer(csv, args, folder, compiled)
+            results = compared(runs, args, before)  # written after each trainer: a cut-off run keeps its numbers
+            write_results(results, args.json)
     for key, value in results.items():
-        print(f"{key}: {value}")
-    write_results(results, args.json)
+        if key != "loss":
+            print(f"{key}: {value}")
+    loss_plot(runs, Path(args.json).with_suffix(".png"))
 
+
+def compared(runs: dict[str, dict[str, Any]], args: argparse.Namespace, before: list[float]) -> dict[str, Any]:
+    """The numbers of the trainers run so far: rates, ratios, mmkit's MFU, memory, losses."""
+    rates = {name: steady(run["records"], args.skip) for name, run in runs.items()}
+    results = {**machine(), "load_average_before": before, "load_average_after": load_average(),
+               "settings": {k: v for k, v in vars(args).items() if k not in ("json", "folder")} | OPTIMIZER,
+               "samples_per_s": {name: round(rate, 1) for name, rate in rates.items()},
+               "peak_memory_mib": {name: run["peak_mib"] for name, run in runs.items()},
+               "open_clip_data_wait_share": {name: round(statistics.median(
+                   r["data_share"] for r in run["records"] if r["step"] > args.skip), 3)
+                   for name, run in runs.items() if name.startswith("open_clip")}}
+    if "mmkit" in runs:
+        summary = runs["mmkit"]["summary"]
+        flops, peak = summary["flops_per_sample"], summary["peak_flops_per_s"]
+        results |= {"ratio": round(rates["mmkit"] / rates["open_clip_train"], 3), "mmkit_flops_per_sample": flops,
+                    "matmul_flops_per_s": peak, "mmkit_mfu": {name: round(mfu(rate, flops, peak), 4)
+                                                               for name, rate in rates.items() if name.startswith("mmkit")}}
+    if len(rates) == 4:
+        best = max(rates["mmkit"], rates["mmkit train.compile"])
+        results["ratio_best_mmkit"] = {"to_open_clip_eager": round(best / rates["open_clip_train"], 3),
+                                       "to_open_clip_compiled": round(best / rates["open_clip_train --torchcompile"], 3)}
+    results["loss"] = {name: [(r["step"], round(r["loss"], 4)) for r in run["records"]] for name, run in runs.items()}
+    return results
 
 if __name__ == "__main__":
     main()

@@ -60,6 +60,26 @@ def training_curves(records: list[dict[str, Any]], headline: list[str]) -> Any:
     return fig
 
 
+def throughput(records: list[dict[str, Any]]) -> Any:
+    """Training speed per logged step: samples/s, and MFU (against the device's measured
+    matmul rate) on the right-hand axis."""
+    logged = [r for r in records if "samples_per_s" in r]
+    steps = [r["step"] for r in logged]
+    fig, ax = _subplots(figsize=(7, 3.2))
+    ax.plot(steps, [r["samples_per_s"] for r in logged], marker=".", label="samples/s")
+    ax.set_xlabel("step")
+    ax.set_ylabel("samples/s")
+    ax.set_ylim(bottom=0)
+    ax.set_title("training speed (since the previous log line)")
+    if any("mfu" in r for r in logged):
+        right = ax.twinx()
+        right.plot(steps, [100 * r.get("mfu", float("nan")) for r in logged], color="tab:orange", alpha=0.7)
+        right.set_ylabel("MFU (%)", color="tab:orange")
+        right.set_ylim(bottom=0)
+    fig.tight_layout()
+    return fig
+
+
 def _draw(ax: Any, sample: dict[str, Any], modality: str) -> None:
     value = sample[modality]
     if modality == "image":
@@ -258,8 +278,9 @@ def _what(summary: dict[str, Any]) -> str:
     elif summary.get("fit") and not summary["steps"]:
         what = f"task {summary['task']}, no gradient step"
     else:
+        utilisation = f", MFU {summary['mfu']:.1%}" if summary.get("mfu") is not None else ""
         what = (f"task {summary['task']}, {summary['steps']} steps in {summary['train_seconds']:.0f} s "
-                f"({summary['samples_per_second']:.1f} samples/s)")
+                f"({summary['samples_per_second']:.1f} samples/s{utilisation})")
     if fitted := summary.get("fit"):
         chosen = ", ".join(f"{k} {v:.4g}" for k, v in fitted.items() if "/" not in k and k != "seconds")
         what += f"; fitted on the training set in {fitted.get('seconds', 0):.0f} s ({chosen})"

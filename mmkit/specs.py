@@ -51,7 +51,7 @@ class TrainSpec:
         keep_checkpoints: how many recent checkpoints to keep.
         log_every: log training metrics every N steps.
         num_workers: DataLoader worker processes.
-        compile: wrap the model in torch.compile.
+        compile: torch.compile each encoder (in place; the loss and any fusion head run eagerly).
         on_nan: a loss that is not a number stops the run ("raise") or skips that update ("skip",
             counted in summary.json).
         loss_weights: a weight per loss term by name (the task's and its fusion head's, e.g.

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from conftest import run_mmkit
 from mmkit import build
 from mmkit.engine.checkpoint import latest_checkpoint
-from mmkit.engine.loop import optimizer_step
+from mmkit.engine.loop import optimizer_step, step_batches
 from mmkit.engine.run import Run
 from mmkit.engine.schedule import param_groups, warmup_cosine
 from mmkit.errors import MMKitError
@@ -40,7 +40,7 @@ def test_a_run_leaves_a_complete_folder(tiny_recipe):
     summary = Run(load_recipe(tiny_recipe)).fit()
     folder = tiny_recipe.parent / "runs" / "tiny"
     for name in ("recipe.toml", "metrics.jsonl", "model.safetensors", "summary.json", "report.html",
-                 "training_curves.png", "retrieval_examples.png", "similarity.png"):
+                 "training_curves.png", "throughput.png", "retrieval_examples.png", "similarity.png"):
         assert (folder / name).stat().st_size > 0, name
     assert list((folder / "tensorboard").glob("events.out.tfevents.*"))
     assert json.loads((folder / "summary.json").read_text()) == summary
@@ -53,6 +53,19 @@ def test_a_run_leaves_a_complete_folder(tiny_recipe):
     evals = [r["step"] for r in records(folder) if "val/image_to_text/R@1" in r]
     assert evals == [3, 6]
     assert '<img src="retrieval_examples.png">' in (folder / "report.html").read_text()
+
+
+def test_a_run_logs_its_model_flops_utilisation(tiny_recipe):
+    summary = Run(load_recipe(tiny_recipe)).fit()
+    folder = tiny_recipe.parent / "runs" / "tiny"
+    flops, peak = summary["flops_per_sample"], summary["peak_flops_per_s"]
+    assert flops > 0 and peak > 0
+    logged = [r for r in records(folder) if "train/loss" in r]
+    for record in logged:  # each log line's MFU is its own rate's
+        assert record["mfu"] == pytest.approx(record["samples_per_s"] * flops / peak, rel=1e-9)
+    assert summary["mfu"] == pytest.approx(summary["samples_per_second"] * flops / peak, abs=1e-4)
+    assert f"MFU {summary['mfu']:.1%}" in (folder / "report.html").read_text()
+    assert '<img src="throughput.png">' in (folder / "report.html").read_text()
 
 
 def test_checkpoints_hold_only_safetensors_and_json(tiny_recipe):
@@ -229,12 +242,12 @@ def test_the_optimizer_minimises_the_weighted_sum_of_the_named_loss_terms():
     task = TwoTerms()
     optimizer = torch.optim.SGD(task.parameters(), lr=0.1)
     spec = TrainSpec(loss_weights={"b": 0.5})
-    losses = optimizer_step(task, optimizer, iter([{}]), spec, Accelerator(cpu=True), 1)
+    losses = optimizer_step(task, optimizer, [{}], spec, Accelerator(cpu=True), 1)
     assert losses["loss"].item() == pytest.approx(2 + 0.5 * 3)  # a weighs 1 (not named), b 0.5
     assert (losses["loss/a"].item(), losses["loss/b"].item(), losses["accuracy"].item()) == (2, 3, 0.5)  # each logged
     assert task.w.item() == pytest.approx(1 - 0.1 * (2 + 0.5 * 3))  # d(2w + 1.5w)/dw = 3.5
     with pytest.raises(MMKitError, match="train.loss_weights names c, which the task does not return; its loss terms: a, b"):
-        optimizer_step(task, optimizer, iter([{}]), TrainSpec(loss_weights={"c": 1.0}), Accelerator(cpu=True), 1)
+        optimizer_step(task, optimizer, [{}], TrainSpec(loss_weights={"c": 1.0}), Accelerator(cpu=True), 1)
 
 
 class OldStyle(Task):
@@ -246,7 +259,7 @@ def test_a_task_without_named_loss_terms_is_told_how_to_name_them():
     from accelerate import Accelerator
 
     with pytest.raises(MMKitError, match="name each loss term under 'loss/'"):
-        optimizer_step(OldStyle(), None, iter([{}]), TrainSpec(), Accelerator(cpu=True), 1)
+        optimizer_step(OldStyle(), None, [{}], TrainSpec(), Accelerator(cpu=True), 1)
 
 
 def test_two_accumulated_half_batches_step_like_one_batch():
@@ -261,7 +274,8 @@ def test_two_accumulated_half_batches_step_like_one_batch():
         optimizer = torch.optim.SGD(task.parameters(), lr=0.5)  # plain SGD shows a wrong gradient scale
         batches = iter([{"x": x[i:i + batch_size], "y": y[i:i + batch_size]} for i in range(0, 24, batch_size)])
         spec = TrainSpec(batch_size=batch_size, grad_accum=grad_accum)
-        losses = optimizer_step(task, optimizer, batches, spec, Accelerator(cpu=True), 1)
+        taken = step_batches(task, batches, grad_accum, torch.device("cpu"))
+        losses = optimizer_step(task, optimizer, taken, spec, Accelerator(cpu=True), 1)
         return task.linear, losses["loss"], next(batches)["x"]
 
     whole, whole_loss, _ = one_step(16, 1)
@@ -299,7 +313,8 @@ def test_a_summed_loss_is_divided_by_the_items_of_the_whole_step_not_averaged_pe
         torch.manual_seed(3)  # the same masks, drawn row block by row block
         task = MaskedTokens()
         optimizer = torch.optim.SGD(task.parameters(), lr=0.1)
-        batches = iter([{"x": x[i:i + rows]} for i in range(0, 4, rows)])
+        batches = step_batches(task, iter([{"x": x[i:i + rows]} for i in range(0, 4, rows)]), grad_accum,
+                               torch.device("cpu"))
         losses = optimizer_step(task, optimizer, batches, TrainSpec(grad_accum=grad_accum), Accelerator(cpu=True), 1)
         return task.w.item(), losses
 
@@ -351,6 +366,59 @@ def test_the_summary_holds_the_last_held_out_record_and_its_exact_chance(tiny_re
 def test_a_run_on_the_gpu_in_bf16(tiny_recipe):
     summary = Run(load_recipe(tiny_recipe, ["run.device=cuda", "run.precision=bf16"])).fit()
     assert summary["device"].startswith("cuda") and summary["steps"] == 6
+
+
+def test_compiled_encoders_serve_every_step_and_train_as_the_eager_ones(tiny_recipe):
+    """train.compile compiles each encoder once: later batches (other ids, other captions) reuse
+    the graphs, and the steps' losses and weights are the eager steps' to float rounding."""
+    from accelerate import Accelerator
+    from torch._dynamo.utils import counters
+
+    from mmkit.components import build_parts
+    from mmkit.data.loader import EpochBatches, Preprocessed, train_loader
+    from mmkit.engine.loop import compile_encoders
+    from mmkit.plugins import get_registry
+
+    def three_steps(compiled: bool):
+        torch.manual_seed(0)
+        parts = build_parts(load_recipe(tiny_recipe), get_registry())
+        dataset = Preprocessed(parts.train_set, parts.transforms)
+        feed = iter(train_loader(dataset, EpochBatches(len(dataset), 16, seed=0), 0, False, parts.collate))
+        optimizer = torch.optim.SGD(parts.task.parameters(), lr=0.5)  # an update in proportion to the gradient
+        if compiled:
+            compile_encoders(parts.task)
+        graphs, losses = [], []
+        for step in range(1, 4):
+            batches = step_batches(parts.task, feed, 1, torch.device("cpu"))
+            losses.append(optimizer_step(parts.task, optimizer, batches, TrainSpec(), Accelerator(cpu=True), step)["loss"])
+            graphs.append(counters["stats"]["unique_graphs"])
+        return losses, graphs, parts.task.state_dict()
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager, _, eager_weights = three_steps(False)
+    compiled, graphs, compiled_weights = three_steps(True)
+    assert graphs[0] >= 2 and graphs[1] == graphs[2] == graphs[0]  # image and text, compiled at the first step only
+    assert torch.allclose(torch.stack(compiled), torch.stack(eager), rtol=1e-5)
+    assert compiled_weights.keys() == eager_weights.keys()  # checkpoints keep the eager names
+    assert all(torch.allclose(compiled_weights[k], eager_weights[k], atol=1e-5) for k in eager_weights)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("precision, first, later", [("fp32", 1e-5, 1e-3), ("bf16", 1e-2, 3e-2)])
+def test_compiled_and_eager_training_give_the_same_losses_on_the_gpu(tiny_recipe, precision, first, later):
+    """train.compile changes speed, not results: the same first batch gives the same loss, and
+    the steps after it stay together (to rounding: bf16 rounds the two paths' sums differently)."""
+    losses = {}
+    for compiled in ("false", "true"):
+        Run(load_recipe(tiny_recipe, ["run.device=cuda", f"run.precision={precision}", f"train.compile={compiled}",
+                                      "train.log_every=1", f"run.name=compiled-{compiled}"])).fit()
+        folder = tiny_recipe.parent / "runs" / f"compiled-{compiled}"
+        losses[compiled] = [r["train/loss"] for r in records(folder) if "train/loss" in r]
+    assert len(losses["true"]) == len(losses["false"]) == 6
+    assert losses["true"][0] == pytest.approx(losses["false"][0], rel=first)
+    assert losses["true"] == pytest.approx(losses["false"], rel=later)
 
 
 def test_two_processes_under_torchrun(tiny_recipe):

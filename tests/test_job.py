@@ -129,7 +129,7 @@ def test_a_loss_that_is_not_a_number_stops_or_skips_the_update(on_nan):
 
     model = Scaled()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    batches = iter([{"x": torch.tensor([1.0])}, {"x": torch.tensor([float("nan")])}])
+    batches = [{"x": torch.tensor([1.0])}, {"x": torch.tensor([float("nan")])}]
     spec = TrainSpec(grad_accum=2, on_nan=on_nan)
     if on_nan == "raise":
         with pytest.raises(MMKitError, match="step 7: the loss is nan, not a number; stopped before the update"):
@@ -137,7 +137,7 @@ def test_a_loss_that_is_not_a_number_stops_or_skips_the_update(on_nan):
     else:
         assert optimizer_step(model, optimizer, batches, spec, Accelerator(cpu=True), 7) is None
     assert model.weight.item() == 1.0 and model.weight.grad is None  # no update, nothing left to leak
-    finite = iter([{"x": torch.tensor([1.0])}, {"x": torch.tensor([3.0])}])
+    finite = [{"x": torch.tensor([1.0])}, {"x": torch.tensor([3.0])}]
     optimizer_step(model, optimizer, finite, spec, Accelerator(cpu=True), 8)
     assert model.weight.item() == pytest.approx(1.0 - 0.1 * (1.0 + 3.0) / 2)
 

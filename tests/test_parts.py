@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from mmkit.components import build_parts
 from mmkit.data.loader import EpochBatches, Preprocessed, train_loader
-from mmkit.engine.loop import optimizer_step
+from mmkit.engine.loop import optimizer_step, step_batches
 from mmkit.engine.run import Run
 from mmkit.engine.schedule import adamw
 from mmkit.errors import MMKitError, RecipeError
@@ -37,7 +37,8 @@ def one_training_step(parts, lr: float = 1e-2) -> None:
     loader = train_loader(dataset, EpochBatches(len(dataset), 16, seed=0), 0, False, parts.collate)
     optimizer = adamw(parts.task, lr, 0.1, False, parts.scaled())
     parts.task.train()
-    optimizer_step(parts.task, optimizer, iter(loader), TrainSpec(batch_size=16), Accelerator(cpu=True), 1)
+    batches = step_batches(parts.task, iter(loader), 1, torch.device("cpu"))
+    optimizer_step(parts.task, optimizer, batches, TrainSpec(batch_size=16), Accelerator(cpu=True), 1)
 
 
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from mmkit.engine.checkpoint import load_checkpoint, save_checkpoint
 from mmkit.engine.evaluation import Evaluation
 from mmkit.engine.feed import TrainFeed
+from mmkit.engine.flops import count_flops, matmul_rate, mfu
 from mmkit.engine.schedule import adamw, warmup_cosine
 from mmkit.engine.tracking import Tracker
 from mmkit.errors import MMKitError
@@ -33,6 +34,15 @@ class FitResult:
     seconds: float
     samples_per_second: float
     skipped_steps: int = 0
+    flops_per_sample: float | None = None  # one sample's forward + backward, counted at this session's first step
+    peak_flops_per_s: float | None = None  # its devices' measured matmul rate together: MFU's denominator
+
+    @property
+    def mfu(self) -> float | None:
+        """Model FLOPs utilisation over the whole training (None where nothing was counted)."""
+        if self.flops_per_sample is None or not self.peak_flops_per_s:
+            return None
+        return mfu(self.samples_per_second, self.flops_per_sample, self.peak_flops_per_s)
 
 
 class Stopped(Exception):
@@ -57,7 +67,8 @@ def fit(task: Task, feed: TrainFeed, val: Evaluation | None, train: TrainSpec, e
                 if val is not None and evaluation.every and step % evaluation.every == 0 else None)
     steps, seconds = trainer.step, trainer.seconds
     return FitResult(steps, steps / plan[0] if plan[0] else None, seconds,
-                     trainer.samples_per_step * steps / max(seconds, 1e-9), trainer.skipped)
+                     trainer.samples_per_step * steps / max(seconds, 1e-9), trainer.skipped,
+                     trainer.flops_per_sample, trainer.peak and trainer.peak * accelerator.num_processes)
 
 
 class Trainer:
@@ -74,6 +85,8 @@ class Trainer:
         self.scheduler = warmup_cosine(self.optimizer, train.warmup, total)
         self.samples_per_step = train.batch_size * train.grad_accum * accelerator.num_processes
         self.step, self.seconds, self.skipped, self.before = 0, 0.0, 0, 0.0
+        self.flops_per_sample: float | None = None
+        self.peak: float | None = None  # one device's matmul FLOP/s
 
     def restore(self, checkpoint: Path | None) -> None:
         """Start from ``checkpoint`` (weights, optimizer, schedule, RNG, data place), or afresh."""
@@ -86,14 +99,18 @@ class Trainer:
 
     def run(self, evaluate: Any) -> None:
         """Step to the total; ``evaluate(step)`` gives held-out metrics to log, or None."""
-        model = torch.compile(self.task) if self.train.compile else self.task
-        model, self.optimizer = self.accelerator.prepare(model, self.optimizer)
+        if self.train.compile:
+            compile_encoders(self.task)
+        model, self.optimizer = self.accelerator.prepare(self.task, self.optimizer)
         started = time.perf_counter()
         self.interval = (started, 0)
         model.train()
         with StopSignals() as stop, _progress(self.total, self.step, self.accelerator.is_main_process) as progress:
             while self.step < self.total:
-                losses = optimizer_step(model, self.optimizer, self.feed, self.train, self.accelerator, self.step + 1)
+                batches = step_batches(self.task, self.feed, self.train.grad_accum, self.accelerator.device)
+                if self.flops_per_sample is None:
+                    self._count(batches[0], model)
+                losses = optimizer_step(model, self.optimizer, batches, self.train, self.accelerator, self.step + 1)
                 self.scheduler.step()
                 self.step += 1
                 self.skipped += losses is None
@@ -109,16 +126,24 @@ class Trainer:
                 if stop.asked(self.accelerator) and self.step < self.total:
                     self._stop(stop, saved)
 
+    def _count(self, batch: dict[str, Any], model: torch.nn.Module) -> None:
+        """FLOPs per sample on this session's first batch, and the device's matmul rate, for MFU."""
+        self.flops_per_sample = count_flops(self.task, batch, self.accelerator, model) / self.train.batch_size
+        precision = {"no": "fp32"}.get(self.accelerator.mixed_precision, self.accelerator.mixed_precision)
+        self.peak = matmul_rate(str(self.accelerator.device), precision)
+
     def _log(self, losses: dict[str, torch.Tensor] | None, progress: Any) -> None:
         start, steps = self.interval
         self.interval = (start, steps + 1)
         if losses is None or (self.step % self.train.log_every and self.step != self.total):
             return
         rate = self.samples_per_step * (steps + 1) / (time.perf_counter() - start)
+        utilisation = mfu(rate, self.flops_per_sample, self.peak, self.accelerator.num_processes)
         values = {f"train/{k}": v.item() for k, v in losses.items()}
         group = self.optimizer.param_groups[0]
-        self.tracker.log(self.step, {**values, "lr": group["lr"] / group["lr_scale"], "samples_per_s": rate})
-        progress.set_postfix(loss=f"{values['train/loss']:.4f}", samples_s=f"{rate:.0f}")
+        self.tracker.log(self.step, {**values, "lr": group["lr"] / group["lr_scale"], "samples_per_s": rate,
+                                     "mfu": utilisation})
+        progress.set_postfix(loss=f"{values['train/loss']:.4f}", samples_s=f"{rate:.0f}", mfu=f"{utilisation:.1%}")
         self.interval = (time.perf_counter(), 0)
 
     def _save(self) -> None:
@@ -132,6 +157,18 @@ class Trainer:
             self._save()
         raise Stopped(f"stopped by {stop.name} at step {self.step} of {self.total}: checkpoint step {self.step} "
                       "written; run again with --resume to continue", stop.code)
+
+
+def compile_encoders(task: Task) -> None:
+    """torch.compile each encoder of ``task`` in place (train.compile): their inputs are only
+    tensors, so one compiled graph serves every step. (The whole task takes the batch with its
+    ids and captions, and a graph compiled on it held for those strings alone: it was compiled
+    again at every step.) The weights keep their names."""
+    from mmkit.encoders.base import Encoder
+
+    for module in task.modules():
+        if isinstance(module, Encoder):
+            module.compile()
 
 
 def trained_result(checkpoint: Path, task: Task, feed: TrainFeed, accelerator: Any, train: TrainSpec,
@@ -172,19 +209,24 @@ def data_layout(train: TrainSpec, processes: int, streamed: bool = False) -> dic
     return layout | ({"num_workers": train.num_workers} if streamed else {})
 
 
-def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, feed: TrainFeed,
+def step_batches(task: Task, feed: Any, grad_accum: int, device: torch.device) -> list[dict[str, Any]]:
+    """A step's ``grad_accum`` micro-batches from ``feed``, on ``device``, each through the
+    task's ``prepare`` (a head's masking)."""
+    return [task.prepare(to_device(next(feed), device)) for _ in range(grad_accum)]
+
+
+def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: list[dict[str, Any]],
                    train: TrainSpec, accelerator: Any, step: int) -> dict[str, torch.Tensor] | None:
-    """Take the step's grad_accum micro-batches, each through the task's ``prepare`` (a head's
-    masking), accumulate gradients over them (syncing processes only on the last), clip, and
-    step; returns the step's values: each the mean over the micro-batches, or for a value the
-    task sums over items (``item_counts``: masked tokens), the sum over the step's items. A loss
-    that is not finite stops the run (train.on_nan = "raise") or skips the update (None)."""
+    """Accumulate gradients over a step's prepared micro-batches (``step_batches``; processes
+    sync only on the last), clip, and step; returns the step's values: each the mean over the
+    micro-batches, or for a value the task sums over items (``item_counts``: masked tokens), the
+    sum over the step's items. A loss that is not finite stops the run (train.on_nan = "raise")
+    or skips the update (None)."""
     task = accelerator.unwrap_model(model)
-    batches = [task.prepare(to_device(next(feed), accelerator.device)) for _ in range(train.grad_accum)]
     counts = step_counts([task.item_counts(batch) for batch in batches], accelerator)
     totals: dict[str, torch.Tensor] = {}
     for micro, batch in enumerate(batches):
-        last = micro == train.grad_accum - 1
+        last = micro == len(batches) - 1
         with contextlib.nullcontext() if last else accelerator.no_sync(model):
             losses = step_shares(model(batch), counts, train.grad_accum)
             losses["loss"] = total_loss(losses, train.loss_weights or {})

@@ -345,6 +345,9 @@ class Run:
             "epochs": None if result.epochs is None else round(result.epochs, 3),
             "train_seconds": round(result.seconds, 2),
             "samples_per_second": round(result.samples_per_second, 2),
+            "mfu": None if result.mfu is None else round(result.mfu, 4),
+            "flops_per_sample": result.flops_per_sample,
+            "peak_flops_per_s": result.peak_flops_per_s,
             "device": str(accelerator.device),
             "processes": accelerator.num_processes,
             "precision": self.spec.precision,
@@ -360,11 +363,12 @@ class Run:
                 summary: dict[str, Any]) -> None:
         from torch.utils.data import IterableDataset
 
-        from mmkit.report import training_curves, write_report
+        from mmkit.report import throughput, training_curves, write_report
 
         records = tracker.records()
         trained = any("train/loss" in record for record in records)  # a linear probe takes no steps
-        figures = {"training_curves": training_curves(records, parts.task.headline())} if trained else {}
+        figures = {"training_curves": training_curves(records, parts.task.headline()),
+                   "throughput": throughput(records)} if trained else {}
         if outputs is not None:
             raw = None if isinstance(parts.val_set, IterableDataset) else Readable(parts.val_set, val_problems)
             figures |= parts.task.figures(raw, outputs)

@@ -1,0 +1,73 @@
+"""Model FLOPs utilisation: a training step's FLOPs, counted once, over the device's matmul rate."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+from typing import Any
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def count_flops(task: torch.nn.Module, batch: dict[str, Any], accelerator: Any,
+                model: torch.nn.Module | None = None) -> int:
+    """FLOPs of one forward + backward of ``task`` on the prepared ``batch`` (counted by
+    torch.utils.flop_counter), leaving nothing behind: the RNG streams, the gradients, every
+    module's train/eval mode and its buffers (run in eval mode: no BatchNorm update) are as
+    they were, so a run that counts trains exactly as one that does not. Compiled encoders run
+    eagerly here (the counter sees each op). ``model`` is the distributed wrapper, kept from
+    syncing gradients."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    params = [p for p in task.parameters() if p.requires_grad]
+    grads = [p.grad for p in params]
+    modes = [(module, module.training) for module in task.modules()]
+    cuda = [accelerator.device] if accelerator.device.type == "cuda" else []
+    no_sync = accelerator.no_sync(model) if model is not None else contextlib.nullcontext()
+    try:
+        for p in params:
+            p.grad = None  # backward would add into a gradient held here
+        task.eval()
+        with torch.random.fork_rng(devices=cuda), no_sync, torch.compiler.set_stance("force_eager"), \
+                FlopCounterMode(display=False) as counter:
+            with accelerator.autocast():
+                terms = [v for k, v in task.training_step(dict(batch)).items() if k.startswith("loss/")]
+            loss = sum(terms)
+            if isinstance(loss, torch.Tensor) and loss.requires_grad:
+                loss.backward()
+    finally:
+        for p, grad in zip(params, grads):
+            p.grad = grad
+        for module, mode in modes:
+            module.training = mode
+    return counter.get_total_flops()
+
+
+@functools.cache
+def matmul_rate(device: str, precision: str = "fp32") -> float:
+    """The FLOP/s ``device`` reaches on a large matrix product in the run's compute type (the
+    best of a few, after a warm-up): MFU's denominator. Measured, because a CPU has no
+    datasheet peak and a GPU's is a ceiling no model reaches; random operands from a
+    generator of their own, so the run's RNG is not drawn from."""
+    cuda = device.startswith("cuda")
+    size, repeats = (8192, 5) if cuda else (1024, 3)
+    generator = torch.Generator(device=device).manual_seed(0)
+    a, b = (torch.randn(size, size, generator=generator, device=device, dtype=DTYPES[precision]) for _ in range(2))
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first is the warm-up
+        if cuda:
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        if cuda:
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def mfu(samples_per_s: float, flops_per_sample: float, peak_per_device: float, devices: int = 1) -> float:
+    """Model FLOPs utilisation: the FLOP/s training does over what its devices can do."""
+    return samples_per_s * flops_per_sample / (peak_per_device * devices)

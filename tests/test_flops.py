@@ -1,0 +1,65 @@
+"""MFU's parts: a training step's FLOPs counted on fixed layers, and a count that leaves no trace."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from mmkit.engine.flops import count_flops, matmul_rate, mfu
+from mmkit.tasks.base import Task
+
+
+class TwoLayers(Task):
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = nn.Linear(3, 5, bias=False), nn.Linear(5, 2, bias=False)
+
+    def training_step(self, batch):
+        return {"loss/square": (self.second(self.first(batch["x"])) ** 2).sum(), "rows": torch.tensor(4.0)}
+
+
+def test_a_step_counts_the_forward_and_the_backward_products():
+    # forward: 2*4*3*5 + 2*4*5*2 = 200; backward: second's weight 80 and its input 80, first's weight 120
+    # (the batch needs no gradient) = 280
+    flops = count_flops(TwoLayers(), {"x": torch.randn(4, 3)}, Accelerator(cpu=True))
+    assert flops == 480
+
+
+class Noisy(Task):
+    def __init__(self):
+        super().__init__()
+        self.linear, self.norm, self.drop = nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Dropout(0.5)
+        self.frozen = nn.Linear(4, 4)
+        self.frozen.eval()
+
+    def training_step(self, batch):
+        noise = torch.rand(())  # a task's own draw, in either mode (negatives sampled, say)
+        return {"loss/mean": self.frozen(self.drop(self.norm(self.linear(batch["x"])))).mean() + 0 * noise}
+
+
+def test_counting_leaves_the_rng_gradients_modes_and_buffers_as_they_were():
+    task = Noisy().train()
+    task.frozen.eval()
+    task.linear.weight.grad = torch.full((4, 4), 7.0)
+    batch = {"x": torch.randn(8, 4)}
+    rng, norm = torch.get_rng_state(), task.norm.running_mean.clone()
+    count_flops(task, batch, Accelerator(cpu=True))
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert torch.equal(task.linear.weight.grad, torch.full((4, 4), 7.0)) and task.norm.weight.grad is None
+    assert torch.equal(task.norm.running_mean, norm)
+    assert task.training and task.norm.training and task.drop.training and not task.frozen.training
+
+
+def test_mfu_is_the_achieved_flops_over_all_devices_peak():
+    assert mfu(100.0, 2e9, 1e12) == pytest.approx(0.2)
+    assert mfu(100.0, 2e9, 1e12, devices=2) == pytest.approx(0.1)
+
+
+def test_the_matmul_rate_is_measured_without_drawing_from_the_run_rng():
+    rng = torch.get_rng_state()
+    rate = matmul_rate("cpu", "fp32")
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert 1e9 < rate < 1e14  # a CPU's fp32 product: between a GFLOP/s and a hundred TFLOP/s
+    assert matmul_rate("cpu", "fp32") == rate  # measured once per process
