@@ -45,11 +45,13 @@ SMALL = {"embed_dim": 128,
          "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 4}}
 PRESETS = {  # what each device trains unless the command line says otherwise
     "cpu": {"model": "small", "image_size": 64, "batch_size": 64, "precision": "fp32", "workers": 2,
-            "steps": 80, "skip": 10, "log_every": 1, "samples": None, "lr": 1e-3, "compiled": False},
+            "steps": 80, "skip": 10, "log_every": 1, "samples": None, "compiled": False,
+            "lr": 1e-3, "warmup": 10, "beta2": 0.999, "eps": 1e-8},
     "cuda": {"model": "ViT-B-32", "image_size": 224, "batch_size": 256, "precision": "bf16", "workers": 12,
-             "steps": 192, "skip": 60, "log_every": 10, "samples": 16384, "lr": 5e-4, "compiled": True},
+             "steps": 192, "skip": 60, "log_every": 10, "samples": 16384, "compiled": True,
+             "lr": 5e-4, "warmup": 50, "beta2": 0.98, "eps": 1e-6},  # open_clip's settings for ViTs
 }
-OPTIMIZER = {"warmup": 10, "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8}
+OPTIMIZER = {"weight_decay": 0.1, "beta1": 0.9}  # the same for both presets
 OPEN_CLIP_LAUNCHER = """import sys, open_clip
 if sys.argv[1] != "-":
     open_clip.add_model_config(sys.argv[1])
@@ -100,9 +102,9 @@ def open_clip_command(csv: Path, args: argparse.Namespace, logs: Path, compiled:
     return [sys.executable, str(launcher), config, "--train-data", csv.name, "--dataset-type", "csv",
             "--csv-separator", ",", "--csv-img-key", "image", "--csv-caption-key", "text",
             "--model", model, "--batch-size", str(args.batch_size), "--workers", str(args.workers),
-            "--epochs", str(epochs), "--lr", str(args.lr), "--warmup", str(OPTIMIZER["warmup"]),
+            "--epochs", str(epochs), "--lr", str(args.lr), "--warmup", str(args.warmup),
             "--wd", str(OPTIMIZER["weight_decay"]), "--beta1", str(OPTIMIZER["beta1"]),
-            "--beta2", str(OPTIMIZER["beta2"]), "--eps", str(OPTIMIZER["eps"]),
+            "--beta2", str(args.beta2), "--eps", str(args.eps),
             "--precision", precision, "--device", args.device, "--log-every-n-steps", str(args.log_every),
             "--save-frequency", "0", "--zeroshot-frequency", "0", "--val-frequency", "0",
             "--logs", str(logs), "--name", f"open_clip-{time.time_ns()}", "--seed", "0",
@@ -150,9 +152,9 @@ def mmkit_recipe(name: str, csv: Path, args: argparse.Namespace, output: Path, c
     else:
         model = OPEN_CLIP_MODEL.format(model=args.model)
     return RECIPE.format(name=name, csv=csv, output=output, device=args.device, precision=args.precision,
-                         model=model, steps=args.steps, batch=args.batch_size, lr=args.lr,
-                         workers=args.workers, log_every=args.log_every, compile=str(compiled).lower(),
-                         **OPTIMIZER)
+                         model=model, steps=args.steps, batch=args.batch_size, lr=args.lr, warmup=args.warmup,
+                         beta2=args.beta2, eps=args.eps, workers=args.workers, log_every=args.log_every,
+                         compile=str(compiled).lower(), **OPTIMIZER)
 
 
 RECIPE = """[run]
@@ -172,6 +174,9 @@ batch_size = {batch}
 lr = {lr}
 warmup = {warmup}
 weight_decay = {weight_decay}
+beta1 = {beta1}
+beta2 = {beta2}
+eps = {eps}
 num_workers = {workers}
 log_every = {log_every}
 checkpoint_every = 0

@@ -43,6 +43,8 @@ class TrainSpec:
         batch_size: samples per micro-batch on each process.
         lr: peak learning rate.
         weight_decay: AdamW decay, applied to matrices only (not biases, norms, scales).
+        beta1, beta2, eps: AdamW's moment decays and epsilon (CLIP from scratch is steadier
+            with beta2 = 0.98 and eps = 1e-6, as open_clip trains ViTs).
         warmup: optimizer steps of linear warmup.
         grad_accum: micro-batches accumulated per optimizer step (a contrastive task
             contrasts each micro-batch on its own: its negatives are one micro-batch).
@@ -64,6 +66,9 @@ class TrainSpec:
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
     warmup: int = 0
     grad_accum: int = 1
     clip_grad: float | None = None
@@ -83,8 +88,9 @@ class TrainSpec:
         }
         found = {k: message for message, (keys, low) in rules.items() for k in keys
                  if getattr(self, k) is not None and getattr(self, k) < low}
-        found |= {k: "must be positive" for k in ("lr", "clip_grad")
+        found |= {k: "must be positive" for k in ("lr", "clip_grad", "eps")
                   if getattr(self, k) is not None and getattr(self, k) <= 0}
+        found |= {k: "must be at least 0 and below 1" for k in ("beta1", "beta2") if not 0 <= getattr(self, k) < 1}
         if self.epochs is not None and self.max_steps:
             found.setdefault("max_steps", "set train.epochs or train.max_steps, not both")
         if bad := [k for k, v in (self.loss_weights or {}).items() if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0]:

@@ -205,6 +205,17 @@ def test_warmup_then_cosine():
     assert lrs[9] == pytest.approx(0.5, abs=1e-12)
 
 
+def test_the_recipe_sets_adamws_betas_and_eps(tiny_recipe):
+    from accelerate import Accelerator
+
+    from mmkit.engine.loop import Trainer
+
+    train = load_recipe(tiny_recipe, ["train.beta2=0.98", "train.eps=1e-6"]).spec("train")
+    trainer = Trainer(Regression(), None, train, Accelerator(cpu=True), None, tiny_recipe.parent, 10, {}, None)
+    assert all(g["betas"] == (0.9, 0.98) and g["eps"] == 1e-6 for g in trainer.optimizer.param_groups)
+    assert TrainSpec(beta2=1.0, eps=0.0).problems() == {"beta2": "must be at least 0 and below 1", "eps": "must be positive"}
+
+
 def test_weight_decay_falls_on_matrices_only():
     model = torch.nn.Sequential(torch.nn.Embedding(5, 4), torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
     model[0].weight.requires_grad_(False)  # frozen parameters are not handed to the optimizer

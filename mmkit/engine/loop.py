@@ -81,7 +81,8 @@ class Trainer:
                  lr_scales: Mapping[torch.nn.Module, float] | None):
         self.task, self.feed, self.train, self.accelerator, self.tracker = task, feed, train, accelerator, tracker
         self.checkpoints, self.total, self.layout = checkpoints, total, layout
-        self.optimizer = adamw(task, train.lr, train.weight_decay, accelerator.device.type == "cuda", lr_scales)
+        self.optimizer = adamw(task, train.lr, train.weight_decay, accelerator.device.type == "cuda", lr_scales,
+                               (train.beta1, train.beta2), train.eps)
         self.scheduler = warmup_cosine(self.optimizer, train.warmup, total)
         self.samples_per_step = train.batch_size * train.grad_accum * accelerator.num_processes
         self.step, self.seconds, self.skipped, self.before = 0, 0.0, 0, 0.0

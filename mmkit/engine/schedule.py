@@ -36,7 +36,8 @@ def param_groups(model: nn.Module, weight_decay: float,
 
 
 def adamw(model: nn.Module, lr: float, weight_decay: float, fused: bool,
-          lr_scales: Mapping[nn.Module, float] | None = None) -> torch.optim.AdamW:
+          lr_scales: Mapping[nn.Module, float] | None = None, betas: tuple[float, float] = (0.9, 0.999),
+          eps: float = 1e-8) -> torch.optim.AdamW:
     """AdamW over ``param_groups``: it decays matrices only, and a group trains at lr x its scale."""
     groups = [{**group, "lr": lr * group["lr_scale"]} for group in param_groups(model, weight_decay, lr_scales)]
-    return torch.optim.AdamW(groups, lr=lr, fused=fused or None)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
