@@ -7,7 +7,8 @@ trains the same CLIP on it with each trainer, one after the other, in fresh subp
   context 32; embed 128), fp32, batch 64. open_clip_train gets it as an open_clip config;
   mmkit as a timm ViT with those model_args and its ``transformer`` text encoder.
 - ``--device cuda``: open_clip's ViT-B-32 at 224 px, bf16 autocast, batch 256; mmkit builds
-  the same towers through its ``open_clip`` encoders. open_clip_train runs eager and with
+  the same towers through its ``open_clip`` encoders and compares their embeddings as they are
+  (clip_retrieval's project = false): the same model. open_clip_train runs eager and with
   --torchcompile, mmkit eager and with train.compile.
 
 Same batch, precision, data workers, optimizer (AdamW, the same betas, eps, decay, peak rate
@@ -38,6 +39,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import data_folder, load_average, machine, write_results  # noqa: E402
+
+from mmkit.engine.flops import mfu  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = {"embed_dim": 128,
@@ -211,7 +214,7 @@ model_name = "{model}"
 
 [task]
 name = "clip_retrieval"
-embed_dim = 512
+project = false
 """
 
 METER = """import resource, subprocess, sys, threading, time
@@ -251,11 +254,6 @@ def steady(records: list[dict[str, float]], skip: int) -> float:
     if not kept:
         raise SystemExit(f"no log line after step {skip} ({len(records)} lines); train more than --skip steps")
     return statistics.median(kept)
-
-
-def mfu(samples_per_s: float, flops_per_sample: float, peak_flops_per_s: float) -> float:
-    """Model FLOPs utilisation: the FLOP/s training does over the FLOP/s the machine can."""
-    return samples_per_s * flops_per_sample / peak_flops_per_s
 
 
 def loss_plot(runs: dict[str, dict[str, Any]], path: Path) -> None:
@@ -302,10 +300,10 @@ def main() -> None:
             runs[name] = trainer(csv, args, folder, compiled)
             results = compared(runs, args, before)  # written after each trainer: a cut-off run keeps its numbers
             write_results(results, args.json)
+            loss_plot(runs, Path(args.json).with_suffix(".png"))
     for key, value in results.items():
         if key != "loss":
             print(f"{key}: {value}")
-    loss_plot(runs, Path(args.json).with_suffix(".png"))
 
 
 def compared(runs: dict[str, dict[str, Any]], args: argparse.Namespace, before: list[float]) -> dict[str, Any]:

@@ -2,14 +2,14 @@
 # The GPU checks of issue 15, each stage capped so that a stage that overruns still leaves
 # its partial output (the benchmark writes its JSON after every trainer):
 #   bench    clip_throughput.py --device cuda: open_clip_train eager and --torchcompile,
-#            mmkit eager and train.compile (about 450 s on an H100 with 16 cores)
-#   tests    the GPU tests: a bf16 run, compiled and eager give the same losses (about 105 s)
-#   profile  profile_step.py on the eager mmkit recipe and data the benchmark wrote, 12 steps
+#            mmkit eager and train.compile (the first three took 340 s on an H100 with 16 cores)
+#   tests    the GPU tests: a bf16 run, compiled and eager give the same losses (104 s there)
+#   profile  profile_step.py on the eager mmkit recipe and the data the benchmark wrote, 12 steps
 # Output lands in the folder given (default gpu-checks/); name the stages to run (default all).
-# A device call runs 10 minutes at most, so two calls:
+# A device call runs 10 minutes at most, so two calls, the second while the machine is warm:
 #
-#     bash benchmarks/gpu_checks.sh OUT bench profile
-#     bash benchmarks/gpu_checks.sh OUT tests
+#     bash benchmarks/gpu_checks.sh OUT bench
+#     bash benchmarks/gpu_checks.sh OUT profile tests
 set -u
 SECONDS=0
 out=${1:-gpu-checks}
@@ -21,7 +21,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out
 python3 -c "import torch, open_clip; print('torch', torch.__version__, 'open_clip', open_clip.__version__)" | tee -a "$out/device.txt"
 
 if [[ " $stages " == *" bench "* ]]; then
-    timeout "${BENCH_SECONDS:-470}" python3 benchmarks/clip_throughput.py --device cuda --folder /tmp/mmkit-bench \
+    timeout "${BENCH_SECONDS:-560}" python3 benchmarks/clip_throughput.py --device cuda --folder /tmp/mmkit-bench \
         --json "$out/clip_throughput_cuda.json" > "$out/benchmark.log" 2>&1
     echo "benchmark exit $? at ${SECONDS} s"; grep -v "^loss\|^numbers written" "$out/benchmark.log" | tail -25
 fi
@@ -31,7 +31,9 @@ if [[ " $stages " == *" tests "* ]]; then
     echo "gpu tests exit $? at ${SECONDS} s"; tail -6 "$out/gpu_tests.log"
 fi
 recipe=$(ls /tmp/mmkit-bench/mmkit-*.toml 2>/dev/null | head -1)  # the eager mmkit run's recipe
-if [[ " $stages " == *" profile "* && -n "$recipe" ]]; then
+if [[ " $stages " == *" profile "* && -z "$recipe" ]]; then
+    echo "profile skipped: no benchmark recipe in /tmp/mmkit-bench (run the bench stage on this machine first)"
+elif [[ " $stages " == *" profile "* ]]; then
     timeout "${PROFILE_SECONDS:-90}" python3 benchmarks/profile_step.py "$recipe" train.max_steps=12 --rows 20 \
         --out "$out/profile.txt" > "$out/profile.log" 2>&1
     echo "profile exit $? at ${SECONDS} s"; head -8 "$out/profile.txt" 2>/dev/null || tail -5 "$out/profile.log"

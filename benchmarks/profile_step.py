@@ -25,14 +25,17 @@ WAITS = {"waiting for batches": ("DataLoader",),  # enumerate(DataLoader)#...__n
          "waiting for the device": ("cudaStreamSynchronize", "cudaDeviceSynchronize")}
 
 
-def profiled(recipe_path: str, overrides: list[str]) -> tuple[profile, dict]:
-    """Train the recipe (checkpoints off, a run folder of its own) under the profiler."""
+def profiled(recipe_path: str, overrides: list[str]) -> tuple[profile, dict, float]:
+    """Train the recipe (checkpoints off, a run folder of its own) under the profiler: the
+    profile, the run's summary and the profiled seconds."""
     extra = ["train.checkpoint_every=0", f"run.name=profile-{time.time_ns()}"]
     recipe = load_recipe(recipe_path, [*overrides, *extra])
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=activities) as profiler:
+        started = time.perf_counter()
         summary = Run(recipe).fit()
-    return profiler, summary
+        seconds = time.perf_counter() - started
+    return profiler, summary, seconds
 
 
 def waits(profiler: profile) -> dict[str, float]:
@@ -45,18 +48,18 @@ def waits(profiler: profile) -> dict[str, float]:
     return found
 
 
-def report(profiler: profile, summary: dict, rows: int) -> str:
+def report(profiler: profile, summary: dict, seconds: float, rows: int) -> str:
     """The tables and totals, as text."""
     averages = profiler.key_averages()
     device_busy = sum(event.self_device_time_total for event in averages) / 1e6
     lines = [f"{summary['steps']} steps in {summary['train_seconds']:.1f} s ({summary['samples_per_second']:.1f} "
-             f"samples/s, MFU {summary.get('mfu') or 0:.1%}) on {summary['device']}, precision {summary['precision']}"]
+             f"samples/s, MFU {summary.get('mfu') or 0:.1%}) on {summary['device']}, precision {summary['precision']}; "
+             f"the whole run {seconds:.1f} s"]
     if torch.cuda.is_available():
-        lines.append(f"device busy (kernels, the whole run): {device_busy:.2f} s = "
-                     f"{device_busy / max(summary['train_seconds'], 1e-9):.0%} of the training time")
-    lines += [f"host {kind}: {seconds:.2f} s" for kind, seconds in waits(profiler).items()]
+        lines.append(f"device busy (kernels): {device_busy:.2f} s = {device_busy / seconds:.0%} of the whole run")
+    lines += [f"host {kind}: {waited:.2f} s" for kind, waited in waits(profiler).items()]
     if torch.cuda.is_available():
-        lines += ["", "by time on the device:", averages.table(sort_by="self_cuda_time_total", row_limit=rows)]
+        lines += ["", "by time on the device:", averages.table(sort_by="self_device_time_total", row_limit=rows)]
     lines += ["", "by time on the host:", averages.table(sort_by="self_cpu_time_total", row_limit=rows)]
     return "\n".join(lines)
 
@@ -68,8 +71,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--out", help="also write the text here")
     args = parser.parse_args()
-    profiler, summary = profiled(args.recipe, args.overrides)
-    text = report(profiler, summary, args.rows)
+    profiler, summary, seconds = profiled(args.recipe, args.overrides)
+    text = report(profiler, summary, seconds, args.rows)
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")

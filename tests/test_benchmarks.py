@@ -41,4 +41,3 @@ def test_the_steady_rate_is_the_median_of_the_intervals_ending_after_the_skipped
     assert module.steady(records, skip=19) == 205.0  # 20 ends after 19: four intervals
     with pytest.raises(SystemExit, match="no log line after step 50"):
         module.steady(records, skip=50)
-    assert module.mfu(200.0, 4.5e8, 3e11) == pytest.approx(0.3)  # 9e10 FLOP/s of 3e11

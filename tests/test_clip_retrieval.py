@@ -14,6 +14,7 @@ from open_clip.loss import ClipLoss
 from torch.utils.data import default_collate
 
 from mmkit import build
+from mmkit.errors import MMKitError
 from mmkit.tasks.clip_retrieval import both_directions, clamped_scale, contrastive_loss
 
 
@@ -58,6 +59,22 @@ def test_a_training_step_uses_the_scale_clamped_at_100(learned, used):
     assert losses["loss/contrastive"].item() == pytest.approx(expected.item(), abs=1e-5)
     assert losses["temperature"].item() == pytest.approx(1 / used, rel=1e-6)
     assert clamped_scale(torch.tensor(math.log(learned))).item() == pytest.approx(used, rel=1e-6)
+
+
+def test_without_projections_the_encoders_pooled_features_are_the_embeddings():
+    encoders = {"image": build("image_encoders", "timm", model_name="test_vit", image_size=32),
+                "text": build("text_encoders", "transformer", width=64, layers=1, heads=2, context_length=16)}
+    task = build("tasks", "clip_retrieval", encoders=encoders, project=False)
+    samples = build("datasets", "synthetic_shapes", num_samples=4, image_size=32)
+    batch = default_collate([{m: e.preprocess(samples[i][m]) for m, e in encoders.items()} for i in range(4)])
+    for m, encoder in encoders.items():
+        expected = F.normalize(encoder(batch[m]).pooled, dim=-1)
+        assert torch.allclose(task.embed(batch, m), expected, atol=1e-6)
+    assert not any(key.startswith("projections.") for key in task.state_dict())  # open_clip's towers, as they are
+    assert task.predict([batch])["image"].shape == (4, 64)
+    narrow = {**encoders, "text": build("text_encoders", "transformer", width=32, layers=1, heads=2, context_length=16)}
+    with pytest.raises(MMKitError, match="need one width; got image 64, text 32: set task.project = true"):
+        build("tasks", "clip_retrieval", encoders=narrow, project=False)
 
 
 def _rank_loss(rank: int, world: int, init_file: str, a: torch.Tensor, b: torch.Tensor, out: str) -> None:

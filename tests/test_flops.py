@@ -7,7 +7,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from mmkit.engine.flops import count_flops, matmul_rate, mfu
+from mmkit.engine.flops import batch_rows, count_flops, matmul_rate, mfu
 from mmkit.tasks.base import Task
 
 
@@ -42,6 +42,7 @@ class Noisy(Task):
 def test_counting_leaves_the_rng_gradients_modes_and_buffers_as_they_were():
     task = Noisy().train()
     task.frozen.eval()
+    task.norm.eval()  # counted in train mode, which updates the statistics: they must be put back
     task.linear.weight.grad = torch.full((4, 4), 7.0)
     batch = {"x": torch.randn(8, 4)}
     rng, norm = torch.get_rng_state(), task.norm.running_mean.clone()
@@ -49,7 +50,37 @@ def test_counting_leaves_the_rng_gradients_modes_and_buffers_as_they_were():
     assert torch.equal(torch.get_rng_state(), rng)
     assert torch.equal(task.linear.weight.grad, torch.full((4, 4), 7.0)) and task.norm.weight.grad is None
     assert torch.equal(task.norm.running_mean, norm)
-    assert task.training and task.norm.training and task.drop.training and not task.frozen.training
+    assert task.training and task.drop.training and not task.norm.training and not task.frozen.training
+
+
+class FrozenTransformer(Task):
+    def __init__(self, frozen: bool):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True)
+        self.encoder, self.head = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), nn.Linear(8, 1)
+        if frozen:  # as freeze = true leaves a part: no gradients, eval mode
+            self.encoder.requires_grad_(False).eval()
+
+    def training_step(self, batch):
+        padding = torch.zeros(batch["x"].shape[:2], dtype=torch.bool)
+        padding[:, -1] = True
+        return {"loss/mean": self.head(self.encoder(batch["x"], src_key_padding_mask=padding)).mean()}
+
+
+def test_a_frozen_transformer_is_counted_though_eval_mode_would_take_the_fused_path():
+    batch = {"x": torch.randn(2, 5, 8)}
+    frozen = FrozenTransformer(frozen=True)
+    counted = count_flops(frozen, batch, Accelerator(cpu=True))
+    forward_only = FrozenTransformer(frozen=False).requires_grad_(False)  # the same layers in train mode
+    forward_only.head.requires_grad_(True)
+    assert counted == count_flops(forward_only, batch, Accelerator(cpu=True)) > 2 * 2 * 5 * 8 * 16 * 2
+    assert not frozen.encoder.training  # put back
+
+
+def test_a_batch_counts_the_rows_of_its_first_tensor():
+    assert batch_rows({"id": ["a", "b", "c"], "text": {"input_ids": torch.zeros(3, 7)}, "image": torch.zeros(3, 1)}) == 3
+    with pytest.raises(ValueError, match="no tensor to count its samples by"):
+        batch_rows({"id": ["a"]})
 
 
 def test_mfu_is_the_achieved_flops_over_all_devices_peak():
@@ -58,6 +89,7 @@ def test_mfu_is_the_achieved_flops_over_all_devices_peak():
 
 
 def test_the_matmul_rate_is_measured_without_drawing_from_the_run_rng():
+    matmul_rate.cache_clear()  # an earlier run in this process may have measured it
     rng = torch.get_rng_state()
     rate = matmul_rate("cpu", "fp32")
     assert torch.equal(torch.get_rng_state(), rng)

@@ -87,6 +87,7 @@ def test_resume_after_the_last_checkpoint_writes_the_final_files(shard_recipe):
     summary = json.loads((killed / "summary.json").read_text())
     assert summary["metrics"] == expected["metrics"] and summary["steps"] == 9
     assert summary["train_seconds"] == expected["train_seconds"]  # training was not run again
+    assert summary["mfu"] == expected["mfu"] and summary["mfu"] > 0  # the count the checkpoint kept
     assert same(weights(straight), weights(killed)) and (killed / "report.html").exists()
     finished = run_mmkit("run", shard_recipe, *STREAM, "run.name=killed", "--resume")
     assert finished.returncode == 0 and "is finished (summary.json written); nothing to resume" in finished.stdout

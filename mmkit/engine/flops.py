@@ -16,21 +16,23 @@ def count_flops(task: torch.nn.Module, batch: dict[str, Any], accelerator: Any,
                 model: torch.nn.Module | None = None) -> int:
     """FLOPs of one forward + backward of ``task`` on the prepared ``batch`` (counted by
     torch.utils.flop_counter), leaving nothing behind: the RNG streams, the gradients, every
-    module's train/eval mode and its buffers (run in eval mode: no BatchNorm update) are as
-    they were, so a run that counts trains exactly as one that does not. Compiled encoders run
-    eagerly here (the counter sees each op). ``model`` is the distributed wrapper, kept from
-    syncing gradients."""
+    module's train/eval mode and its buffers (BatchNorm statistics) are put back, so a run that
+    counts trains exactly as one that does not. Every module counts in train mode: in eval mode
+    a frozen fp32 transformer layer takes PyTorch's fused fast path, whose FLOPs the counter
+    does not see. Compiled encoders run eagerly here (the counter sees each op). ``model`` is
+    the distributed wrapper, kept from syncing gradients."""
     from torch.utils.flop_counter import FlopCounterMode
 
     params = [p for p in task.parameters() if p.requires_grad]
     grads = [p.grad for p in params]
     modes = [(module, module.training) for module in task.modules()]
+    buffers = [(buffer, buffer.clone()) for buffer in task.buffers()]
     cuda = [accelerator.device] if accelerator.device.type == "cuda" else []
     no_sync = accelerator.no_sync(model) if model is not None else contextlib.nullcontext()
     try:
         for p in params:
             p.grad = None  # backward would add into a gradient held here
-        task.eval()
+        task.train()
         with torch.random.fork_rng(devices=cuda), no_sync, torch.compiler.set_stance("force_eager"), \
                 FlopCounterMode(display=False) as counter:
             with accelerator.autocast():
@@ -43,7 +45,21 @@ def count_flops(task: torch.nn.Module, batch: dict[str, Any], accelerator: Any,
             p.grad = grad
         for module, mode in modes:
             module.training = mode
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
     return counter.get_total_flops()
+
+
+def batch_rows(batch: dict[str, Any]) -> int:
+    """How many samples a batch holds: the first dimension of its first tensor (inside a
+    modality's dict of tensors too)."""
+    for value in batch.values():
+        if isinstance(value, dict):
+            value = next((v for v in value.values() if isinstance(v, torch.Tensor)), None)
+        if isinstance(value, torch.Tensor) and value.ndim:
+            return value.shape[0]
+    raise ValueError(f"the batch holds no tensor to count its samples by (keys: {', '.join(batch)})")
 
 
 @functools.cache
@@ -53,7 +69,7 @@ def matmul_rate(device: str, precision: str = "fp32") -> float:
     datasheet peak and a GPU's is a ceiling no model reaches; random operands from a
     generator of their own, so the run's RNG is not drawn from."""
     cuda = device.startswith("cuda")
-    size, repeats = (8192, 5) if cuda else (1024, 3)
+    size, repeats = (8192, 5) if cuda else (1024, 5)
     generator = torch.Generator(device=device).manual_seed(0)
     a, b = (torch.randn(size, size, generator=generator, device=device, dtype=DTYPES[precision]) for _ in range(2))
     best = float("inf")

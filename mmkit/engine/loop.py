@@ -9,7 +9,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 from tqdm.auto import tqdm
@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from mmkit.engine.checkpoint import load_checkpoint, save_checkpoint
 from mmkit.engine.evaluation import Evaluation
 from mmkit.engine.feed import TrainFeed
-from mmkit.engine.flops import count_flops, matmul_rate, mfu
+from mmkit.engine.flops import batch_rows, count_flops, matmul_rate, mfu
 from mmkit.engine.schedule import adamw, warmup_cosine
 from mmkit.engine.tracking import Tracker
 from mmkit.errors import MMKitError
@@ -100,6 +100,8 @@ class Trainer:
 
     def run(self, evaluate: Any) -> None:
         """Step to the total; ``evaluate(step)`` gives held-out metrics to log, or None."""
+        precision = {"no": "fp32"}.get(self.accelerator.mixed_precision, self.accelerator.mixed_precision)
+        self.peak = matmul_rate(str(self.accelerator.device), precision)  # before the loader's workers start
         if self.train.compile:
             compile_encoders(self.task)
         model, self.optimizer = self.accelerator.prepare(self.task, self.optimizer)
@@ -109,8 +111,9 @@ class Trainer:
         with StopSignals() as stop, _progress(self.total, self.step, self.accelerator.is_main_process) as progress:
             while self.step < self.total:
                 batches = step_batches(self.task, self.feed, self.train.grad_accum, self.accelerator.device)
-                if self.flops_per_sample is None:
-                    self._count(batches[0], model)
+                if self.flops_per_sample is None:  # this session's first step
+                    flops = count_flops(self.task, batches[0], self.accelerator, model)
+                    self.flops_per_sample = flops / batch_rows(batches[0])
                 losses = optimizer_step(model, self.optimizer, batches, self.train, self.accelerator, self.step + 1)
                 self.scheduler.step()
                 self.step += 1
@@ -126,12 +129,6 @@ class Trainer:
                     self._save()
                 if stop.asked(self.accelerator) and self.step < self.total:
                     self._stop(stop, saved)
-
-    def _count(self, batch: dict[str, Any], model: torch.nn.Module) -> None:
-        """FLOPs per sample on this session's first batch, and the device's matmul rate, for MFU."""
-        self.flops_per_sample = count_flops(self.task, batch, self.accelerator, model) / self.train.batch_size
-        precision = {"no": "fp32"}.get(self.accelerator.mixed_precision, self.accelerator.mixed_precision)
-        self.peak = matmul_rate(str(self.accelerator.device), precision)
 
     def _log(self, losses: dict[str, torch.Tensor] | None, progress: Any) -> None:
         start, steps = self.interval
@@ -151,7 +148,8 @@ class Trainer:
         self.tracker.flush()
         save_checkpoint(self.checkpoints, self.step, self.task, self.optimizer, self.scheduler, self.accelerator,
                         self.layout, self.train.keep_checkpoints,
-                        {"seconds": self.seconds, "skipped_steps": self.skipped}, self.feed.state())
+                        {"seconds": self.seconds, "skipped_steps": self.skipped,
+                         "flops_per_sample": self.flops_per_sample, "peak_flops_per_s": self.peak}, self.feed.state())
 
     def _stop(self, stop: StopSignals, saved: bool) -> None:
         if not saved:
@@ -167,9 +165,11 @@ def compile_encoders(task: Task) -> None:
     again at every step.) The weights keep their names."""
     from mmkit.encoders.base import Encoder
 
-    for module in task.modules():
-        if isinstance(module, Encoder):
-            module.compile()
+    compiled: list[str] = []
+    for name, module in task.named_modules():
+        if isinstance(module, Encoder) and not any(name.startswith(f"{outer}.") for outer in compiled):
+            module.compile()  # an encoder inside one compiled already is compiled with it
+            compiled.append(name)
 
 
 def trained_result(checkpoint: Path, task: Task, feed: TrainFeed, accelerator: Any, train: TrainSpec,
@@ -185,8 +185,10 @@ def trained_result(checkpoint: Path, task: Task, feed: TrainFeed, accelerator: A
     feed.start(state["step"] * train.grad_accum, json.loads(data.read_text()) if data.exists() else None)
     step, seconds = state["step"], state.get("seconds", 0.0)
     samples = step * train.batch_size * train.grad_accum * accelerator.num_processes
+    peak = state.get("peak_flops_per_s")
     return FitResult(step, step / steps_per_epoch if steps_per_epoch else None, seconds,
-                     samples / max(seconds, 1e-9), state.get("skipped_steps", 0))
+                     samples / max(seconds, 1e-9), state.get("skipped_steps", 0), state.get("flops_per_sample"),
+                     peak and peak * accelerator.num_processes)
 
 
 def step_plan(train: TrainSpec, batches_per_epoch: int | None, processes: int, size: str) -> tuple[int | None, int]:
@@ -210,7 +212,8 @@ def data_layout(train: TrainSpec, processes: int, streamed: bool = False) -> dic
     return layout | ({"num_workers": train.num_workers} if streamed else {})
 
 
-def step_batches(task: Task, feed: Any, grad_accum: int, device: torch.device) -> list[dict[str, Any]]:
+def step_batches(task: Task, feed: Iterator[dict[str, Any]], grad_accum: int,
+                 device: torch.device) -> list[dict[str, Any]]:
     """A step's ``grad_accum`` micro-batches from ``feed``, on ``device``, each through the
     task's ``prepare`` (a head's masking)."""
     return [task.prepare(to_device(next(feed), device)) for _ in range(grad_accum)]
@@ -229,7 +232,7 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, bat
     for micro, batch in enumerate(batches):
         last = micro == len(batches) - 1
         with contextlib.nullcontext() if last else accelerator.no_sync(model):
-            losses = step_shares(model(batch), counts, train.grad_accum)
+            losses = step_shares(model(batch), counts, len(batches))
             losses["loss"] = total_loss(losses, train.loss_weights or {})
             accelerator.backward(losses["loss"])
         for key, value in losses.items():

@@ -345,7 +345,7 @@ class Run:
             "epochs": None if result.epochs is None else round(result.epochs, 3),
             "train_seconds": round(result.seconds, 2),
             "samples_per_second": round(result.samples_per_second, 2),
-            "mfu": None if result.mfu is None else round(result.mfu, 4),
+            "mfu": None if result.mfu is None else float(f"{result.mfu:.4g}"),
             "flops_per_sample": result.flops_per_sample,
             "peak_flops_per_s": result.peak_flops_per_s,
             "device": str(accelerator.device),

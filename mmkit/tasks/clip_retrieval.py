@@ -29,10 +29,14 @@ class ClipRetrieval(Task):
         embed_dim: width of the shared embedding space.
         temperature: initial softmax temperature.
         learn_temperature: train the temperature (as CLIP does), clamped at 1/100.
+        project: map each modality into the shared space with a linear layer of its own; false
+            compares the encoders' pooled features as they are (open_clip's towers already
+            project into one space of their embed width), and embed_dim is not used.
     """
 
     def __init__(self, encoders: dict[str, Encoder], modalities: list[str] | None = None,
-                 embed_dim: int = 256, temperature: float = 0.07, learn_temperature: bool = True):
+                 embed_dim: int = 256, temperature: float = 0.07, learn_temperature: bool = True,
+                 project: bool = True):
         super().__init__()
         modalities = list(modalities or encoders)
         if len(modalities) != 2 or not set(modalities) <= set(encoders):
@@ -40,8 +44,9 @@ class ClipRetrieval(Task):
                              f"the recipe's encoders ({', '.join(encoders)}), not {modalities}")
         self.modalities = modalities
         self.encoders = nn.ModuleDict({m: encoders[m] for m in modalities})
+        self.embed_dim = embed_dim if project else shared_width(encoders, modalities)
         self.projections = nn.ModuleDict(
-            {m: nn.Linear(encoders[m].dim, embed_dim, bias=False) for m in modalities}
+            {m: nn.Linear(encoders[m].dim, embed_dim, bias=False) if project else nn.Identity() for m in modalities}
         )
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / temperature)),
                                         requires_grad=learn_temperature)
@@ -67,7 +72,7 @@ class ClipRetrieval(Task):
                 embeddings[m].append(self.embed(batch, m).cpu())
             if "text" in self.modalities:
                 captions += batch.get("raw_text") or [tuple(ids) for ids in token_ids(batch["text"])[0].tolist()]
-        empty = {m: torch.empty(0, self.projections[m].out_features) for m in self.modalities}
+        empty = {m: torch.empty(0, self.embed_dim) for m in self.modalities}
         return {**{m: torch.cat(e) if e else empty[m] for m, e in embeddings.items()}, "captions": captions}
 
     def evaluate(self, outputs: dict[str, Any]) -> dict[str, float]:
@@ -98,6 +103,16 @@ def same_caption(outputs: dict[str, Any]) -> torch.Tensor:
 
 
 MAX_SCALE = 100.0
+
+
+def shared_width(encoders: dict[str, Encoder], modalities: list[str]) -> int:
+    """The one width of the encoders' pooled features, compared without projections."""
+    widths = {m: encoders[m].dim for m in modalities}
+    if len(set(widths.values())) > 1:
+        raise MMKitError(f"clip_retrieval with project = false compares the encoders' pooled features directly, "
+                         f"so they need one width; got {', '.join(f'{m} {w}' for m, w in widths.items())}: "
+                         "set task.project = true")
+    return next(iter(widths.values()))
 
 
 def clamped_scale(logit_scale: torch.Tensor) -> torch.Tensor:

@@ -41,6 +41,7 @@ class ZeroShot(ClipRetrieval):
         embed_dim: width of the shared embedding space (the contrastive run's).
         temperature: initial softmax temperature.
         learn_temperature: train the temperature (as CLIP does), clamped at 1/100.
+        project: as clip_retrieval's (false: the encoders' pooled features are the embeddings).
         templates: prompts with "{}" where the class name goes, averaged per class.
         negative_templates: multi-label: the prompts saying a finding is absent.
     """
@@ -48,9 +49,9 @@ class ZeroShot(ClipRetrieval):
     def __init__(self, encoders: dict[str, Encoder], data: DatasetInfo | None = None,
                  modalities: list[str] | None = None, embed_dim: int = 256, temperature: float = 0.07,
                  learn_temperature: bool = True, templates: list[str] = list(DEFAULT_TEMPLATES),
-                 negative_templates: list[str] = list(DEFAULT_NEGATIVE_TEMPLATES)):
+                 negative_templates: list[str] = list(DEFAULT_NEGATIVE_TEMPLATES), project: bool = True):
         modalities = list(modalities or sorted(encoders, key=lambda m: m == "text"))
-        super().__init__(encoders, modalities, embed_dim, temperature, learn_temperature)
+        super().__init__(encoders, modalities, embed_dim, temperature, learn_temperature, project)
         if self.modalities[1] != "text":
             raise MMKitError(f"zero_shot classifies with class names in words: task.modalities must end with "
                              f"\"text\", got {self.modalities}")
