@@ -30,7 +30,7 @@ class ClipRetrieval(Task):
         temperature: initial softmax temperature.
         learn_temperature: train the temperature (as CLIP does), clamped at 1/100.
         project: map each modality into the shared space with a linear layer of its own; false
-            compares the encoders' pooled features as they are (open_clip's towers already
+            compares the towers' pooled features as they are (open_clip's towers already
             project into one space of their embed width), and embed_dim is not used.
     """
 

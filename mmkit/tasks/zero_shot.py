@@ -41,7 +41,7 @@ class ZeroShot(ClipRetrieval):
         embed_dim: width of the shared embedding space (the contrastive run's).
         temperature: initial softmax temperature.
         learn_temperature: train the temperature (as CLIP does), clamped at 1/100.
-        project: as clip_retrieval's (false: the encoders' pooled features are the embeddings).
+        project: as clip_retrieval's (false: the towers' pooled features are the embeddings).
         templates: prompts with "{}" where the class name goes, averaged per class.
         negative_templates: multi-label: the prompts saying a finding is absent.
     """
