@@ -61,21 +61,21 @@ def training_curves(records: list[dict[str, Any]], headline: list[str]) -> Any:
 
 
 def throughput(records: list[dict[str, Any]]) -> Any:
-    """Training speed per logged step: samples/s, and MFU (against the device's measured
-    matmul rate) on the right-hand axis."""
+    """Training speed per logged step: samples/s, read as MFU on the right-hand scale (MFU is
+    samples/s times the counted FLOPs per sample over the device's measured matmul rate)."""
+    import statistics
+
     logged = [r for r in records if "samples_per_s" in r]
-    steps = [r["step"] for r in logged]
     fig, ax = _subplots(figsize=(7, 3.2))
-    ax.plot(steps, [r["samples_per_s"] for r in logged], marker=".", label="samples/s")
+    ax.plot([r["step"] for r in logged], [r["samples_per_s"] for r in logged], marker=".")
     ax.set_xlabel("step")
     ax.set_ylabel("samples/s")
     ax.set_ylim(bottom=0)
     ax.set_title("training speed (since the previous log line)")
-    if any("mfu" in r for r in logged):
-        right = ax.twinx()
-        right.plot(steps, [100 * r.get("mfu", float("nan")) for r in logged], color="tab:orange", alpha=0.7)
-        right.set_ylabel("MFU (%)", color="tab:orange")
-        right.set_ylim(bottom=0)
+    if ratios := [r["mfu"] / r["samples_per_s"] for r in logged if r.get("mfu") and r["samples_per_s"]]:
+        percent = 100 * statistics.median(ratios)  # MFU % per sample/s
+        right = ax.secondary_yaxis("right", functions=(lambda rate: rate * percent, lambda mfu: mfu / percent))
+        right.set_ylabel("MFU (%)")
     fig.tight_layout()
     return fig
 
