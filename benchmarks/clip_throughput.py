@@ -14,8 +14,10 @@ trains the same CLIP on it with each trainer, one after the other, in fresh subp
 Same batch, precision, data workers, optimizer (AdamW, the same betas, eps, decay, peak rate
 and warm-up, cosine to the last step) and steps. Each trainer logs every ``--log-every`` steps;
 the rate is the median over the log intervals that end after ``--skip`` steps (start-up and
-compilation excluded). mmkit's MFU is its own (summary.json: FLOPs per sample counted with
-torch.utils.flop_counter, over the device's measured matmul rate) at that rate. Peak memory:
+compilation excluded). Each trainer's MFU is its rate times its FLOPs per sample, counted with
+torch.utils.flop_counter (mmkit's from its summary.json; open_clip_train's on its own model and
+captions, which it pads to the full context where mmkit cuts a batch after its longest text),
+over the device's matmul rate as mmkit measured it. Peak memory:
 the largest process's resident set on the CPU; the GPU's memory in use (nvidia-smi) on CUDA.
 
     python benchmarks/clip_throughput.py --device cpu
@@ -98,8 +100,7 @@ def open_clip_command(csv: Path, args: argparse.Namespace, logs: Path, compiled:
     launcher.write_text(OPEN_CLIP_LAUNCHER)
     config, model = "-", args.model
     if args.model == "small":
-        config, model = str(logs / "mmkit-bench-small.json"), "mmkit-bench-small"
-        Path(config).write_text(json.dumps(SMALL))
+        config, model = str(small_config(logs)), "mmkit-bench-small"
     epochs = max(1, round(args.steps * args.batch_size / args.samples))
     precision = {"fp32": "fp32", "bf16": "amp_bf16"}[args.precision]
     return [sys.executable, str(launcher), config, "--train-data", csv.name, "--dataset-type", "csv",
@@ -112,6 +113,13 @@ def open_clip_command(csv: Path, args: argparse.Namespace, logs: Path, compiled:
             "--save-frequency", "0", "--zeroshot-frequency", "0", "--val-frequency", "0",
             "--logs", str(logs), "--name", f"open_clip-{time.time_ns()}", "--seed", "0",
             *(["--torchcompile"] if compiled else [])]
+
+
+def small_config(logs: Path) -> Path:
+    """The small CLIP as an open_clip model config file (its name is the file's)."""
+    path = logs / "mmkit-bench-small.json"
+    path.write_text(json.dumps(SMALL))
+    return path
 
 
 def run_open_clip(csv: Path, args: argparse.Namespace, logs: Path, compiled: bool = False) -> dict[str, Any]:
@@ -134,6 +142,28 @@ def open_clip_log(output: str, batch_size: int) -> list[dict[str, float]]:
         records.append({"step": step, "samples_per_s": batch_size / float(batch_time),
                         "data_share": float(data_time) / float(batch_time), "loss": float(loss)})
     return records
+
+
+def open_clip_flops(args: argparse.Namespace, manifest: Path, logs: Path, rows: int = 4) -> float:
+    """FLOPs per sample of open_clip_train's step (forward + backward of its CLIP loss), counted
+    as mmkit counts its own, on the manifest's first captions: open_clip pads every text to its
+    full context, mmkit cuts a batch after its longest text."""
+    import open_clip
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    name = args.model
+    if name == "small":
+        name = "mmkit-bench-small"
+        open_clip.add_model_config(str(small_config(logs)))
+    model = open_clip.create_model(name)
+    with manifest.open(newline="", encoding="utf-8") as file:
+        captions = [row["text"] for _, row in zip(range(rows), csv.DictReader(file))]
+    text = open_clip.get_tokenizer(name)(captions)
+    images = torch.randn(rows, 3, args.image_size, args.image_size)
+    with FlopCounterMode(display=False) as counter:
+        open_clip.ClipLoss()(*model(images, text)).backward()  # image and text features, logit scale
+    return counter.get_total_flops() / rows
 
 
 def run_mmkit(csv: Path, args: argparse.Namespace, logs: Path, compiled: bool = False) -> dict[str, Any]:
@@ -295,10 +325,13 @@ def main() -> None:
     runs: dict[str, dict[str, Any]] = {}
     with data_folder(args.folder, "mmkit-throughput-") as folder:
         csv = write_data(folder, args.samples, args.image_size, os.cpu_count() or 1)
+        counted = {"open_clip_train": open_clip_flops(args, csv, folder)}
         before = load_average()
         for name, (trainer, compiled) in trainers.items():
             runs[name] = trainer(csv, args, folder, compiled)
-            results = compared(runs, args, before)  # written after each trainer: a cut-off run keeps its numbers
+            if name == "mmkit":
+                counted["mmkit"] = runs[name]["summary"]["flops_per_sample"]
+            results = compared(runs, args, before, counted)  # written after each trainer: a cut-off run keeps its numbers
             write_results(results, args.json)
             loss_plot(runs, Path(args.json).with_suffix(".png"))
     for key, value in results.items():
@@ -306,8 +339,10 @@ def main() -> None:
             print(f"{key}: {value}")
 
 
-def compared(runs: dict[str, dict[str, Any]], args: argparse.Namespace, before: list[float]) -> dict[str, Any]:
-    """The numbers of the trainers run so far: rates, ratios, mmkit's MFU, memory, losses."""
+def compared(runs: dict[str, dict[str, Any]], args: argparse.Namespace, before: list[float],
+             counted: dict[str, float]) -> dict[str, Any]:
+    """The numbers of the trainers run so far: rates, ratios, FLOPs per sample and MFU (each
+    trainer's own count, eager and compiled alike), memory, losses."""
     rates = {name: steady(run["records"], args.skip) for name, run in runs.items()}
     results = {**machine(), "load_average_before": before, "load_average_after": load_average(),
                "settings": {k: v for k, v in vars(args).items() if k not in ("json", "folder")} | OPTIMIZER,
@@ -317,11 +352,10 @@ def compared(runs: dict[str, dict[str, Any]], args: argparse.Namespace, before: 
                    r["data_share"] for r in run["records"] if r["step"] > args.skip), 3)
                    for name, run in runs.items() if name.startswith("open_clip")}}
     if "mmkit" in runs:
-        summary = runs["mmkit"]["summary"]
-        flops, peak = summary["flops_per_sample"], summary["peak_flops_per_s"]
-        results |= {"ratio": round(rates["mmkit"] / rates["open_clip_train"], 3), "mmkit_flops_per_sample": flops,
-                    "matmul_flops_per_s": peak, "mmkit_mfu": {name: round(mfu(rate, flops, peak), 4)
-                                                               for name, rate in rates.items() if name.startswith("mmkit")}}
+        peak = runs["mmkit"]["summary"]["peak_flops_per_s"]
+        results |= {"ratio": round(rates["mmkit"] / rates["open_clip_train"], 3), "flops_per_sample": counted,
+                    "matmul_flops_per_s": peak,
+                    "mfu": {name: round(mfu(rate, counted[name.split()[0]], peak), 4) for name, rate in rates.items()}}
     if len(rates) == 4:
         best = max(rates["mmkit"], rates["mmkit train.compile"])
         results["ratio_best_mmkit"] = {"to_open_clip_eager": round(best / rates["open_clip_train"], 3),

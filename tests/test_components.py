@@ -85,6 +85,40 @@ def test_every_encoder_runs_forward_and_backward(kind):
         assert all(torch.isfinite(g).all() for g in grads)
 
 
+def test_trim_padding_cuts_after_the_last_position_any_text_uses():
+    from mmkit.encoders.text import TrimPadding
+
+    pad = 9
+    trim = TrimPadding(pad)
+    texts = [torch.tensor([1, 2, 3, pad, pad, pad]), torch.tensor([4, 5, pad, pad, pad, pad])]
+    assert trim(texts).tolist() == [[1, 2, 3], [4, 5, pad]]
+    full = [torch.tensor([1, 2, 3, 4]), torch.tensor([5, pad, pad, pad])]
+    assert trim(full).tolist() == [[1, 2, 3, 4], [5, pad, pad, pad]]
+    tokenized = [{"input_ids": torch.tensor([7, 0, 0]), "attention_mask": torch.tensor([1, 0, 0]),
+                  "token_type_ids": torch.tensor([0, 0, 0])},
+                 {"input_ids": torch.tensor([7, 8, 0]), "attention_mask": torch.tensor([1, 1, 0]),
+                  "token_type_ids": torch.tensor([0, 1, 0])}]
+    batch = trim(tokenized)  # a tokenizer's mask says what is real, whatever its pad id
+    assert batch["input_ids"].tolist() == [[7, 0], [7, 8]] and batch["attention_mask"].tolist() == [[1, 0], [1, 1]]
+    assert batch["token_type_ids"].tolist() == [[0, 0], [0, 1]]
+
+
+@pytest.mark.parametrize("name", components("text_encoders"))
+def test_text_batches_are_cut_to_their_longest_text_and_encode_the_same(name):
+    encoder = tiny_encoder("text_encoders", name).eval()
+    values = [encoder.preprocess(text) for text in ("a red circle", "a large red circle in the top left")]
+    full, cut = default_collate(values), encoder.collate(values)
+    full_ids, cut_ids = (b["input_ids"] if isinstance(b, dict) else b for b in (full, cut))
+    longest = max(len(encoder(v.unsqueeze(0) if not isinstance(v, dict) else default_collate([v])).mask[0].nonzero())
+                  for v in values)
+    assert cut_ids.shape == (2, longest) < full_ids.shape and torch.equal(cut_ids, full_ids[:, :longest])
+    with torch.no_grad():
+        whole, short = encoder(full), encoder(cut)
+    assert torch.equal(short.mask, whole.mask[:, :longest]) and not whole.mask[:, longest:].any()
+    torch.testing.assert_close(short.pooled, whole.pooled, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(short.tokens, whole.tokens[:, :longest], atol=1e-5, rtol=1e-5)
+
+
 def test_timm_encoder_takes_cnns_too():
     encoder = build("image_encoders", "timm", model_name="test_resnet", image_size=64)
     images = torch.stack([encoder.preprocess(v) for v in raw_samples("image")])

@@ -14,6 +14,7 @@ from torch import nn
 
 from mmkit.encoders.audio import FitClip
 from mmkit.encoders.base import Encoded, Encoder, masked_mean
+from mmkit.encoders.text import TrimPadding
 from mmkit.errors import MMKitError, one_line
 from mmkit.hub import hub_snapshot
 from mmkit.samples import Waveform
@@ -40,7 +41,7 @@ class HFTextEncoder(Encoder):
             tokenizer is still used).
         pooling: "mean" over the real tokens, "cls" (the first token) or "pooler" (the model's
             pooler output, e.g. BERT's).
-        max_length: tokens per text; shorter texts are padded, longer ones truncated.
+        max_length: tokens per text at most; longer texts are truncated, a batch is padded to its longest.
     """
 
     def __init__(self, model: str, pretrained: bool = True,
@@ -61,6 +62,7 @@ class HFTextEncoder(Encoder):
                              f"{positions} positions, got {max_length}")
         self.pooling = pooling
         self.preprocess = HFTokenize(tokenizer, max_length)
+        self.collate = TrimPadding(tokenizer.pad_token_id)
         self.dim = self.model.config.hidden_size
         self.vocab_size = self.model.get_input_embeddings().num_embeddings
         self.pad_id, self.mask_id = tokenizer.pad_token_id, tokenizer.mask_token_id

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from mmkit.encoders.base import Encoded, Encoder, NormalizedTensor, feature_map_cells
-from mmkit.encoders.text import pad_after_end
+from mmkit.encoders.text import TrimPadding, pad_after_end
 from mmkit.errors import MMKitError, one_line
 from mmkit.hub import hub_file
 from mmkit.weights import load_into, load_weights, names_a_file, weights_file
@@ -138,10 +138,14 @@ class OpenClipTextEncoder(Encoder):
             # has a higher id, so pool at the end-of-text token by name, which gives the same for any text.
             self.text.pool_type, self.text.eos_id = "eos", tokenizer.eot_token_id
         self.mask_id, self.pad_id = add_mask_and_pad_tokens(self.text)
+        # Batches come cut to their longest text (TrimPadding); open_clip slices its causal mask
+        # to a shorter batch only when it also masks padding, which leaves real tokens as they are.
+        self.text.use_pad_mask, self.text.pad_id = True, self.pad_id
         self.special_ids = (tokenizer.sot_token_id, tokenizer.eot_token_id)
         self.vocab_size = self.text.vocab_size
         self.dim = self.text.output_dim if self.text.text_projection is not None else self.text.width
         self.preprocess = OpenClipTokenize(tokenizer, self.pad_id)
+        self.collate = TrimPadding(self.pad_id)
 
     def words(self, ids: list[int]) -> list[str]:
         from mmkit.encoders.text import bpe_words

@@ -38,6 +38,27 @@ def bpe_words(tokenizer: Any, ids: list[int], extra: dict[int, str]) -> list[str
     return [extra[i] if i in extra else tokenizer.decode([i]).strip() for i in ids]
 
 
+class TrimPadding:
+    """Texts -> one batch, cut after the last position any text of it uses: the padding all of
+    them share is neither stored nor computed. Every text encoder masks padding (or attends
+    causally and pools the end token), so each text's features are what the full width gives.
+    Takes token ids, padded with ``pad_id``, or a tokenizer's {"input_ids", "attention_mask", ...}."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, values: list[Any]) -> torch.Tensor | dict[str, torch.Tensor]:
+        from torch.utils.data import default_collate
+
+        batch = default_collate(values)
+        real = batch["attention_mask"].bool() if isinstance(batch, dict) else batch != self.pad_id
+        used = real.any(dim=0).nonzero()
+        width = int(used[-1]) + 1 if len(used) else 1
+        if isinstance(batch, dict):
+            return {key: value[:, :width] for key, value in batch.items()}
+        return batch[:, :width]
+
+
 def pad_after_end(ids: torch.Tensor, end_id: int, pad_id: int) -> torch.Tensor:
     """``ids`` with every position after the first end-of-text token set to ``pad_id``."""
     end = int((ids == end_id).nonzero()[0]) + 1
@@ -63,6 +84,7 @@ class TransformerTextEncoder(Encoder):
         if context_length < 2:
             raise ValueError(f"context_length must be at least 2 (start and end tokens), got {context_length}")
         self.preprocess = Tokenize(context_length)
+        self.collate = TrimPadding(self.preprocess.pad_id)
         self.dim = width
         self.vocab_size, self.pad_id, self.mask_id = self.preprocess.vocab_size, self.preprocess.pad_id, self.preprocess.mask_id
         self.special_ids = (self.preprocess.tokenizer.sot_token_id, self.preprocess.tokenizer.eot_token_id)
