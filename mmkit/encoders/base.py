@@ -38,7 +38,8 @@ class Encoder(nn.Module):
     waveform) into what ``forward`` takes: a tensor, or a dict of tensors (input_ids and
     attention_mask); it is a small picklable object, not a method, so DataLoader workers get
     the transform without a copy of the weights. An encoder whose values need more than
-    stacking to batch sets ``collate`` (a list of values -> a batch). Text encoders also give
+    stacking to batch sets ``collate`` (a list of values -> a batch): text encoders that mask
+    padding set ``TrimPadding``, which cuts a batch after its longest text. Text encoders also give
     ``vocab_size``, the ids of padding and of the mask token (``pad_id``, ``mask_id``) and
     the other ids no word becomes (``special_ids``: start, end, separator), which masked-language
     modelling needs. Image and audio encoders whose tokens lie on a grid say what each grid

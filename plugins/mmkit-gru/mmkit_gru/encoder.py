@@ -7,7 +7,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from mmkit.encoders.base import Encoded, Encoder, masked_mean
-from mmkit.encoders.text import Tokenize
+from mmkit.encoders.text import Tokenize, TrimPadding
 
 
 class GRUTextEncoder(Encoder):
@@ -22,6 +22,7 @@ class GRUTextEncoder(Encoder):
     def __init__(self, width: int = 256, layers: int = 1, context_length: int = 32):
         super().__init__()
         self.preprocess = Tokenize(context_length)
+        self.collate = TrimPadding(self.preprocess.pad_id)  # a batch cut after its longest text
         self.dim = width
         self.vocab_size, self.pad_id, self.mask_id = self.preprocess.vocab_size, self.preprocess.pad_id, self.preprocess.mask_id
         self.embedding = nn.Embedding(self.vocab_size, width, padding_idx=self.pad_id)
