@@ -54,8 +54,8 @@ class TrainSpec:
         log_every: log training metrics every N steps.
         num_workers: DataLoader worker processes.
         compile: torch.compile each encoder (in place; the loss and any fusion head run eagerly).
-        on_nan: a loss that is not a number stops the run ("raise") or skips that update ("skip",
-            counted in summary.json).
+        on_nan: a loss that is not a number stops the run ("raise", at the next log line or
+            checkpoint, its update skipped) or skips that update ("skip", counted in summary.json).
         loss_weights: a weight per loss term by name (the task's and its fusion head's, e.g.
             {mlm = 1.0, ae = 0.5}); the optimizer minimises their weighted sum, terms not
             named weigh 1, and each term is logged.

@@ -251,14 +251,15 @@ def test_the_optimizer_minimises_the_weighted_sum_of_the_named_loss_terms():
     from accelerate import Accelerator
 
     task = TwoTerms()
-    optimizer = torch.optim.SGD(task.parameters(), lr=0.1)
+    optimizer = torch.optim.SGD(task.parameters(), lr=0.1, fused=True)
     spec = TrainSpec(loss_weights={"b": 0.5})
-    losses = optimizer_step(task, optimizer, [{}], spec, Accelerator(cpu=True), 1)
+    losses, finite = optimizer_step(task, optimizer, [{}], spec, Accelerator(cpu=True))
+    assert finite.item()
     assert losses["loss"].item() == pytest.approx(2 + 0.5 * 3)  # a weighs 1 (not named), b 0.5
     assert (losses["loss/a"].item(), losses["loss/b"].item(), losses["accuracy"].item()) == (2, 3, 0.5)  # each logged
     assert task.w.item() == pytest.approx(1 - 0.1 * (2 + 0.5 * 3))  # d(2w + 1.5w)/dw = 3.5
     with pytest.raises(MMKitError, match="train.loss_weights names c, which the task does not return; its loss terms: a, b"):
-        optimizer_step(task, optimizer, [{}], TrainSpec(loss_weights={"c": 1.0}), Accelerator(cpu=True), 1)
+        optimizer_step(task, optimizer, [{}], TrainSpec(loss_weights={"c": 1.0}), Accelerator(cpu=True))
 
 
 class OldStyle(Task):
@@ -270,7 +271,7 @@ def test_a_task_without_named_loss_terms_is_told_how_to_name_them():
     from accelerate import Accelerator
 
     with pytest.raises(MMKitError, match="name each loss term under 'loss/'"):
-        optimizer_step(OldStyle(), None, [{}], TrainSpec(), Accelerator(cpu=True), 1)
+        optimizer_step(OldStyle(), None, [{}], TrainSpec(), Accelerator(cpu=True))
 
 
 def test_two_accumulated_half_batches_step_like_one_batch():
@@ -282,11 +283,11 @@ def test_two_accumulated_half_batches_step_like_one_batch():
     def one_step(batch_size: int, grad_accum: int):
         torch.manual_seed(0)
         task = Regression()
-        optimizer = torch.optim.SGD(task.parameters(), lr=0.5)  # plain SGD shows a wrong gradient scale
+        optimizer = torch.optim.SGD(task.parameters(), lr=0.5, fused=True)  # plain SGD shows a wrong gradient scale
         batches = iter([{"x": x[i:i + batch_size], "y": y[i:i + batch_size]} for i in range(0, 24, batch_size)])
         spec = TrainSpec(batch_size=batch_size, grad_accum=grad_accum)
         taken = step_batches(task, batches, grad_accum, torch.device("cpu"))
-        losses = optimizer_step(task, optimizer, taken, spec, Accelerator(cpu=True), 1)
+        losses, _ = optimizer_step(task, optimizer, taken, spec, Accelerator(cpu=True))
         return task.linear, losses["loss"], next(batches)["x"]
 
     whole, whole_loss, _ = one_step(16, 1)
@@ -323,10 +324,10 @@ def test_a_summed_loss_is_divided_by_the_items_of_the_whole_step_not_averaged_pe
     def one_step(rows: int, grad_accum: int):
         torch.manual_seed(3)  # the same masks, drawn row block by row block
         task = MaskedTokens()
-        optimizer = torch.optim.SGD(task.parameters(), lr=0.1)
+        optimizer = torch.optim.SGD(task.parameters(), lr=0.1, fused=True)
         batches = step_batches(task, iter([{"x": x[i:i + rows]} for i in range(0, 4, rows)]), grad_accum,
                                torch.device("cpu"))
-        losses = optimizer_step(task, optimizer, batches, TrainSpec(grad_accum=grad_accum), Accelerator(cpu=True), 1)
+        losses, _ = optimizer_step(task, optimizer, batches, TrainSpec(grad_accum=grad_accum), Accelerator(cpu=True))
         return task.w.item(), losses
 
     torch.manual_seed(3)
@@ -374,6 +375,31 @@ def test_the_summary_holds_the_last_held_out_record_and_its_exact_chance(tiny_re
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("loss", [1.0, float("nan")])
+def test_an_optimizer_step_on_the_gpu_never_waits_for_the_device(loss):
+    """The step queues its work and returns: CUDA's sync debug mode raises at any host sync."""
+    from accelerate import Accelerator
+
+    from mmkit.engine.schedule import adamw
+
+    accelerator = Accelerator()
+    task = Regression().to(accelerator.device)
+    optimizer = adamw(task, 0.1, 0.1)
+    batch = {"x": torch.randn(8, 3, device="cuda"), "y": torch.zeros(8, 2, device="cuda")}
+    optimizer_step(task, optimizer, [batch], TrainSpec(clip_grad=1.0), accelerator)  # the optimizer's state made
+    batch["x"] = batch["x"] * loss
+    before = task.linear.weight.detach().clone()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        losses, finite = optimizer_step(task, optimizer, [batch], TrainSpec(clip_grad=1.0), accelerator)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert finite.item() == (loss == 1.0)
+    assert torch.equal(task.linear.weight, before) != (loss == 1.0)  # updated only where the loss is finite
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_a_run_on_the_gpu_in_bf16(tiny_recipe):
     summary = Run(load_recipe(tiny_recipe, ["run.device=cuda", "run.precision=bf16"])).fit()
     assert summary["device"].startswith("cuda") and summary["steps"] == 6
@@ -395,13 +421,13 @@ def test_compiled_encoders_serve_every_step_and_train_as_the_eager_ones(tiny_rec
         parts = build_parts(load_recipe(tiny_recipe), get_registry())
         dataset = Preprocessed(parts.train_set, parts.transforms)
         feed = iter(train_loader(dataset, EpochBatches(len(dataset), 16, seed=0), 0, False, parts.collate))
-        optimizer = torch.optim.SGD(parts.task.parameters(), lr=0.5)  # an update in proportion to the gradient
+        optimizer = torch.optim.SGD(parts.task.parameters(), lr=0.5, fused=True)  # an update in proportion to the gradient
         if compiled:
             compile_encoders(parts.task)
         graphs, losses = [], []
         for step in range(1, 4):
             batches = step_batches(parts.task, feed, 1, torch.device("cpu"))
-            losses.append(optimizer_step(parts.task, optimizer, batches, TrainSpec(), Accelerator(cpu=True), step)["loss"])
+            losses.append(optimizer_step(parts.task, optimizer, batches, TrainSpec(), Accelerator(cpu=True))[0]["loss"])
             graphs.append(counters["stats"]["unique_graphs"])
         return losses, graphs, parts.task.state_dict()
 

@@ -124,32 +124,64 @@ class Scaled(Task):
         return {"loss/scaled": (self.weight * batch["x"]).sum()}
 
 
-@pytest.mark.parametrize("on_nan", ["raise", "skip"])
-def test_a_loss_that_is_not_a_number_stops_or_skips_the_update(on_nan):
+def test_a_step_whose_loss_is_not_a_number_leaves_weights_and_optimizer_as_they_were():
+    from accelerate import Accelerator
+
+    from mmkit.engine.schedule import adamw
+
+    model = Scaled()
+    optimizer = adamw(model, lr=0.1, weight_decay=0.0)
+    spec = TrainSpec(grad_accum=2)
+    nan = [{"x": torch.tensor([1.0])}, {"x": torch.tensor([float("nan")])}]
+    losses, finite = optimizer_step(model, optimizer, nan, spec, Accelerator(cpu=True))
+    assert losses["loss"].isnan() and not finite.item()
+    assert model.weight.item() == 1.0 and model.weight.grad is None  # no update, nothing left to leak
+    assert optimizer.state[model.weight]["step"].item() == 0  # Adam's bias correction starts again at step 1
+    losses, finite = optimizer_step(model, optimizer, [{"x": torch.tensor([1.0])}, {"x": torch.tensor([3.0])}],
+                                    spec, Accelerator(cpu=True))
+    assert finite.item() and losses["loss"].item() == 2.0
+    # Adam's first step moves by lr whatever the gradient (m / sqrt(v) = 1); counted as a second
+    # step it would move by 0.1 * 0.526 / 0.707 = 0.074
+    assert model.weight.item() == pytest.approx(1.0 - 0.1, abs=1e-6)
+
+
+def test_an_optimizer_that_cannot_skip_on_the_device_is_refused():
     from accelerate import Accelerator
 
     model = Scaled()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    batches = [{"x": torch.tensor([1.0])}, {"x": torch.tensor([float("nan")])}]
-    spec = TrainSpec(grad_accum=2, on_nan=on_nan)
+    with pytest.raises(TypeError, match="SGD is not fused"):
+        optimizer_step(model, torch.optim.SGD(model.parameters(), lr=0.1), [{"x": torch.tensor([1.0])}],
+                       TrainSpec(), Accelerator(cpu=True))
+
+
+@pytest.mark.parametrize("on_nan", ["raise", "skip"])
+def test_the_loss_watch_reads_the_steps_flags_at_once_and_names_the_first_that_is_not_finite(on_nan, capsys):
+    from mmkit.engine.loop import LossWatch
+
+    watch = LossWatch(on_nan)
+    for step, loss in [(3, 1.5), (4, float("nan")), (5, float("inf")), (6, 0.5)]:
+        watch.add(step, torch.tensor(loss), torch.isfinite(torch.tensor(loss)))
     if on_nan == "raise":
-        with pytest.raises(MMKitError, match="step 7: the loss is nan, not a number; stopped before the update"):
-            optimizer_step(model, optimizer, batches, spec, Accelerator(cpu=True), 7)
+        with pytest.raises(MMKitError, match="step 4: the loss is nan, not a number; its update was skipped and the run "
+                                             "stopped at step 6, before its next checkpoint"):
+            watch.skipped()
     else:
-        assert optimizer_step(model, optimizer, batches, spec, Accelerator(cpu=True), 7) is None
-    assert model.weight.item() == 1.0 and model.weight.grad is None  # no update, nothing left to leak
-    finite = [{"x": torch.tensor([1.0])}, {"x": torch.tensor([3.0])}]
-    optimizer_step(model, optimizer, finite, spec, Accelerator(cpu=True), 8)
-    assert model.weight.item() == pytest.approx(1.0 - 0.1 * (1.0 + 3.0) / 2)
+        assert watch.skipped() == [4, 5]
+        assert capsys.readouterr().out.splitlines() == ['step 4: the loss is nan; update skipped (train.on_nan = "skip")',
+                                                        'step 5: the loss is inf; update skipped (train.on_nan = "skip")']
+    assert watch.skipped() == []  # each flag is read once
+    watch.add(7, torch.tensor(2.0), torch.tensor(True))
+    assert watch.skipped() == []
 
 
 def test_a_diverging_run_halts_naming_the_step_and_writes_no_checkpoint_after(tiny_recipe):
     folder = tiny_recipe.parent / "runs" / "tiny"
-    diverging = ["train.lr=1e30", "train.warmup=0", "train.checkpoint_every=1", "train.max_steps=20"]
+    diverging = ["train.lr=1e30", "train.warmup=0", "train.checkpoint_every=1", "train.max_steps=20",
+                 "train.log_every=50"]  # only the checkpoints read the losses before the end
     failed = run_mmkit("run", tiny_recipe, *diverging)
     assert failed.returncode == 2
     last = failed.stderr.strip().splitlines()[-1]
-    assert last.startswith("mmkit: error: step ") and "not a number; stopped before the update" in last
+    assert last.startswith("mmkit: error: step ") and "not a number; its update was skipped" in last
     step = int(last.split("step ")[1].split(":")[0])
     assert latest_checkpoint(folder / "checkpoints").name == f"step_{step - 1:08d}"
     skipped = run_mmkit("run", tiny_recipe, *diverging, "train.on_nan=skip", "run.name=skipping")

@@ -159,8 +159,8 @@ def test_under_accumulation_the_step_loss_is_the_one_batch_loss_on_the_same_mask
 
     def step(batches, grad_accum):
         model = tiny_pretrain()
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        losses = optimizer_step(model, optimizer, batches, TrainSpec(grad_accum=grad_accum), Accelerator(cpu=True), 1)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, fused=True)
+        losses, _ = optimizer_step(model, optimizer, batches, TrainSpec(grad_accum=grad_accum), Accelerator(cpu=True))
         return losses, model.fusion.mlm[-1].weight.detach().clone()
 
     one, weight = step([whole], 1)

@@ -35,10 +35,10 @@ def one_training_step(parts, lr: float = 1e-2) -> None:
 
     dataset = Preprocessed(parts.train_set, parts.transforms)
     loader = train_loader(dataset, EpochBatches(len(dataset), 16, seed=0), 0, False, parts.collate)
-    optimizer = adamw(parts.task, lr, 0.1, False, parts.scaled())
+    optimizer = adamw(parts.task, lr, 0.1, parts.scaled())
     parts.task.train()
     batches = step_batches(parts.task, iter(loader), 1, torch.device("cpu"))
-    optimizer_step(parts.task, optimizer, batches, TrainSpec(batch_size=16), Accelerator(cpu=True), 1)
+    optimizer_step(parts.task, optimizer, batches, TrainSpec(batch_size=16), Accelerator(cpu=True))
 
 
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -92,7 +92,7 @@ def test_lora_on_named_layers(tiny_recipe):
 
 def test_lr_scale_shows_in_the_optimizers_groups(tiny_recipe):
     parts = parts_of(tiny_recipe, "model.image.lr_scale=0.02")
-    optimizer = adamw(parts.task, 1e-3, 0.1, False, parts.scaled())
+    optimizer = adamw(parts.task, 1e-3, 0.1, parts.scaled())
     image = {id(p) for p in parts.encoders["image"].parameters()}
     for group in optimizer.param_groups:
         in_image = {id(p) in image for p in group["params"]}

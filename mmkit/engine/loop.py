@@ -81,11 +81,11 @@ class Trainer:
                  lr_scales: Mapping[torch.nn.Module, float] | None):
         self.task, self.feed, self.train, self.accelerator, self.tracker = task, feed, train, accelerator, tracker
         self.checkpoints, self.total, self.layout = checkpoints, total, layout
-        self.optimizer = adamw(task, train.lr, train.weight_decay, accelerator.device.type == "cuda", lr_scales,
-                               (train.beta1, train.beta2), train.eps)
+        self.optimizer = adamw(task, train.lr, train.weight_decay, lr_scales, (train.beta1, train.beta2), train.eps)
         self.scheduler = warmup_cosine(self.optimizer, train.warmup, total)
         self.samples_per_step = train.batch_size * train.grad_accum * accelerator.num_processes
         self.step, self.seconds, self.skipped, self.before = 0, 0.0, 0, 0.0
+        self.watch = LossWatch(train.on_nan)
         self.flops_per_sample: float | None = None
         self.peak: float | None = None  # one device's matmul FLOP/s
 
@@ -114,10 +114,10 @@ class Trainer:
                 if self.flops_per_sample is None:  # this session's first step
                     flops = count_flops(self.task, batches[0], self.accelerator, model)
                     self.flops_per_sample = flops / batch_rows(batches[0])
-                losses = optimizer_step(model, self.optimizer, batches, self.train, self.accelerator, self.step + 1)
+                losses, finite = optimizer_step(model, self.optimizer, batches, self.train, self.accelerator)
                 self.scheduler.step()
                 self.step += 1
-                self.skipped += losses is None
+                self.watch.add(self.step, losses["loss"], finite)
                 self.seconds = self.before + time.perf_counter() - started
                 progress.update(1)
                 self._log(losses, progress)
@@ -129,11 +129,21 @@ class Trainer:
                     self._save()
                 if stop.asked(self.accelerator) and self.step < self.total:
                     self._stop(stop, saved)
+        self._read_losses()
 
-    def _log(self, losses: dict[str, torch.Tensor] | None, progress: Any) -> None:
+    def _read_losses(self) -> list[int]:
+        """The steps since the last read whose update was skipped (their loss not finite), now
+        counted; under train.on_nan = "raise" the first of them stops the run."""
+        skipped = self.watch.skipped()
+        self.skipped += len(skipped)
+        return skipped
+
+    def _log(self, losses: dict[str, torch.Tensor], progress: Any) -> None:
         start, steps = self.interval
         self.interval = (start, steps + 1)
-        if losses is None or (self.step % self.train.log_every and self.step != self.total):
+        if self.step % self.train.log_every and self.step != self.total:
+            return
+        if self.step in self._read_losses():  # a skipped step logs no values
             return
         rate = self.samples_per_step * (steps + 1) / (time.perf_counter() - start)
         utilisation = mfu(rate, self.flops_per_sample, self.peak, self.accelerator.num_processes)
@@ -145,6 +155,7 @@ class Trainer:
         self.interval = (time.perf_counter(), 0)
 
     def _save(self) -> None:
+        self._read_losses()  # a checkpoint counts every skipped step, and none follows a stop
         self.tracker.flush()
         save_checkpoint(self.checkpoints, self.step, self.task, self.optimizer, self.scheduler, self.accelerator,
                         self.layout, self.train.keep_checkpoints,
@@ -220,12 +231,13 @@ def step_batches(task: Task, feed: Iterator[dict[str, Any]], grad_accum: int,
 
 
 def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: list[dict[str, Any]],
-                   train: TrainSpec, accelerator: Any, step: int) -> dict[str, torch.Tensor] | None:
+                   train: TrainSpec, accelerator: Any) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Accumulate gradients over a step's prepared micro-batches (``step_batches``; processes
-    sync only on the last), clip, and step; returns the step's values: each the mean over the
+    sync only on the last), clip, and step; returns the step's values (each the mean over the
     micro-batches, or for a value the task sums over items (``item_counts``: masked tokens), the
-    sum over the step's items. A loss that is not finite stops the run (train.on_nan = "raise")
-    or skips the update (None)."""
+    sum over the step's items) and whether the loss was finite on every process. Both stay on
+    the device: where the loss is not finite the (fused) optimizer skips the update there, so
+    the host need not wait for the device to decide (``LossWatch`` reads the flags later)."""
     task = accelerator.unwrap_model(model)
     counts = step_counts([task.item_counts(batch) for batch in batches], accelerator)
     totals: dict[str, torch.Tensor] = {}
@@ -237,19 +249,59 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, bat
             accelerator.backward(losses["loss"])
         for key, value in losses.items():
             totals[key] = totals.get(key, 0) + value.detach().float()
-    if not all_finite(totals["loss"], accelerator):
-        optimizer.zero_grad(set_to_none=True)
-        if train.on_nan == "raise":
-            raise MMKitError(f"step {step}: the loss is {totals['loss'].item():.4g}, not a number; stopped before "
-                             "the update (checkpoints so far are intact); lower train.lr, set train.clip_grad, "
-                             'or set train.on_nan = "skip" to skip such steps')
-        tqdm.write(f"step {step}: the loss is {totals['loss'].item():.4g}; update skipped (train.on_nan = \"skip\")")
-        return None
+    finite = all_finite(totals["loss"], accelerator)
     if train.clip_grad:
         accelerator.clip_grad_norm_(model.parameters(), train.clip_grad)
-    optimizer.step()
+    with skipped_unless(optimizer, finite):
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return totals
+    return totals, finite
+
+
+@contextlib.contextmanager
+def skipped_unless(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> Iterator[None]:
+    """Within the block the optimizer's step changes no weight or state unless ``finite``: a
+    fused optimizer reads the flag on the device (``found_inf``, as loss scaling sets it; under
+    fp16 the scaler sets its own, which a non-finite loss sets too)."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
+    if not all(group.get("fused") for group in inner.param_groups):
+        raise TypeError(f"{type(inner).__name__} is not fused (fused=True), so it cannot skip a non-finite "
+                        "update on the device")
+    inner.found_inf = (~finite).float()
+    try:
+        yield
+    finally:
+        inner.__dict__.pop("found_inf", None)
+
+
+class LossWatch:
+    """Each step's finite-loss flag, kept on the device and read only where the host must know
+    (a log line, a checkpoint, the end): reading it at every step made the host wait for the
+    device at every step. A step whose loss was not finite had its update skipped already
+    (``optimizer_step``); here it is reported, or stops the run (``on_nan = "raise"``)."""
+
+    def __init__(self, on_nan: str):
+        self.on_nan = on_nan
+        self.pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+
+    def add(self, step: int, loss: torch.Tensor, finite: torch.Tensor) -> None:
+        self.pending.append((step, loss, finite))
+
+    def skipped(self) -> list[int]:
+        """The steps added since the last call whose loss was not finite (one read of the device)."""
+        if not self.pending:
+            return []
+        read = torch.stack([torch.stack([loss.float(), finite.float()]) for _, loss, finite in self.pending]).tolist()
+        bad = [(step, loss) for (step, _, _), (loss, finite) in zip(self.pending, read) if not finite]
+        last, self.pending = self.pending[-1][0], []
+        if bad and self.on_nan == "raise":
+            step, loss = bad[0]
+            raise MMKitError(f"step {step}: the loss is {loss:.4g}, not a number; its update was skipped and the run "
+                             f"stopped at step {last}, before its next checkpoint (checkpoints so far are intact); "
+                             'lower train.lr, set train.clip_grad, or set train.on_nan = "skip" to skip such steps')
+        for step, loss in bad:
+            tqdm.write(f"step {step}: the loss is {loss:.4g}; update skipped (train.on_nan = \"skip\")")
+        return [step for step, _ in bad]
 
 
 def step_counts(per_batch: list[dict[str, torch.Tensor]], accelerator: Any) -> dict[str, torch.Tensor]:
@@ -284,12 +336,13 @@ def total_loss(losses: dict[str, torch.Tensor], weights: dict[str, float]) -> to
     return sum(weights.get(name, 1.0) * value for name, value in terms.items())
 
 
-def all_finite(loss: torch.Tensor, accelerator: Any) -> bool:
-    """Whether the loss is finite on every process (they must agree to step or skip)."""
+def all_finite(loss: torch.Tensor, accelerator: Any) -> torch.Tensor:
+    """Whether the loss is finite on every process (they must agree to step or skip), as a flag
+    on the device."""
     finite = torch.isfinite(loss).float().reshape(1)
     if accelerator.num_processes > 1:
         finite = accelerator.reduce(finite, reduction="sum") / accelerator.num_processes
-    return bool(finite.item() == 1.0)
+    return finite[0] == 1.0
 
 
 class StopSignals:

@@ -35,9 +35,9 @@ def param_groups(model: nn.Module, weight_decay: float,
             for (scale, no_decay), params in sorted(groups.items(), key=lambda item: item[0])]
 
 
-def adamw(model: nn.Module, lr: float, weight_decay: float, fused: bool,
-          lr_scales: Mapping[nn.Module, float] | None = None, betas: tuple[float, float] = (0.9, 0.999),
-          eps: float = 1e-8) -> torch.optim.AdamW:
-    """AdamW over ``param_groups``: it decays matrices only, and a group trains at lr x its scale."""
+def adamw(model: nn.Module, lr: float, weight_decay: float, lr_scales: Mapping[nn.Module, float] | None = None,
+          betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> torch.optim.AdamW:
+    """Fused AdamW over ``param_groups``: it decays matrices only, and a group trains at lr x
+    its scale. Fused (on the CPU too), so a step with a non-finite loss is skipped on the device."""
     groups = [{**group, "lr": lr * group["lr_scale"]} for group in param_groups(model, weight_decay, lr_scales)]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
