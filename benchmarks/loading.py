@@ -104,7 +104,7 @@ def torchvision_twin(encoder: Any) -> Any:
     from torchvision import transforms
 
     steps = {type(step).__name__: step for step in encoder.preprocess.transforms}
-    resize, crop, normalize = steps["Resize"], steps["CenterCrop"], steps["NormalizedTensor"]
+    resize, crop, normalize = steps["Resize"], steps["CenterCrop"], encoder.on_device
     return transforms.Compose([
         transforms.Resize(resize.size, interpolation=resize.interpolation, antialias=resize.antialias),
         transforms.CenterCrop(crop.size),
@@ -113,14 +113,16 @@ def torchvision_twin(encoder: Any) -> Any:
     ])
 
 
-def mmkit_loader(manifest: Path, encoder: Any, args: argparse.Namespace) -> tuple[Any, Any]:
-    """Manifest -> Preprocessed -> EpochBatches + train_loader, as a recipe run builds them."""
-    from mmkit.data.loader import EpochBatches, Preprocessed, train_loader
+def mmkit_loader(manifest: Path, encoder: Any, args: argparse.Namespace, device: str) -> tuple[Any, Any]:
+    """Manifest -> Preprocessed -> EpochBatches + train_loader, as a recipe run on ``device``
+    builds them: a CPU run's workers normalise the pixels, a GPU run's give uint8 batches."""
+    from mmkit.data.loader import Collate, EpochBatches, Preprocessed, train_loader
     from mmkit.data.manifest import Manifest
 
     dataset = Preprocessed(Manifest(str(manifest)), {"image": encoder.preprocess})
     sampler = EpochBatches(len(dataset), args.batch_size, args.seed)
-    return train_loader(dataset, sampler, args.workers, pin_memory=False), sampler
+    finish = {"image": encoder.on_device} if device == "cpu" else {}
+    return train_loader(dataset, sampler, args.workers, pin_memory=False, collate=Collate(finish=finish)), sampler
 
 
 def torchvision_loader(image_root: Path, encoder: Any, args: argparse.Namespace) -> Any:
@@ -158,9 +160,10 @@ def cpu_seconds(processes: list[psutil.Process]) -> float:
     return sum(sum(process.cpu_times()[:2]) for process in processes)
 
 
-def mmkit_epochs(manifest: Path, encoder: Any, args: argparse.Namespace) -> Callable[[], dict[str, float]]:
+def mmkit_epochs(manifest: Path, encoder: Any, args: argparse.Namespace,
+                 device: str = "cpu") -> Callable[[], dict[str, float]]:
     """One epoch of mmkit's loader per call, each the sampler's next epoch."""
-    loader, sampler = mmkit_loader(manifest, encoder, args)
+    loader, sampler = mmkit_loader(manifest, encoder, args, device)
     epochs = iter(range(10**6))
     return lambda: epoch_rate(loader, lambda batch: batch["image"], lambda: sampler.set_epoch(next(epochs)))
 
@@ -176,7 +179,8 @@ def compare(manifest: Path, image_root: Path, encoder: Any, args: argparse.Names
     Timing the loaders in turn, round after round, spreads any load from other processes
     over both; the best epoch of each is kept."""
     runs = {"mmkit": mmkit_epochs(manifest, encoder, args),
-            "torchvision": torchvision_epochs(image_root, encoder, args)}
+            "torchvision": torchvision_epochs(image_root, encoder, args),
+            "mmkit, uint8 (a GPU run's workers)": mmkit_epochs(manifest, encoder, args, "cuda")}
     results: dict[str, Any] = {name: {"warmup": run()} for name, run in runs.items()}
     for _ in range(args.repeats):
         for name, run in runs.items():
@@ -229,6 +233,7 @@ def step_costs(manifest: Path, image_root: Path, encoder: Any, count: int = 300)
     images = [read_image(file_bytes(path, where), where) for path in paths]
     preprocessed = Preprocessed(dataset, {"image": encoder.preprocess})
     samples = [preprocessed[(i, 0)] for i in range(64)]
+    pixels = Collate()(samples)["image"]
     tv_samples = [(twin(image), 0) for image in images[:64]]
 
     def per_item(work: Callable[[int], Any]) -> float:
@@ -253,8 +258,9 @@ def step_costs(manifest: Path, image_root: Path, encoder: Any, count: int = 300)
         "mmkit: read file bytes": per_item(lambda i: file_bytes(paths[i], where)),
         "mmkit: read_image (BytesIO, load)": per_item(lambda i: read_image(file_bytes(paths[i], where), where)),
         "mmkit: Manifest[i] (the whole raw sample)": per_item(lambda i: dataset[i]),
-        "mmkit: preprocess (to_rgb .. NormalizedTensor)": per_item(lambda i: encoder.preprocess(images[i])),
+        "mmkit: preprocess (to_rgb .. PixelTensor)": per_item(lambda i: encoder.preprocess(images[i])),
         "mmkit: Collate, per item of a batch of 64": per_item_of_batch(lambda: Collate()(samples)),
+        "mmkit: Normalize (on_device), per item of 64": per_item_of_batch(lambda: encoder.on_device(pixels)),
         "torchvision: pil_loader (open, convert)": per_item(lambda i: folder.loader(tv_paths[i])),
         "torchvision: transform (.. ToTensor, Normalize)": per_item(lambda i: twin(images[i])),
         "torchvision: default_collate, per item of 64": per_item_of_batch(lambda: default_collate(tv_samples)),

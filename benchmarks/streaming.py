@@ -226,6 +226,8 @@ def stream(recipe: Any, samples_read: int, size: int) -> dict[str, Any]:
     """The recipe's training stream without the model: the parts a run builds, the stream it
     makes of them (Streamed + stream_loader), read for ``samples_read`` samples, or until
     each of the set's ``size`` samples has come (at most three passes' worth)."""
+    import torch
+
     from mmkit.components import build_parts
     from mmkit.data.loader import Streamed, stream_loader
     from mmkit.plugins import load_plugins
@@ -233,7 +235,8 @@ def stream(recipe: Any, samples_read: int, size: int) -> dict[str, Any]:
     parts = build_parts(recipe, load_plugins().registry)
     run, training = recipe.spec("run"), recipe.spec("train")
     source = Streamed(parts.train_set, parts.transforms, run.seed, workers=training.num_workers)
-    loader = stream_loader(source, training.batch_size, pin_memory=False, collate=parts.collate)
+    collate, _ = parts.batching(torch.device("cpu"))  # the stream as a CPU run reads it
+    loader = stream_loader(source, training.batch_size, pin_memory=False, collate=collate)
     def more() -> bool:
         return read < samples_read if samples_read else (len(ids) < size and read < 3 * size)
 

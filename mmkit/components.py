@@ -6,6 +6,7 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch.utils.data import Dataset, IterableDataset
 
 from mmkit.data.loader import Collate
@@ -75,9 +76,19 @@ class Parts:
         return {m: encoder.preprocess for m, encoder in self.encoders.items()}
 
     @property
-    def collate(self) -> Collate:
-        """Batching with the encoders' own collate functions where they bring one."""
-        return Collate({m: e.collate for m, e in self.encoders.items() if getattr(e, "collate", None)})
+    def on_device(self) -> dict[str, Any]:
+        """The encoders' steps that finish a batch on the device (uint8 pixels normalised)."""
+        return {m: e.on_device for m, e in self.encoders.items() if getattr(e, "on_device", None)}
+
+    def batching(self, device: torch.device) -> tuple[Collate, dict[str, Any]]:
+        """How a run on ``device`` batches: the loader's workers collate (with the encoders' own
+        collate where they bring one), then the on_device steps finish each batch after its
+        copy to the accelerator; on the CPU the workers finish batches too, as the main
+        process is the one computing."""
+        collates = {m: e.collate for m, e in self.encoders.items() if getattr(e, "collate", None)}
+        if device.type == "cpu":
+            return Collate(collates, self.on_device), {}
+        return Collate(collates), self.on_device
 
     @property
     def modules(self) -> dict[str, Any]:

@@ -75,15 +75,14 @@ class Trained:
         return self._prepare(used)
 
     def _prepare(self, given: dict[str, list[Any]]) -> dict[str, Any]:
-        from mmkit.data.loader import transform
-        from mmkit.engine.loop import to_device
+        from mmkit.data.loader import to_device, transform
 
         transforms = {m: f for m, f in self.parts.transforms.items() if m in given}
         count = len(next(iter(given.values())))
-        batch = self.parts.collate([transform({m: values[i] for m, values in given.items()}, transforms)
-                                    for i in range(count)])
+        collate, on_device = self.parts.batching(self.device)
+        batch = collate([transform({m: values[i] for m, values in given.items()}, transforms) for i in range(count)])
         batch.pop("_problems", None)
-        return to_device(batch, self.device)
+        return to_device(batch, self.device, on_device)
 
     def _autocast(self) -> Any:
         """The run's precision, as its evaluation ran under accelerate's autocast."""

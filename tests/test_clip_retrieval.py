@@ -44,7 +44,7 @@ def tiny_task():
                 "text": build("text_encoders", "transformer", width=32, layers=1, heads=2, context_length=16)}
     task = build("tasks", "clip_retrieval", encoders=encoders, embed_dim=16)
     samples = build("datasets", "synthetic_shapes", num_samples=6, image_size=32)
-    batch = default_collate([{m: e.preprocess(samples[i][m]) for m, e in encoders.items()} for i in range(6)])
+    batch = {m: e.inputs([samples[i][m] for i in range(6)]) for m, e in encoders.items()}
     return task, batch
 
 
@@ -66,7 +66,7 @@ def test_without_projections_the_encoders_pooled_features_are_the_embeddings():
                 "text": build("text_encoders", "transformer", width=64, layers=1, heads=2, context_length=16)}
     task = build("tasks", "clip_retrieval", encoders=encoders, project=False)
     samples = build("datasets", "synthetic_shapes", num_samples=4, image_size=32)
-    batch = default_collate([{m: e.preprocess(samples[i][m]) for m, e in encoders.items()} for i in range(4)])
+    batch = {m: e.inputs([samples[i][m] for i in range(4)]) for m, e in encoders.items()}
     for m, encoder in encoders.items():
         expected = F.normalize(encoder(batch[m]).pooled, dim=-1)
         assert torch.allclose(task.embed(batch, m), expected, atol=1e-6)

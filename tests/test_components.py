@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import default_collate
 
 from mmkit import build
-from mmkit.data.loader import Preprocessed
+from mmkit.data.loader import Preprocessed, to_device
 from mmkit.engine.loop import total_loss
 from mmkit.fusion.base import Modality
 from mmkit.encoders.base import Encoded
@@ -68,8 +68,7 @@ def tiny_encoder(kind: str, name: str):
 def test_every_encoder_runs_forward_and_backward(kind):
     for name in [c.name for c in get_registry().components(kind)]:
         encoder = tiny_encoder(kind, name)
-        batch = default_collate([encoder.preprocess(v) for v in raw_samples(MODALITY[kind])])
-        out = encoder(batch)
+        out = encoder(encoder.inputs(raw_samples(MODALITY[kind])))
         assert isinstance(out, Encoded)
         b, t, d = out.tokens.shape
         assert b == 2 and t >= 1 and out.pooled.shape == (2, encoder.dim) and out.mask.shape == (2, t)
@@ -121,7 +120,7 @@ def test_text_batches_are_cut_to_their_longest_text_and_encode_the_same(name):
 
 def test_timm_encoder_takes_cnns_too():
     encoder = build("image_encoders", "timm", model_name="test_resnet", image_size=64)
-    images = torch.stack([encoder.preprocess(v) for v in raw_samples("image")])
+    images = encoder.inputs(raw_samples("image"))
     out = encoder(images)
     feature_map = encoder.model.forward_features(images)  # [B, C, H', W']
     assert out.pooled.shape == (2, encoder.dim) and out.prefix == 0 and out.grid == tuple(feature_map.shape[-2:])
@@ -129,8 +128,9 @@ def test_timm_encoder_takes_cnns_too():
 
 
 @pytest.mark.parametrize("name", ["timm", "torchvision"])
-def test_image_preprocess_gives_what_to_tensor_and_normalize_give(name):
-    """The one-step NormalizedTensor changes no number: results and resumed runs stay as they were."""
+def test_image_preprocess_then_on_device_give_what_to_tensor_and_normalize_give(name):
+    """uint8 pixels from the workers, normalised on the device: no number changes, so results
+    and resumed runs stay as they were."""
     from torchvision import transforms
 
     from mmkit.encoders.base import IMAGENET_MEAN, IMAGENET_STD, to_rgb
@@ -138,9 +138,12 @@ def test_image_preprocess_gives_what_to_tensor_and_normalize_give(name):
     encoder = build("image_encoders", name, model_name="resnet18", image_size=32)
     per_image = transforms.Compose([transforms.Lambda(to_rgb), transforms.Resize(32), transforms.CenterCrop(32),
                                     transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-    for picture in raw_samples("image") + [raw_samples("image")[0].convert("L")]:
-        pixels = encoder.preprocess(picture)
-        assert torch.equal(pixels, per_image(picture)) and pixels.is_contiguous()
+    pictures = raw_samples("image") + [raw_samples("image")[0].convert("L")]
+    pixels = [encoder.preprocess(picture) for picture in pictures]
+    assert all(p.dtype == torch.uint8 and p.shape == (3, 32, 32) and p.is_contiguous() for p in pixels)
+    assert torch.equal(encoder.on_device(torch.stack(pixels)), torch.stack([per_image(p) for p in pictures]))
+    with pytest.raises(TypeError, match="takes the uint8 pixels an image encoder's preprocess gives, got torch.float32"):
+        encoder.on_device(torch.stack(pixels).float())
 
 
 def test_a_timm_cnn_whose_head_widens_the_pooled_features():
@@ -306,7 +309,12 @@ def test_every_task_trains_and_evaluates(name):
     fusion = build("fusion_heads", "mlm_ae", modalities=widths, dim=32, heads=2) if name == "pretrain" else None
     task = build("tasks", name, encoders=encoders, data=shapes.info, fusion=fusion, **TASK_SETTINGS.get(name, {}))
     dataset = Preprocessed(shapes, {m: e.preprocess for m, e in encoders.items()})
-    batch = task.prepare(default_collate([dataset[i] for i in range(8)]))  # as the engine does
+    on_device = {m: e.on_device for m, e in encoders.items() if e.on_device}
+
+    def batch_of(count: int) -> dict:  # as the engine makes it
+        return to_device(default_collate([dataset[i] for i in range(count)]), torch.device("cpu"), on_device)
+
+    batch = task.prepare(batch_of(8))
     if task.fits:  # learns from its outputs over the training set, not by gradient
         task.eval()
         assert task.fit(task.predict([batch]))
@@ -315,7 +323,7 @@ def test_every_task_trains_and_evaluates(name):
         assert torch.isfinite(loss)
         loss.backward()
         task.eval()
-    metrics = task.evaluate(task.predict([batch, default_collate([dataset[i] for i in range(4)])]))
+    metrics = task.evaluate(task.predict([batch, batch_of(4)]))
     assert metrics and all(np.isfinite(v) for v in metrics.values())
 
 
@@ -335,13 +343,19 @@ def test_clip_retrieval_counts_captions_as_the_same_only_when_their_text_is():
 
 
 def test_batches_move_to_the_device_with_nested_dicts():
-    from mmkit.engine.loop import to_device
-
     batch = {"text": {"input_ids": torch.ones(2, 3), "attention_mask": torch.ones(2, 3)},
              "image": torch.zeros(2, 1), "raw_text": ["a", "b"]}
     moved = to_device(batch, torch.device("meta"))
     assert moved["text"]["input_ids"].is_meta and moved["text"]["attention_mask"].is_meta and moved["image"].is_meta
     assert moved["raw_text"] == ["a", "b"]
+
+
+def test_each_encoders_on_device_step_finishes_its_own_modality_after_the_move():
+    batch = {"image": torch.tensor([[[[0, 255]]]], dtype=torch.uint8), "text": torch.tensor([[3, 4]]), "id": ["a"]}
+    steps = {"image": lambda pixels: (pixels.device.type, pixels.float() / 255), "audio": lambda _: pytest.fail()}
+    moved = to_device(batch, torch.device("meta"), steps)
+    (where, scaled), text = moved["image"], moved["text"]
+    assert where == "meta" and scaled.dtype == torch.float32 and text.is_meta and moved["id"] == ["a"]
 
 
 def test_an_encoders_own_collate_batches_its_values():

@@ -398,6 +398,38 @@ def test_an_optimizer_step_on_the_gpu_never_waits_for_the_device(loss):
     assert torch.equal(task.linear.weight, before) != (loss == 1.0)  # updated only where the loss is finite
 
 
+def loader_batch(tiny_recipe: Path, device: str) -> tuple[dict, dict, object]:
+    """The first batch a run on ``device`` reads from its loader (one worker), and what then
+    finishes it on the device; the run's image encoder."""
+    from mmkit.components import build_parts
+    from mmkit.data.loader import EpochBatches, Preprocessed, train_loader
+    from mmkit.plugins import get_registry
+
+    parts = build_parts(load_recipe(tiny_recipe), get_registry())
+    dataset = Preprocessed(parts.train_set, parts.transforms)
+    collate, on_device = parts.batching(torch.device(device))
+    loader = train_loader(dataset, EpochBatches(len(dataset), 8, seed=0), 1, False, collate)
+    return next(iter(loader)), on_device, parts.encoders["image"]
+
+
+def test_a_cpu_runs_loader_workers_hand_over_normalised_images(tiny_recipe):
+    batch, on_device, image = loader_batch(tiny_recipe, "cpu")
+    assert on_device == {} and batch["image"].dtype == torch.float32  # nothing left for the main process
+    assert -2.2 < batch["image"].min() < 0 < batch["image"].max() < 2.7  # ImageNet-normalised, not [0, 1] or [0, 255]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_images_cross_to_the_gpu_as_uint8_and_are_normalised_there_as_on_the_cpu(tiny_recipe):
+    from mmkit.data.loader import to_device
+
+    batch, on_device, image = loader_batch(tiny_recipe, "cuda")
+    assert batch["image"].dtype == torch.uint8 and set(on_device) == {"image"}
+    on_gpu = to_device(batch, torch.device("cuda"), on_device)
+    cpu_batch, _, _ = loader_batch(tiny_recipe, "cpu")
+    assert on_gpu["image"].is_cuda and torch.equal(on_gpu["image"].cpu(), cpu_batch["image"])  # bit for bit
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_a_run_on_the_gpu_in_bf16(tiny_recipe):
@@ -420,13 +452,14 @@ def test_compiled_encoders_serve_every_step_and_train_as_the_eager_ones(tiny_rec
         torch.manual_seed(0)
         parts = build_parts(load_recipe(tiny_recipe), get_registry())
         dataset = Preprocessed(parts.train_set, parts.transforms)
-        feed = iter(train_loader(dataset, EpochBatches(len(dataset), 16, seed=0), 0, False, parts.collate))
+        collate, on_device = parts.batching(torch.device("cpu"))
+        feed = iter(train_loader(dataset, EpochBatches(len(dataset), 16, seed=0), 0, False, collate))
         optimizer = torch.optim.SGD(parts.task.parameters(), lr=0.5, fused=True)  # an update in proportion to the gradient
         if compiled:
             compile_encoders(parts.task)
         graphs, losses = [], []
         for step in range(1, 4):
-            batches = step_batches(parts.task, feed, 1, torch.device("cpu"))
+            batches = step_batches(parts.task, feed, 1, torch.device("cpu"), on_device)
             losses.append(optimizer_step(parts.task, optimizer, batches, TrainSpec(), Accelerator(cpu=True))[0]["loss"])
             graphs.append(counters["stats"]["unique_graphs"])
         return losses, graphs, parts.task.state_dict()

@@ -152,7 +152,7 @@ def test_under_accumulation_the_step_loss_is_the_one_batch_loss_on_the_same_mask
     task = tiny_pretrain()
     text, image = task.encoders["text"], task.encoders["image"]
     whole = {"text": torch.stack([text.preprocess(shapes[i]["text"]) for i in range(8)]),
-             "image": torch.stack([image.preprocess(shapes[i]["image"]) for i in range(8)])}
+             "image": image.inputs([shapes[i]["image"] for i in range(8)])}
     whole = task.prepare(whole, torch.Generator().manual_seed(5))
     counts = [(whole["mlm_targets"][rows] != IGNORE).sum().item() for rows in (slice(0, 2), slice(2, 8))]
     assert counts[0] != counts[1] * 2 / 6  # the parts hold unequal shares of the masked tokens

@@ -34,10 +34,11 @@ def one_training_step(parts, lr: float = 1e-2) -> None:
     from accelerate import Accelerator
 
     dataset = Preprocessed(parts.train_set, parts.transforms)
-    loader = train_loader(dataset, EpochBatches(len(dataset), 16, seed=0), 0, False, parts.collate)
+    collate, on_device = parts.batching(torch.device("cpu"))
+    loader = train_loader(dataset, EpochBatches(len(dataset), 16, seed=0), 0, False, collate)
     optimizer = adamw(parts.task, lr, 0.1, parts.scaled())
     parts.task.train()
-    batches = step_batches(parts.task, iter(loader), 1, torch.device("cpu"))
+    batches = step_batches(parts.task, iter(loader), 1, torch.device("cpu"), on_device)
     optimizer_step(parts.task, optimizer, batches, TrainSpec(batch_size=16), Accelerator(cpu=True))
 
 

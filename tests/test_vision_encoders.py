@@ -116,7 +116,7 @@ def test_torchvision_weights_name_loads_from_torch_hubs_cache_without_network(tm
     assert same_weights(encoder.model, weights)
     picture = Image.fromarray(torch.randint(0, 256, (200, 300), dtype=torch.uint8).numpy())  # grayscale
     own = ResNet18_Weights.DEFAULT.transforms()(picture.convert("RGB"))
-    assert own.shape == (3, 224, 224) and torch.equal(encoder.preprocess(picture), own)  # the weights' own transforms
+    assert own.shape == (3, 224, 224) and torch.equal(encoder.inputs([picture])[0], own)  # the weights' own transforms
 
 
 def test_torchvision_refuses_a_pickle_that_would_run_code(tmp_path):
@@ -242,7 +242,7 @@ def test_open_clip_image_pooled_is_encode_image(tiny_models, tmp_path, name):
     generator = torch.Generator().manual_seed(0)
     pictures = [Image.fromarray(torch.randint(0, 256, (48, 80, 3), generator=generator, dtype=torch.uint8).numpy())
                 for _ in range(2)]
-    images = torch.stack([encoder.preprocess(p) for p in pictures])
+    images = encoder.inputs(pictures)
     own = image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=False)
     assert torch.equal(images, torch.stack([own(p) for p in pictures]))  # open_clip's preprocessing, bit for bit
     out = encoder(images)

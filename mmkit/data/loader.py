@@ -219,10 +219,12 @@ class Collate:
     """Samples -> a batch: a key with its encoder's own ``collate`` uses it, every other key
     torch's default_collate (dicts of tensors become dicts of batched tensors). The bad
     samples' reports are joined under ``_problems``, the last sample's stream position kept;
-    items that are only a report (a bad held-out sample) are left out of the batch."""
+    items that are only a report (a bad held-out sample) are left out of the batch. ``finish``:
+    encoders' on_device steps run here, in the workers, for a run whose device is the CPU."""
 
-    def __init__(self, collates: Mapping[str, Callable[[list[Any]], Any]] | None = None):
-        self.collates = dict(collates or {})
+    def __init__(self, collates: Mapping[str, Callable[[list[Any]], Any]] | None = None,
+                 finish: Mapping[str, Callable[[Any], Any]] | None = None):
+        self.collates, self.finish = dict(collates or {}), dict(finish or {})
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         batch: dict[str, Any] = {PROBLEMS: [p for sample in samples for p in sample.get(PROBLEMS, ())]}
@@ -234,7 +236,7 @@ class Collate:
         for key in kept[0] if kept else ():
             if key not in (PROBLEMS, POSITION):
                 batch[key] = self.collates.get(key, default_collate)([sample[key] for sample in kept])
-        return batch
+        return finished(batch, self.finish)
 
 
 def train_loader(dataset: Dataset, sampler: EpochBatches, num_workers: int, pin_memory: bool,
@@ -263,6 +265,26 @@ def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, pin_memory:
     return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
                       collate_fn=collate or Collate(), persistent_workers=num_workers > 0,
                       worker_init_fn=leave_signals_to_the_main_process, generator=torch.Generator())
+
+
+def to_device(value: Any, device: torch.device,
+              on_device: Mapping[str, Callable[[Any], Any]] | None = None) -> Any:
+    """A batch on ``device``: its tensors, also those inside nested dicts (input_ids +
+    attention_mask); then each modality named in ``on_device`` through its encoder's step
+    there (uint8 pixels scaled and normalised)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True)
+    if not isinstance(value, dict):
+        return value
+    return finished({key: to_device(inner, device) for key, inner in value.items()}, on_device or {})
+
+
+def finished(batch: dict[str, Any], steps: Mapping[str, Callable[[Any], Any]]) -> dict[str, Any]:
+    """``batch`` with each modality that ``steps`` names through its step (in place)."""
+    for key, step in steps.items():
+        if key in batch:
+            batch[key] = step(batch[key])
+    return batch
 
 
 def leave_signals_to_the_main_process(worker_id: int) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmkit.encoders.base import Encoded, Encoder, NormalizedTensor, feature_map_cells
+from mmkit.encoders.base import Encoded, Encoder, Normalize, PixelTensor, feature_map_cells
 from mmkit.encoders.text import TrimPadding, pad_after_end
 from mmkit.errors import MMKitError, one_line
 from mmkit.hub import hub_file
@@ -48,7 +48,7 @@ class OpenClipImageEncoder(Encoder):
         if self.kind == "vit":
             self.visual.output_tokens = True
         self.dim = config["embed_dim"]
-        self.preprocess = image_transform(self.visual, tag, what)
+        self.preprocess, self.on_device = image_transform(self.visual, tag, what)
         self.cell = self._cell()
 
     def _cell(self) -> tuple[int, int, int]:
@@ -287,9 +287,10 @@ def project(tokens: torch.Tensor, projection: nn.Module | torch.Tensor | None) -
     return projection(tokens) if isinstance(projection, nn.Module) else tokens @ projection
 
 
-def image_transform(visual: nn.Module, tag: dict[str, Any], what: str):
+def image_transform(visual: nn.Module, tag: dict[str, Any], what: str) -> tuple[Any, Normalize]:
     """open_clip's eval transform for the tower's input size and the tag's mean, std and
-    resizing, its ToTensor + Normalize made one step (NormalizedTensor: the same numbers)."""
+    resizing: its resizing to uint8 pixels (preprocess), its ToTensor + Normalize on the
+    device (on_device; the same numbers)."""
     from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
     from torchvision import transforms
 
@@ -298,4 +299,4 @@ def image_transform(visual: nn.Module, tag: dict[str, Any], what: str):
     if not (isinstance(normalize, transforms.Normalize) and type(to_tensor).__name__.endswith("ToTensor")):
         raise MMKitError(f"{what}: open_clip's eval transform no longer ends in ToTensor + Normalize "
                          f"({', '.join(type(step).__name__ for step in steps)}); mmkit needs updating for it")
-    return transforms.Compose([*resize, NormalizedTensor(normalize.mean, normalize.std)])
+    return transforms.Compose([*resize, PixelTensor()]), Normalize(normalize.mean, normalize.std)

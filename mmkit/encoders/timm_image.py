@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmkit.encoders.base import (IMAGENET_MEAN, IMAGENET_STD, Encoded, Encoder, feature_map_cells,
-                                 resize_crop_normalize)
+from mmkit.encoders.base import (IMAGENET_MEAN, IMAGENET_STD, Encoded, Encoder, Normalize, feature_map_cells,
+                                 resize_crop)
 from mmkit.errors import MMKitError, one_line
 from mmkit.hub import hub_file
 from mmkit.weights import load_weights, weights_file
@@ -40,7 +40,7 @@ class TimmImageEncoder(Encoder):
         super().__init__()
         self.model = create_timm_model(model_name, pretrained, image_size, model_args or {})
         self.dim = getattr(self.model, "head_hidden_size", None) or self.model.num_features  # what forward_head gives
-        self.preprocess = image_transform(self.model, image_size)
+        self.preprocess, self.on_device = resize_crop(image_size), model_normalize(self.model)
         self.cell = timm_cell(self.model)
 
     @property
@@ -130,7 +130,7 @@ def timm_weights(name: str, pretrained: bool | str, what: str) -> Path:
                            "set pretrained to a local weights file, or set pretrained = false")
 
 
-def image_transform(model: nn.Module, image_size: int):
-    """Resize, center-crop and normalise with the model's own mean and std."""
+def model_normalize(model: nn.Module) -> Normalize:
+    """Normalisation with the model's own mean and std (ImageNet's where it names none)."""
     config = getattr(model, "pretrained_cfg", {}) or {}
-    return resize_crop_normalize(image_size, config.get("mean", IMAGENET_MEAN), config.get("std", IMAGENET_STD))
+    return Normalize(config.get("mean", IMAGENET_MEAN), config.get("std", IMAGENET_STD))

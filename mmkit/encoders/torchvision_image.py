@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 import torch
 from torch import nn
 
-from mmkit.encoders.base import Encoded, Encoder, feature_map_cells, resize_crop_normalize
+from mmkit.encoders.base import IMAGENET_MEAN, IMAGENET_STD, Encoded, Encoder, Normalize, feature_map_cells, resize_crop
 from mmkit.errors import MMKitError, one_line
 from mmkit.hub import reachable
 from mmkit.weights import load_into, load_weights, names_a_file, weights_file
@@ -48,7 +48,7 @@ class TorchvisionImageEncoder(Encoder):
         if state is not None:
             load_into(self.model, renamed(state, dropped), what)
         self.dim = classifier.in_features
-        self.preprocess = image_transform(published, image_size)
+        self.preprocess, self.on_device = image_transform(published, image_size)
         self.cell = (3, self.model.patch_size, self.model.patch_size) if self.vit else self._stride()
 
     @torch.no_grad()
@@ -218,12 +218,12 @@ def token_source(model: nn.Module) -> tuple[nn.Module, bool]:
     return model.get_submodule(children[children.index(head) - 1]), False
 
 
-def image_transform(published: Any, image_size: int):
+def image_transform(published: Any, image_size: int) -> tuple[Any, Normalize]:
     """The weights' own resizing, crop, interpolation, mean and std where a weights name is
     given (what their ``transforms()`` do), else resize, center-crop and ImageNet
-    normalisation at ``image_size``; images are made RGB first."""
+    normalisation at ``image_size``; images are made RGB first. Preprocess and on_device."""
     if published is None:
-        return resize_crop_normalize(image_size)
+        return resize_crop(image_size), Normalize(IMAGENET_MEAN, IMAGENET_STD)
     preset = published.transforms()
-    return resize_crop_normalize(preset.crop_size[0], tuple(preset.mean), tuple(preset.std), preset.resize_size[0],
-                                 preset.interpolation, preset.antialias)
+    return (resize_crop(preset.crop_size[0], preset.resize_size[0], preset.interpolation, preset.antialias),
+            Normalize(tuple(preset.mean), tuple(preset.std)))

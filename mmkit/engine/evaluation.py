@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch.utils.data import DataLoader
 
+from mmkit.data.loader import to_device
 from mmkit.engine.feed import OnError, Problems, take_problems
 from mmkit.tasks.base import Task
 
 
 class Evaluation:
-    """A held-out set's loader (this process's share) and the bad samples met in it."""
+    """A held-out set's loader (this process's share), the encoders' steps that finish its
+    batches on the device, and the bad samples met in it."""
 
-    def __init__(self, loader: DataLoader, on_error: OnError, log: Any, problems: Problems | None = None):
+    def __init__(self, loader: DataLoader, on_error: OnError, log: Any, problems: Problems | None = None,
+                 on_device: Mapping[str, Callable[[Any], Any]] | None = None):
         self.loader, self.on_error, self.log = loader, on_error, log
+        self.on_device = dict(on_device or {})
         self.problems = Problems() if problems is None else problems
 
     def outputs(self, task: Task, accelerator: Any) -> dict[str, Any]:
@@ -43,12 +47,10 @@ class Evaluation:
         return every_process_problems(self.problems, accelerator)
 
     def _batches(self, device: torch.device) -> Iterator[dict[str, Any]]:
-        from mmkit.engine.loop import to_device
-
         for batch in self.loader:
             batch = take_problems(batch, self.problems, self.on_error, self.log)
             if batch:  # a batch of only bad samples has nothing left
-                yield to_device(batch, device)
+                yield to_device(batch, device, self.on_device)
 
 
 def all_processes(value: Any, accelerator: Any) -> list[Any]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator, Literal
+from typing import Any, Callable, Iterable, Iterator, Literal, Mapping
 
 from torch.utils.data import DataLoader
 
@@ -67,10 +67,13 @@ def take_problems(batch: dict[str, Any], problems: Problems, on_error: OnError, 
 class TrainFeed:
     """Training micro-batches without end, from a place in the data: a map-style dataset's
     place follows from the micro-batches read; a stream's is each worker share's (epoch,
-    records read), kept in checkpoints."""
+    records read), kept in checkpoints. ``on_device``: the encoders' steps that finish a batch
+    on the device (mmkit.data.loader.to_device)."""
 
-    def __init__(self, loader: DataLoader, source: EpochBatches | Streamed, on_error: OnError, log: Any):
+    def __init__(self, loader: DataLoader, source: EpochBatches | Streamed, on_error: OnError, log: Any,
+                 on_device: Mapping[str, Callable[[Any], Any]] | None = None):
         self.loader, self.source, self.on_error, self.log = loader, source, on_error, log
+        self.on_device = dict(on_device or {})
         self.problems = Problems()
         self.positions: dict[int, tuple[int, int]] = {}
         self.batches: Iterator[dict[str, Any]] | None = None

@@ -14,6 +14,7 @@ from typing import Any, Iterator, Mapping
 import torch
 from tqdm.auto import tqdm
 
+from mmkit.data.loader import to_device
 from mmkit.engine.checkpoint import load_checkpoint, save_checkpoint
 from mmkit.engine.evaluation import Evaluation
 from mmkit.engine.feed import TrainFeed
@@ -110,7 +111,8 @@ class Trainer:
         model.train()
         with StopSignals() as stop, _progress(self.total, self.step, self.accelerator.is_main_process) as progress:
             while self.step < self.total:
-                batches = step_batches(self.task, self.feed, self.train.grad_accum, self.accelerator.device)
+                batches = step_batches(self.task, self.feed, self.train.grad_accum, self.accelerator.device,
+                                       self.feed.on_device)
                 if self.flops_per_sample is None:  # this session's first step
                     flops = count_flops(self.task, batches[0], self.accelerator, model)
                     self.flops_per_sample = flops / batch_rows(batches[0])
@@ -223,11 +225,11 @@ def data_layout(train: TrainSpec, processes: int, streamed: bool = False) -> dic
     return layout | ({"num_workers": train.num_workers} if streamed else {})
 
 
-def step_batches(task: Task, feed: Iterator[dict[str, Any]], grad_accum: int,
-                 device: torch.device) -> list[dict[str, Any]]:
-    """A step's ``grad_accum`` micro-batches from ``feed``, on ``device``, each through the
-    task's ``prepare`` (a head's masking)."""
-    return [task.prepare(to_device(next(feed), device)) for _ in range(grad_accum)]
+def step_batches(task: Task, feed: Iterator[dict[str, Any]], grad_accum: int, device: torch.device,
+                 on_device: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    """A step's ``grad_accum`` micro-batches from ``feed``, on ``device`` (finished there by
+    the encoders' ``on_device`` steps), each through the task's ``prepare`` (a head's masking)."""
+    return [task.prepare(to_device(next(feed), device, on_device)) for _ in range(grad_accum)]
 
 
 def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: list[dict[str, Any]],
@@ -386,15 +388,6 @@ class StopSignals:
         if flag.item() and self.received is None:
             self.received = signal.SIGTERM
         return bool(flag.item())
-
-
-def to_device(value: Any, device: torch.device) -> Any:
-    """A batch on ``device``: its tensors, also those inside nested dicts (input_ids + attention_mask)."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device, non_blocking=True)
-    if isinstance(value, dict):
-        return {key: to_device(inner, device) for key, inner in value.items()}
-    return value
 
 
 def _progress(total: int, initial: int, enabled: bool):

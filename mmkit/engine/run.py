@@ -210,18 +210,19 @@ class Run:
         from mmkit.engine.loop import data_layout, step_plan
 
         pin = accelerator.device.type == "cuda"
+        collate, on_device = parts.batching(accelerator.device)
         rank, world = accelerator.process_index, accelerator.num_processes
         streamed = isinstance(parts.train_set, IterableDataset)
         if streamed:
             source = Streamed(parts.train_set, parts.transforms, self.spec.seed, rank, world, self.train.num_workers)
-            loader, batches, size = stream_loader(source, self.train.batch_size, pin, parts.collate), None, ""
+            loader, batches, size = stream_loader(source, self.train.batch_size, pin, collate), None, ""
         else:
             train_set = Preprocessed(parts.train_set, parts.transforms)
             source = EpochBatches(len(train_set), self.train.batch_size, self.spec.seed, rank, world)
-            loader = train_loader(train_set, source, self.train.num_workers, pin, parts.collate)
+            loader = train_loader(train_set, source, self.train.num_workers, pin, collate)
             batches, size = len(source), str(len(train_set))
         plan = step_plan(self.train, batches, world, size)
-        feed = TrainFeed(loader, source, self.recipe.data().on_error, self._log(accelerator))
+        feed = TrainFeed(loader, source, self.recipe.data().on_error, self._log(accelerator), on_device)
         return feed, plan, data_layout(self.train, world, streamed)
 
     def _accelerator(self) -> Any:
@@ -300,9 +301,10 @@ class Run:
             share = Subset(Preprocessed(dataset, parts.transforms, fill=False),
                            range(rank * len(dataset) // world, (rank + 1) * len(dataset) // world))
             workers = self.train.num_workers
+        collate, on_device = parts.batching(accelerator.device)
         loader = eval_loader(share, self.evaluation.batch_size or self.train.batch_size, workers,
-                             accelerator.device.type == "cuda", parts.collate)
-        return Evaluation(loader, self.recipe.data().on_error, self._log(accelerator), problems)
+                             accelerator.device.type == "cuda", collate)
+        return Evaluation(loader, self.recipe.data().on_error, self._log(accelerator), problems, on_device)
 
     def _log(self, accelerator: Any) -> Any:
         """Print a line above the progress bar, naming the process when there are several."""

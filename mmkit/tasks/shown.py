@@ -6,7 +6,7 @@ import contextlib
 from typing import Any, Iterator
 
 import torch
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset
 
 from mmkit.encoders.base import Encoded, Encoder, token_ids
 from mmkit.fusion.base import Fused
@@ -29,12 +29,8 @@ def in_eval_mode(module: torch.nn.Module) -> Iterator[None]:
 
 def shown_batch(dataset: Dataset, encoders: dict[str, Encoder], device: torch.device) -> dict[str, Any]:
     """The first few raw samples of ``dataset``, preprocessed and batched as the loader would, on ``device``."""
-    from mmkit.engine.loop import to_device
-
     samples = [dataset[i] for i in range(min(SHOWN_ITEMS, len(dataset)))]
-    batch = {m: (encoder.collate or default_collate)([encoder.preprocess(s[m]) for s in samples])
-             for m, encoder in encoders.items()}
-    return to_device(batch, device)
+    return {m: encoder.inputs([s[m] for s in samples], device) for m, encoder in encoders.items()}
 
 
 def attention_figure(encoders: dict[str, Encoder], encoded: dict[str, Encoded], batch: dict[str, Any],

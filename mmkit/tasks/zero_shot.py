@@ -6,7 +6,7 @@ from typing import Any, Iterable
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset
 
 from mmkit.encoders.base import Encoder
 from mmkit.errors import MMKitError
@@ -69,12 +69,9 @@ class ZeroShot(ClipRetrieval):
     def class_embeddings(self, templates: list[str] | None = None) -> torch.Tensor:
         """[classes, embed_dim]: each class's prompts (``templates``, by default the task's)
         embedded, normalised, averaged, normalised."""
-        from mmkit.engine.loop import to_device
-
         text, templates = self.encoders["text"], self.templates if templates is None else templates
         prompts = [template.format(name) for name in self.info.class_names for template in templates]
-        batch = (text.collate or default_collate)([text.preprocess(prompt) for prompt in prompts])
-        embedded = self.embed({"text": to_device(batch, self.logit_scale.device)}, "text")
+        embedded = self.embed({"text": text.inputs(prompts, self.logit_scale.device)}, "text")
         per_class = embedded.view(len(self.info.class_names), len(templates), -1).mean(dim=1)
         return F.normalize(per_class, dim=-1)
 
