@@ -432,6 +432,20 @@ def test_images_cross_to_the_gpu_as_uint8_and_are_normalised_there_as_on_the_cpu
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_stop_flags_sum_is_read_without_waiting_for_the_steps_queued_after_it():
+    """Several processes agree on stopping through a sum read a step late (StopSignals.asked):
+    the read waits for the work before the copy, not for the next step's."""
+    from mmkit.engine.loop import HostCopy
+
+    copy = HostCopy(torch.full((1,), 3.0, device="cuda") * 2)
+    torch.cuda._sleep(2_000_000_000)  # about a second of device work queued after the copy
+    started = time.perf_counter()
+    assert copy.read() == 6.0 and time.perf_counter() - started < 0.3
+    torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_a_run_on_the_gpu_in_bf16(tiny_recipe):
     summary = Run(load_recipe(tiny_recipe, ["run.device=cuda", "run.precision=bf16"])).fit()
     assert summary["device"].startswith("cuda") and summary["steps"] == 6

@@ -3,6 +3,7 @@ of a killed run, SIGTERM, a loss that is not a number, and evaluation shared by 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -111,6 +112,37 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tiny_recipe):
     resumed = run_mmkit("run", tiny_recipe, *steps, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads((folder / "summary.json").read_text())["steps"] == 80
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_with_a_checkpoint(tiny_recipe):
+    """Under torchrun a signal reaches one process (a preempted node): every process stops
+    after the same step, and that step's checkpoint holds each process's data position."""
+    import psutil
+
+    folder = tiny_recipe.parent / "runs" / "tiny"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    launcher = subprocess.Popen([str(torchrun), "--nproc_per_node", "2", "-m", "mmkit", "run", str(tiny_recipe),
+                                 "run.device=cpu", "train.max_steps=400", "train.checkpoint_every=1000",
+                                 "train.log_every=1", "eval.every=0"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while not (folder / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    workers = [p for p in psutil.Process(launcher.pid).children(recursive=True) if "mmkit" in " ".join(p.cmdline())]
+    second = next(p for p in workers if p.environ().get("RANK") == "1")
+    second.send_signal(signal.SIGTERM)
+    try:
+        _, stderr = launcher.communicate(timeout=120)
+    finally:  # processes that stopped at different steps wait for each other forever
+        for process in [*workers, psutil.Process(launcher.pid)] if launcher.poll() is None else ():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+    stops = [int(part.split()[0]) for part in stderr.split("stopped by SIGTERM at step ")[1:]]
+    assert len(stops) == 2 and stops[0] == stops[1] and 0 < stops[0] < 400, stderr[-3000:]  # both, the same step
+    checkpoint = latest_checkpoint(folder / "checkpoints")
+    assert checkpoint.name == f"step_{stops[0]:08d}"
+    assert (checkpoint / "data_0.json").exists() and (checkpoint / "data_1.json").exists()
 
 
 class Scaled(Task):

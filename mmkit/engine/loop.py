@@ -356,6 +356,7 @@ class StopSignals:
     def __init__(self) -> None:
         self.received: int | None = None
         self.previous: dict[int, Any] = {}
+        self.pending: HostCopy | None = None
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
@@ -380,14 +381,34 @@ class StopSignals:
         return self.CODES.get(self.received, 1)
 
     def asked(self, accelerator: Any) -> bool:
-        """Whether any process was asked to stop (all of them then stop at the same step)."""
+        """Whether training stops after this step, the same answer on every process. Alone:
+        whether a signal came. With several: whether any process had one at the previous
+        step, whose flags' sum crossed to the host while this step ran; reading this step's
+        sum now would make every step wait for the device. All stop one step later."""
         if accelerator.num_processes == 1:
             return self.received is not None
-        flag = torch.tensor([float(self.received or 0)], device=accelerator.device)
-        flag = accelerator.reduce(flag, reduction="sum")
-        if flag.item() and self.received is None:
+        agreed = self.pending is not None and self.pending.read() > 0
+        flag = torch.full((1,), float(self.received is not None), device=accelerator.device)
+        self.pending = HostCopy(accelerator.reduce(flag, reduction="sum"))
+        if agreed and self.received is None:
             self.received = signal.SIGTERM
-        return bool(flag.item())
+        return agreed
+
+
+class HostCopy:
+    """A device tensor's value on its way to the host: the copy is queued behind the work
+    before it, and ``read`` waits for that work alone, not for what was queued since."""
+
+    def __init__(self, value: torch.Tensor):
+        self.value = value.to("cpu", non_blocking=True)  # pinned memory, when from a GPU
+        self.copied = torch.cuda.Event() if value.is_cuda else None
+        if self.copied is not None:
+            self.copied.record()
+
+    def read(self) -> float:
+        if self.copied is not None:
+            self.copied.synchronize()
+        return self.value.item()
 
 
 def _progress(total: int, initial: int, enabled: bool):
