@@ -75,20 +75,16 @@ class Parts:
         """Each modality's preprocessing, applied to samples in DataLoader workers."""
         return {m: encoder.preprocess for m, encoder in self.encoders.items()}
 
-    @property
-    def on_device(self) -> dict[str, Any]:
-        """The encoders' steps that finish a batch on the device (uint8 pixels normalised)."""
-        return {m: e.on_device for m, e in self.encoders.items() if getattr(e, "on_device", None)}
-
     def batching(self, device: torch.device) -> tuple[Collate, dict[str, Any]]:
         """How a run on ``device`` batches: the loader's workers collate (with the encoders' own
-        collate where they bring one), then the on_device steps finish each batch after its
-        copy to the accelerator; on the CPU the workers finish batches too, as the main
-        process is the one computing."""
+        collate where they bring one), then the encoders' on_device steps finish each batch
+        after its copy to the accelerator (uint8 pixels normalised); on the CPU the workers
+        finish batches too, as the main process is the one computing."""
         collates = {m: e.collate for m, e in self.encoders.items() if getattr(e, "collate", None)}
+        finish = {m: e.on_device for m, e in self.encoders.items() if getattr(e, "on_device", None)}
         if device.type == "cpu":
-            return Collate(collates, self.on_device), {}
-        return Collate(collates), self.on_device
+            return Collate(collates, finish), {}
+        return Collate(collates), finish
 
     @property
     def modules(self) -> dict[str, Any]:
