@@ -132,19 +132,22 @@ class Normalize:
 
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
         self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
-        self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._on: dict[torch.device, tuple[torch.Tensor, ...]] = {}
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         if pixels.dtype != torch.uint8:
             raise TypeError(f"Normalize takes the uint8 pixels an image encoder's preprocess gives, got {pixels.dtype}; "
                             "give a batch already normalised to the encoder itself")
-        mean, std = self._stats(pixels.device)
-        return pixels.to(torch.float32).div_(255).sub_(mean).div_(std)
+        scale, mean, std = self._stats(pixels.device)
+        return pixels.to(torch.float32).div_(scale).sub_(mean).div_(std)
 
-    def _stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and std as [1, C, 1, 1] on ``device``, made once per device (no copy per batch)."""
+    def _stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """255, mean and std as [1, C, 1, 1] on ``device``, made once per device (no copy per
+        batch). 255 is a tensor there too: CUDA divides by a plain number as a multiplication by
+        its reciprocal, which rounds some pixels differently from the CPU's division."""
         if device not in self._on:
-            self._on[device] = tuple(torch.tensor(v).view(1, -1, 1, 1).to(device) for v in (self.mean, self.std))
+            self._on[device] = tuple(torch.tensor(v).view(1, -1, 1, 1).to(device)
+                                     for v in ((255.0,), self.mean, self.std))
         return self._on[device]
 
     def __repr__(self) -> str:
