@@ -53,7 +53,9 @@ class TrainSpec:
         keep_checkpoints: how many recent checkpoints to keep.
         log_every: log training metrics every N steps.
         num_workers: DataLoader worker processes.
-        compile: torch.compile each encoder (in place; the loss and any fusion head run eagerly).
+        compile: torch.compile each encoder for the training steps (the loss and any fusion head
+            run eagerly, and so does evaluation): true, or a torch.compile mode
+            ("reduce-overhead" replays each step's kernels as CUDA graphs on a GPU).
         on_nan: a loss that is not a number stops the run ("raise", at the next log line or
             checkpoint, its update skipped) or skips that update ("skip", counted in summary.json).
         loss_weights: a weight per loss term by name (the task's and its fusion head's, e.g.
@@ -76,7 +78,7 @@ class TrainSpec:
     keep_checkpoints: int = 2
     log_every: int = 10
     num_workers: int = 0
-    compile: bool = False
+    compile: bool | Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = False
     on_nan: Literal["raise", "skip"] = "raise"
     loss_weights: dict[str, float] | None = None
 

@@ -453,39 +453,50 @@ def test_a_run_on_the_gpu_in_bf16(tiny_recipe):
 
 def test_compiled_encoders_serve_every_step_and_train_as_the_eager_ones(tiny_recipe):
     """train.compile compiles each encoder once: later batches (other ids, other captions) reuse
-    the graphs, and the steps' losses and weights are the eager steps' to float rounding."""
+    the graphs, and the steps' losses and weights are the eager steps' to float rounding. After
+    the training block the encoders run eagerly again."""
     from accelerate import Accelerator
     from torch._dynamo.utils import counters
 
     from mmkit.components import build_parts
     from mmkit.data.loader import EpochBatches, Preprocessed, train_loader
-    from mmkit.engine.loop import compile_encoders
+    from mmkit.engine.loop import compiled_encoders
     from mmkit.plugins import get_registry
 
-    def three_steps(compiled: bool):
+    def three_steps(mode: str | None):
         torch.manual_seed(0)
         parts = build_parts(load_recipe(tiny_recipe), get_registry())
         dataset = Preprocessed(parts.train_set, parts.transforms)
         collate, on_device = parts.batching(torch.device("cpu"))
         feed = iter(train_loader(dataset, EpochBatches(len(dataset), 16, seed=0), 0, False, collate))
         optimizer = torch.optim.SGD(parts.task.parameters(), lr=0.5, fused=True)  # an update in proportion to the gradient
-        if compiled:
-            compile_encoders(parts.task)
         graphs, losses = [], []
-        for step in range(1, 4):
-            batches = step_batches(parts.task, feed, 1, torch.device("cpu"), on_device)
-            losses.append(optimizer_step(parts.task, optimizer, batches, TrainSpec(), Accelerator(cpu=True))[0]["loss"])
-            graphs.append(counters["stats"]["unique_graphs"])
-        return losses, graphs, parts.task.state_dict()
+        with compiled_encoders(parts.task, mode):
+            for step in range(1, 4):
+                batches = step_batches(parts.task, feed, 1, torch.device("cpu"), on_device)
+                losses.append(optimizer_step(parts.task, optimizer, batches, TrainSpec(), Accelerator(cpu=True))[0]["loss"])
+                graphs.append(counters["stats"]["unique_graphs"])
+        parts.task.encoders["image"](batches[0]["image"][:5])  # a new batch size: a compiled encoder would compile again
+        return losses, graphs + [counters["stats"]["unique_graphs"]], parts.task.state_dict()
 
     torch._dynamo.reset()
     counters.clear()
-    eager, _, eager_weights = three_steps(False)
-    compiled, graphs, compiled_weights = three_steps(True)
-    assert graphs[0] >= 2 and graphs[1] == graphs[2] == graphs[0]  # image and text, compiled at the first step only
+    eager, _, eager_weights = three_steps(None)
+    compiled, graphs, compiled_weights = three_steps("default")
+    assert graphs[0] >= 2 and graphs[1] == graphs[2] == graphs[3] == graphs[0]  # image and text, at the first step only
     assert torch.allclose(torch.stack(compiled), torch.stack(eager), rtol=1e-5)
     assert compiled_weights.keys() == eager_weights.keys()  # checkpoints keep the eager names
     assert all(torch.allclose(compiled_weights[k], eager_weights[k], atol=1e-5) for k in eager_weights)
+
+
+def test_train_compile_takes_true_or_a_torch_compile_mode(tiny_recipe):
+    from mmkit.plugins import get_registry
+    from mmkit.recipe import check_recipe
+
+    check_recipe(load_recipe(tiny_recipe, ['train.compile="reduce-overhead"']), get_registry())
+    with pytest.raises(MMKitError, match="train.compile") as error:
+        check_recipe(load_recipe(tiny_recipe, ['train.compile="fast"']), get_registry())
+    assert "'reduce-overhead'" in str(error.value)
 
 
 @pytest.mark.gpu
@@ -494,15 +505,21 @@ def test_compiled_encoders_serve_every_step_and_train_as_the_eager_ones(tiny_rec
 def test_compiled_and_eager_training_give_the_same_losses_on_the_gpu(tiny_recipe, precision, first, later):
     """train.compile changes speed, not results: the same first batch gives the same loss, and
     the steps after it stay together (to rounding: bf16 rounds the two paths' sums differently)."""
-    losses = {}
-    for compiled in ("false", "true"):
-        Run(load_recipe(tiny_recipe, ["run.device=cuda", f"run.precision={precision}", f"train.compile={compiled}",
-                                      "train.log_every=1", f"run.name=compiled-{compiled}"])).fit()
-        folder = tiny_recipe.parent / "runs" / f"compiled-{compiled}"
+    losses, held_out = {}, {}
+    for compiled in ("false", "true", '"reduce-overhead"'):
+        name = "compiled-" + compiled.strip('"')
+        Run(load_recipe(tiny_recipe, ["run.device=cuda", f"run.precision={precision}",
+                                      f"train.compile={compiled}", "train.log_every=1", f"run.name={name}"])).fit()
+        folder = tiny_recipe.parent / "runs" / name
         losses[compiled] = [r["train/loss"] for r in records(folder) if "train/loss" in r]
-    assert len(losses["true"]) == len(losses["false"]) == 6
-    assert losses["true"][0] == pytest.approx(losses["false"][0], rel=first)
-    assert losses["true"] == pytest.approx(losses["false"], rel=later)
+        held_out[compiled] = [r[f"val/{way}/mean_rank"] for r in records(folder) if "val/image_to_text/R@1" in r
+                              for way in ("image_to_text", "text_to_image")]
+    for compiled in ("true", '"reduce-overhead"'):  # CUDA graphs too, evaluating at step 3 and at the end
+        assert len(losses[compiled]) == len(losses["false"]) == 6
+        assert losses[compiled][0] == pytest.approx(losses["false"][0], rel=first)
+        assert losses[compiled] == pytest.approx(losses["false"], rel=later)
+        assert len(held_out[compiled]) == 4  # evaluated eagerly at step 3 and at the end: ranks as the eager run's
+        assert held_out[compiled] == pytest.approx(held_out["false"], abs=1.0)
 
 
 def test_two_processes_under_torchrun(tiny_recipe):

@@ -103,14 +103,16 @@ class Trainer:
         """Step to the total; ``evaluate(step)`` gives held-out metrics to log, or None."""
         precision = {"no": "fp32"}.get(self.accelerator.mixed_precision, self.accelerator.mixed_precision)
         self.peak = matmul_rate(str(self.accelerator.device), precision)  # before the loader's workers start
-        if self.train.compile:
-            compile_encoders(self.task)
         model, self.optimizer = self.accelerator.prepare(self.task, self.optimizer)
         started = time.perf_counter()
         self.interval = (started, 0)
         model.train()
-        with StopSignals() as stop, _progress(self.total, self.step, self.accelerator.is_main_process) as progress:
+        mode = compile_mode(self.train.compile)
+        with StopSignals() as stop, _progress(self.total, self.step, self.accelerator.is_main_process) as progress, \
+                compiled_encoders(self.task, mode):
             while self.step < self.total:
+                if mode in CUDA_GRAPH_MODES:
+                    torch.compiler.cudagraph_mark_step_begin()  # a step's graphs replay together, not per encoder
                 batches = step_batches(self.task, self.feed, self.train.grad_accum, self.accelerator.device,
                                        self.feed.on_device)
                 if self.flops_per_sample is None:  # this session's first step
@@ -123,7 +125,9 @@ class Trainer:
                 self.seconds = self.before + time.perf_counter() - started
                 progress.update(1)
                 self._log(losses, progress)
-                if self.step < self.total and (metrics := evaluate(self.step)) is not None:
+                with torch.compiler.set_stance("force_eager"):  # held-out numbers as an eager run has them
+                    metrics = evaluate(self.step) if self.step < self.total else None
+                if metrics is not None:
                     self.tracker.log(self.step, metrics)
                 every = self.train.checkpoint_every
                 saved = every and (self.step % every == 0 or self.step == self.total)
@@ -171,18 +175,35 @@ class Trainer:
                       "written; run again with --resume to continue", stop.code)
 
 
-def compile_encoders(task: Task) -> None:
-    """torch.compile each encoder of ``task`` in place (train.compile): their inputs are only
-    tensors, so one compiled graph serves every step. (The whole task takes the batch with its
-    ids and captions, and a graph compiled on it held for those strings alone: it was compiled
-    again at every step.) The weights keep their names."""
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the modes whose graphs replay as CUDA graphs
+
+
+def compile_mode(compile: bool | str) -> str | None:
+    """train.compile as a torch.compile mode: true is "default", false None (eager)."""
+    if compile is True:
+        return "default"
+    return compile or None
+
+
+@contextlib.contextmanager
+def compiled_encoders(task: Task, mode: str | None) -> Iterator[None]:
+    """Within the block each encoder of ``task`` runs compiled with torch.compile ``mode`` (None:
+    eagerly), for the training steps; after it, eagerly again. Encoders take only tensors, so one
+    graph serves every step (the whole task takes the batch with its ids and captions, and a
+    graph compiled on it held for those strings alone). Compiled in place: weights keep their names."""
     from mmkit.encoders.base import Encoder
 
-    compiled: list[str] = []
-    for name, module in task.named_modules():
-        if isinstance(module, Encoder) and not any(name.startswith(f"{outer}.") for outer in compiled):
-            module.compile()  # an encoder inside one compiled already is compiled with it
-            compiled.append(name)
+    compiled: list[tuple[str, Encoder]] = []
+    if mode is not None:
+        for name, module in task.named_modules():
+            if isinstance(module, Encoder) and not any(name.startswith(f"{outer}.") for outer, _ in compiled):
+                module.forward = torch.compile(module.forward, mode=mode)  # an encoder inside one is compiled with it
+                compiled.append((name, module))
+    try:
+        yield
+    finally:
+        for _, module in compiled:
+            del module.forward  # the class's forward again
 
 
 def trained_result(checkpoint: Path, task: Task, feed: TrainFeed, accelerator: Any, train: TrainSpec,
