@@ -9,7 +9,7 @@ trains the same CLIP on it with each trainer, one after the other, in fresh subp
 - ``--device cuda``: open_clip's ViT-B-32 at 224 px, bf16 autocast, batch 256; mmkit builds
   the same towers through its ``open_clip`` encoders and compares their embeddings as they are
   (clip_retrieval's project = false): the same model. open_clip_train runs eager and with
-  --torchcompile, mmkit eager and with train.compile.
+  --torchcompile, mmkit eager and with train.compile = "reduce-overhead" (``--compile-mode``).
 
 Same batch, precision, data workers, optimizer (AdamW, the same betas, eps, decay, peak rate
 and warm-up, cosine to the last step) and steps. Each trainer logs every ``--log-every`` steps;
@@ -50,10 +50,11 @@ SMALL = {"embed_dim": 128,
          "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 4}}
 PRESETS = {  # what each device trains unless the command line says otherwise
     "cpu": {"model": "small", "image_size": 64, "batch_size": 64, "precision": "fp32", "workers": 2,
-            "steps": 80, "skip": 10, "log_every": 1, "samples": None, "compiled": False,
+            "steps": 80, "skip": 10, "log_every": 1, "samples": None, "compiled": False, "compile_mode": "default",
             "lr": 1e-3, "warmup": 10, "beta2": 0.999, "eps": 1e-8},
     "cuda": {"model": "ViT-B-32", "image_size": 224, "batch_size": 256, "precision": "bf16", "workers": 12,
              "steps": 192, "skip": 60, "log_every": 10, "samples": 16384, "compiled": True,
+             "compile_mode": "reduce-overhead",
              "lr": 5e-4, "warmup": 50, "beta2": 0.98, "eps": 1e-6},  # open_clip's settings for ViTs
 }
 OPTIMIZER = {"weight_decay": 0.1, "beta1": 0.9}  # the same for both presets
@@ -187,7 +188,7 @@ def mmkit_recipe(name: str, csv: Path, args: argparse.Namespace, output: Path, c
     return RECIPE.format(name=name, csv=csv, output=output, device=args.device, precision=args.precision,
                          model=model, steps=args.steps, batch=args.batch_size, lr=args.lr, warmup=args.warmup,
                          beta2=args.beta2, eps=args.eps, workers=args.workers, log_every=args.log_every,
-                         compile=str(compiled).lower(), **OPTIMIZER)
+                         compile=f'"{args.compile_mode}"' if compiled else "false", **OPTIMIZER)
 
 
 RECIPE = """[run]
@@ -311,6 +312,8 @@ def main() -> None:
     parser.add_argument("--precision", choices=["fp32", "bf16"])
     parser.add_argument("--compiled", action=argparse.BooleanOptionalAction,
                         help="also run open_clip_train --torchcompile and mmkit train.compile; default: the preset")
+    parser.add_argument("--compile-mode", choices=["default", "reduce-overhead", "max-autotune"],
+                        help="mmkit's train.compile when compiled; default: the preset (CUDA graphs on cuda)")
     parser.add_argument("--folder", help="keep the written data here and reuse it (default: a temporary folder)")
     parser.add_argument("--json", help="default: benchmarks/results/clip_throughput_<device>.json")
     args = parser.parse_args()
@@ -328,7 +331,9 @@ def main() -> None:
         counted = {"open_clip_train": open_clip_flops(args, csv, folder)}
         before = load_average()
         for name, (trainer, compiled) in trainers.items():
+            started = time.perf_counter()
             runs[name] = trainer(csv, args, folder, compiled)
+            runs[name]["seconds"] = time.perf_counter() - started  # start-up and compilation included
             if name == "mmkit":
                 counted["mmkit"] = runs[name]["summary"]["flops_per_sample"]
             results = compared(runs, args, before, counted)  # written after each trainer: a cut-off run keeps its numbers
@@ -348,6 +353,7 @@ def compared(runs: dict[str, dict[str, Any]], args: argparse.Namespace, before: 
                "settings": {k: v for k, v in vars(args).items() if k not in ("json", "folder")} | OPTIMIZER,
                "samples_per_s": {name: round(rate, 1) for name, rate in rates.items()},
                "peak_memory_mib": {name: run["peak_mib"] for name, run in runs.items()},
+               "wall_seconds": {name: round(run["seconds"], 1) for name, run in runs.items()},
                "open_clip_data_wait_share": {name: round(statistics.median(
                    r["data_share"] for r in run["records"] if r["step"] > args.skip), 3)
                    for name, run in runs.items() if name.startswith("open_clip")}}

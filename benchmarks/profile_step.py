@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from mmkit.engine.run import Run
@@ -51,12 +52,14 @@ def waits(profiler: profile) -> dict[str, float]:
 def report(profiler: profile, summary: dict, seconds: float, rows: int) -> str:
     """The tables and totals, as text."""
     averages = profiler.key_averages()
-    device_busy = sum(event.self_device_time_total for event in averages) / 1e6
+    device_busy = sum(event.self_device_time_total for event in averages  # the kernels and copies alone: an op's
+                      if event.device_type == DeviceType.CUDA and not event.is_user_annotation) / 1e6  # row repeats its kernels
     lines = [f"{summary['steps']} steps in {summary['train_seconds']:.1f} s ({summary['samples_per_second']:.1f} "
              f"samples/s, MFU {summary.get('mfu') or 0:.1%}) on {summary['device']}, precision {summary['precision']}; "
              f"the whole run {seconds:.1f} s"]
     if torch.cuda.is_available():
-        lines.append(f"device busy (kernels): {device_busy:.2f} s = {device_busy / seconds:.0%} of the whole run")
+        lines.append(f"device busy (kernels): {device_busy:.2f} s = {device_busy / seconds:.0%} of the whole run, "
+                     f"{device_busy / summary['train_seconds']:.0%} of the training time")
     lines += [f"host {kind}: {waited:.2f} s" for kind, waited in waits(profiler).items()]
     if torch.cuda.is_available():
         lines += ["", "by time on the device:", averages.table(sort_by="self_device_time_total", row_limit=rows)]
