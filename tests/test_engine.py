@@ -489,6 +489,20 @@ def test_compiled_encoders_serve_every_step_and_train_as_the_eager_ones(tiny_rec
     assert all(torch.allclose(compiled_weights[k], eager_weights[k], atol=1e-5) for k in eager_weights)
 
 
+def test_encoders_run_eagerly_again_after_an_error_in_the_compiled_block(tiny_recipe):
+    from mmkit.components import build_parts
+    from mmkit.engine.loop import compiled_encoders
+    from mmkit.plugins import get_registry
+
+    task = build_parts(load_recipe(tiny_recipe), get_registry()).task
+    image, text = task.encoders["image"], task.encoders["text"]
+    text.forward = own = text.forward.__func__.__get__(text)  # an instance forward of its own, kept
+    with pytest.raises(KeyboardInterrupt), compiled_encoders(task, "reduce-overhead"):
+        assert "forward" in vars(image) and vars(text)["forward"] is not own  # compiled (lazily: no call here)
+        raise KeyboardInterrupt
+    assert "forward" not in vars(image) and vars(text)["forward"] is own
+
+
 def test_train_compile_takes_true_or_a_torch_compile_mode(tiny_recipe):
     from mmkit.plugins import get_registry
     from mmkit.recipe import check_recipe
@@ -518,7 +532,7 @@ def test_compiled_and_eager_training_give_the_same_losses_on_the_gpu(tiny_recipe
         assert len(losses[compiled]) == len(losses["false"]) == 6
         assert losses[compiled][0] == pytest.approx(losses["false"][0], rel=first)
         assert losses[compiled] == pytest.approx(losses["false"], rel=later)
-        assert len(held_out[compiled]) == 4  # evaluated eagerly at step 3 and at the end: ranks as the eager run's
+        assert len(held_out[compiled]) == 4  # evaluated at step 3 and at the end, with ranks as the eager run's
         assert held_out[compiled] == pytest.approx(held_out["false"], abs=1.0)
 
 

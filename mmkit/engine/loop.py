@@ -188,22 +188,25 @@ def compile_mode(compile: bool | str) -> str | None:
 @contextlib.contextmanager
 def compiled_encoders(task: Task, mode: str | None) -> Iterator[None]:
     """Within the block each encoder of ``task`` runs compiled with torch.compile ``mode`` (None:
-    eagerly), for the training steps; after it, eagerly again. Encoders take only tensors, so one
-    graph serves every step (the whole task takes the batch with its ids and captions, and a
-    graph compiled on it held for those strings alone). Compiled in place: weights keep their names."""
+    eagerly), for the training steps; after it (an error too), eagerly again. Encoders take only
+    tensors, so one graph serves every step (CUDA graphs record one per text width); the whole
+    task takes the batch with its ids and captions, and a graph compiled on it held for those
+    strings alone. Compiled in place: weights keep their names."""
     from mmkit.encoders.base import Encoder
 
-    compiled: list[tuple[str, Encoder]] = []
-    if mode is not None:
-        for name, module in task.named_modules():
-            if isinstance(module, Encoder) and not any(name.startswith(f"{outer}.") for outer, _ in compiled):
-                module.forward = torch.compile(module.forward, mode=mode)  # an encoder inside one is compiled with it
-                compiled.append((name, module))
+    compiled: list[tuple[str, Encoder, Any]] = []  # name, encoder, its own forward attribute before (or None)
     try:
+        for name, module in task.named_modules() if mode is not None else ():
+            if isinstance(module, Encoder) and not any(name.startswith(f"{outer}.") for outer, _, _ in compiled):
+                compiled.append((name, module, module.__dict__.get("forward")))
+                module.forward = torch.compile(module.forward, mode=mode)  # an encoder inside one is compiled with it
         yield
     finally:
-        for _, module in compiled:
-            del module.forward  # the class's forward again
+        for _, module, before in compiled:
+            if before is None:
+                del module.forward  # the class's forward again
+            else:
+                module.forward = before
 
 
 def trained_result(checkpoint: Path, task: Task, feed: TrainFeed, accelerator: Any, train: TrainSpec,
