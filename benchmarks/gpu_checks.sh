@@ -28,33 +28,44 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 MMKIT_PLUGINS=
 
 # capped NAME CAP LOG COMMAND...: run COMMAND (output to LOG) for at most CAP seconds or what is
-# left of the total, whichever is less; skip it with less than a minute left
+# left of the total, whichever is less, then SIGTERM (and SIGKILL 15 s later: a trainer finishes
+# its step and a checkpoint first); skip it with less than a minute left. Its exit status is
+# COMMAND's; the script's is the last failed stage's.
+status=0
 capped() {
-    local name=$1 cap=$2 log=$3 left=$((total - SECONDS))
+    local name=$1 cap=$2 log=$3 left=$((total - SECONDS)) rc
     shift 3
-    if ((left < 60)); then echo "$name skipped: ${left} s left of ${total}"; return 1; fi
-    timeout $((left < cap ? left : cap)) "$@" > "$log" 2>&1
-    echo "$name exit $? at ${SECONDS} s"
+    if ((left < 60)); then echo "$name skipped: ${left} s left of ${total}"; status=1; return 1; fi
+    timeout -k 15 $((left < cap ? left : cap > 0 ? cap : 1)) "$@" > "$log" 2>&1
+    rc=$?
+    echo "$name exit $rc at ${SECONDS} s"
+    ((rc == 0)) || status=$rc
+    return $rc
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/device.txt"
 python3 -c "import torch, open_clip; print('torch', torch.__version__, 'open_clip', open_clip.__version__)" | tee -a "$out/device.txt"
 
 if [[ " $stages " == *" bench "* ]]; then
     capped benchmark "${BENCH_SECONDS:-420}" "$out/benchmark.log" python3 benchmarks/clip_throughput.py \
-        --device cuda --folder /tmp/mmkit-bench --json "$out/clip_throughput_cuda.json" && grep -v "^loss\|^numbers written" "$out/benchmark.log" | tail -25
+        --device cuda --folder /tmp/mmkit-bench --json "$out/clip_throughput_cuda.json"
+    grep -v "^loss\|^numbers written" "$out/benchmark.log" 2>/dev/null | tail -25
 fi
 if [[ " $stages " == *" tests "* ]]; then
-    capped "gpu tests" "${TEST_SECONDS:-120}" "$out/gpu_tests.log" \
-        python3 -m pytest -q -m gpu tests/test_engine.py -p no:cacheprovider && tail -6 "$out/gpu_tests.log"
+    capped "gpu tests" "${TEST_SECONDS:-150}" "$out/gpu_tests.log" \
+        python3 -m pytest -q -m gpu tests/test_engine.py -p no:cacheprovider
+    tail -6 "$out/gpu_tests.log" 2>/dev/null
 fi
 recipe=$(ls /tmp/mmkit-bench/mmkit-*.toml 2>/dev/null | head -1)  # the eager mmkit run's recipe
 if [[ " $stages " == *" profile "* && -z "$recipe" ]]; then
     echo "profile skipped: no benchmark recipe in /tmp/mmkit-bench (run the bench stage on this machine first)"
 elif [[ " $stages " == *" profile "* ]]; then
     capped profile "${PROFILE_SECONDS:-90}" "$out/profile.log" python3 benchmarks/profile_step.py "$recipe" \
-        train.max_steps=12 --rows 20 --out "$out/profile.txt" && head -8 "$out/profile.txt" 2>/dev/null || tail -5 "$out/profile.log"
+        train.max_steps=12 --rows 20 --out "$out/profile.txt"
+    head -8 "$out/profile.txt" 2>/dev/null || tail -5 "$out/profile.log" 2>/dev/null
 fi
 if [[ " $stages " == *" loading "* ]]; then
     capped loading "${LOADING_SECONDS:-120}" "$out/loading.log" python3 benchmarks/loading.py --workers 12 \
-        --images 4000 --repeats 2 --json "$out/loading.json" && grep -A4 "^loader" "$out/loading.log" || tail -5 "$out/loading.log"
+        --images 4000 --repeats 2 --json "$out/loading.json"
+    grep -A4 "^loader" "$out/loading.log" 2>/dev/null || tail -5 "$out/loading.log" 2>/dev/null
 fi
+exit $status
