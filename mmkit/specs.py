@@ -55,7 +55,7 @@ class TrainSpec:
         num_workers: DataLoader worker processes.
         compile: torch.compile each encoder for the training steps (the loss and any fusion head
             run eagerly, and so does evaluation): true, or a torch.compile mode
-            ("reduce-overhead" replays each step's kernels as CUDA graphs on a GPU).
+            ("reduce-overhead" replays the encoders' kernels as CUDA graphs on a GPU).
         on_nan: a loss that is not a number stops the run ("raise", at the next log line or
             checkpoint, its update skipped) or skips that update ("skip", counted in summary.json).
         loss_weights: a weight per loss term by name (the task's and its fusion head's, e.g.

@@ -25,7 +25,9 @@ class Evaluation:
     def outputs(self, task: Task, accelerator: Any) -> dict[str, Any]:
         """The task's per-item outputs over the whole held-out set, in order, on every process."""
         task.eval()
-        with torch.no_grad(), accelerator.autocast():
+        # eagerly, also inside a compiled training run (train.compile): held-out numbers as an
+        # eager run has them, and no CUDA-graph replay overwrites an earlier batch's outputs
+        with torch.no_grad(), accelerator.autocast(), torch.compiler.set_stance("force_eager"):
             mine = task.predict(self._batches(accelerator.device))
         task.train()
         return join(all_processes(mine, accelerator))

@@ -125,9 +125,7 @@ class Trainer:
                 self.seconds = self.before + time.perf_counter() - started
                 progress.update(1)
                 self._log(losses, progress)
-                with torch.compiler.set_stance("force_eager"):  # held-out numbers as an eager run has them
-                    metrics = evaluate(self.step) if self.step < self.total else None
-                if metrics is not None:
+                if self.step < self.total and (metrics := evaluate(self.step)) is not None:
                     self.tracker.log(self.step, metrics)
                 every = self.train.checkpoint_every
                 saved = every and (self.step % every == 0 or self.step == self.total)
