@@ -62,13 +62,14 @@ def training_curves(records: list[dict[str, Any]], headline: list[str]) -> Any:
 
 def throughput(records: list[dict[str, Any]]) -> Any:
     """Training speed per logged step: samples/s, read as MFU on the right-hand scale (MFU is
-    samples/s times the counted FLOPs per sample over the device's measured matmul rate)."""
+    samples/s times the counted FLOPs per sample over the device's measured matmul rate), and
+    below it the share of the time spent waiting for batches (high: the loader holds it back)."""
     import statistics
 
     logged = [r for r in records if "samples_per_s" in r]
-    fig, ax = _subplots(figsize=(7, 3.2))
-    ax.plot([r["step"] for r in logged], [r["samples_per_s"] for r in logged], marker=".")
-    ax.set_xlabel("step")
+    steps = [r["step"] for r in logged]
+    fig, (ax, wait) = _subplots(2, 1, figsize=(7, 4.4), sharex=True, height_ratios=(3, 1))
+    ax.plot(steps, [r["samples_per_s"] for r in logged], marker=".")
     ax.set_ylabel("samples/s")
     ax.set_ylim(bottom=0)
     ax.set_title("training speed (since the previous log line)")
@@ -76,6 +77,11 @@ def throughput(records: list[dict[str, Any]]) -> Any:
         percent = 100 * statistics.median(ratios)  # MFU % per sample/s
         right = ax.secondary_yaxis("right", functions=(lambda rate: rate * percent, lambda mfu: mfu / percent))
         right.set_ylabel("MFU (%)")
+    waited = [(r["step"], 100 * r["data_share"]) for r in logged if r.get("data_share") is not None]
+    wait.plot([step for step, _ in waited], [share for _, share in waited], marker=".", color="tab:orange")
+    wait.set_ylim(0, 100)
+    wait.set_ylabel("waiting for\nbatches (%)")
+    wait.set_xlabel("step")
     fig.tight_layout()
     return fig
 
@@ -281,6 +287,9 @@ def _what(summary: dict[str, Any]) -> str:
         utilisation = f", MFU {summary['mfu']:.1%}" if summary.get("mfu") is not None else ""
         what = (f"task {summary['task']}, {summary['steps']} steps in {summary['train_seconds']:.0f} s "
                 f"({summary['samples_per_second']:.1f} samples/s{utilisation})")
+        if compiled := summary.get("compile"):
+            what += (f"; encoders compiled ({compiled['mode']}): {compiled['graphs']} graphs, "
+                     f"{compiled['graph_breaks']} graph breaks, {compiled['cudagraph_skips']} without CUDA graphs")
     if fitted := summary.get("fit"):
         chosen = ", ".join(f"{k} {v:.4g}" for k, v in fitted.items() if "/" not in k and k != "seconds")
         what += f"; fitted on the training set in {fitted.get('seconds', 0):.0f} s ({chosen})"

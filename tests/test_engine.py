@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ from safetensors.torch import load_file
 from conftest import run_mmkit
 from mmkit import build
 from mmkit.engine.checkpoint import latest_checkpoint
-from mmkit.engine.loop import optimizer_step, step_batches
+from mmkit.engine.loop import CompileStats, Interval, optimizer_step, step_batches
 from mmkit.engine.run import Run
 from mmkit.engine.schedule import param_groups, warmup_cosine
 from mmkit.errors import MMKitError
@@ -63,7 +64,9 @@ def test_a_run_logs_its_model_flops_utilisation(tiny_recipe):
     logged = [r for r in records(folder) if "train/loss" in r]
     for record in logged:  # each log line's MFU is its own rate's
         assert record["mfu"] == pytest.approx(record["samples_per_s"] * flops / peak, rel=1e-9)
+        assert 0 < record["data_share"] < 1  # no workers: the loop makes each batch itself
     assert summary["mfu"] == pytest.approx(summary["samples_per_second"] * flops / peak, rel=1e-3)
+    assert summary["compile"] is None  # eager
     assert f"MFU {summary['mfu']:.1%}" in (folder / "report.html").read_text()
     assert '<img src="throughput.png">' in (folder / "report.html").read_text()
 
@@ -471,22 +474,83 @@ def test_compiled_encoders_serve_every_step_and_train_as_the_eager_ones(tiny_rec
         feed = iter(train_loader(dataset, EpochBatches(len(dataset), 16, seed=0), 0, False, collate))
         optimizer = torch.optim.SGD(parts.task.parameters(), lr=0.5, fused=True)  # an update in proportion to the gradient
         graphs, losses = [], []
-        with compiled_encoders(parts.task, mode):
+        with compiled_encoders(parts.task, mode) as stats:
             for step in range(1, 4):
                 batches = step_batches(parts.task, feed, 1, torch.device("cpu"), on_device)
                 losses.append(optimizer_step(parts.task, optimizer, batches, TrainSpec(), Accelerator(cpu=True))[0]["loss"])
                 graphs.append(counters["stats"]["unique_graphs"])
         parts.task.encoders["image"](batches[0]["image"][:5])  # a new batch size: a compiled encoder would compile again
-        return losses, graphs + [counters["stats"]["unique_graphs"]], parts.task.state_dict()
+        return losses, graphs + [counters["stats"]["unique_graphs"]], parts.task.state_dict(), stats
 
     torch._dynamo.reset()
     counters.clear()
-    eager, _, eager_weights = three_steps(None)
-    compiled, graphs, compiled_weights = three_steps("default")
-    assert graphs[0] >= 2 and graphs[1] == graphs[2] == graphs[3] == graphs[0]  # image and text, at the first step only
+    eager, _, eager_weights, none = three_steps(None)
+    compiled, graphs, compiled_weights, stats = three_steps("default")
+    assert graphs[0] == 2 and graphs[1] == graphs[2] == graphs[3] == graphs[0]  # image and text, at the first step only
+    assert none is None and stats == CompileStats("default", graphs=2, graph_breaks=0, cudagraph_skips=0)
     assert torch.allclose(torch.stack(compiled), torch.stack(eager), rtol=1e-5)
     assert compiled_weights.keys() == eager_weights.keys()  # checkpoints keep the eager names
     assert all(torch.allclose(compiled_weights[k], eager_weights[k], atol=1e-5) for k in eager_weights)
+
+
+def test_compiled_encoders_count_their_graph_breaks_and_graphs_run_without_cuda_graphs(tiny_recipe):
+    """What a run's summary and warnings report: here a break at the start of the text encoder
+    (its graph is what follows it; the image encoder's is whole), and on the CPU no CUDA graphs
+    for either graph."""
+    from accelerate import Accelerator
+
+    from mmkit.components import build_parts
+    from mmkit.data.loader import EpochBatches, Preprocessed, train_loader
+    from mmkit.engine.loop import compiled_encoders
+    from mmkit.plugins import get_registry
+
+    parts = build_parts(load_recipe(tiny_recipe), get_registry())
+    text = parts.task.encoders["text"]
+
+    def broken(*args: Any) -> Any:
+        torch._dynamo.graph_break()
+        return type(text).forward(text, *args)
+
+    text.forward = broken
+    collate, on_device = parts.batching(torch.device("cpu"))
+    dataset = Preprocessed(parts.train_set, parts.transforms)
+    feed = iter(train_loader(dataset, EpochBatches(len(dataset), 16, seed=0), 0, False, collate))
+    optimizer = torch.optim.SGD(parts.task.parameters(), lr=0.1, fused=True)
+    with compiled_encoders(parts.task, "reduce-overhead") as stats:
+        for _ in range(2):
+            batches = step_batches(parts.task, feed, 1, torch.device("cpu"), on_device)
+            optimizer_step(parts.task, optimizer, batches, TrainSpec(), Accelerator(cpu=True))
+    assert (stats.graphs, stats.graph_breaks, stats.cudagraph_skips) == (2, 1, 2)
+    assert "graph_break" in stats.first_break
+    assert stats.warnings("cpu") == [
+        f"train.compile: 1 graph breaks in the encoders (first: {stats.first_break}); each splits a graph and costs "
+        "speed: TORCH_LOGS=graph_breaks shows where",
+        'train.compile = "reduce-overhead": CUDA graphs need a GPU; on the cpu the encoders ran as '
+        'train.compile = "default" runs them']
+    assert CompileStats("reduce-overhead", graphs=4, cudagraph_skips=1).warnings("cuda") == [
+        'train.compile = "reduce-overhead": 1 of 4 compiled graphs ran without CUDA graphs: '
+        "TORCH_LOGS=cudagraphs says why"]
+    assert CompileStats("default", graphs=2).warnings("cuda") == []
+
+
+def test_the_report_says_what_compiling_made_of_the_encoders(tmp_path):
+    from dataclasses import asdict
+
+    from mmkit.report import write_report
+
+    stats = CompileStats("reduce-overhead", graphs=4, graph_breaks=1, cudagraph_skips=2, first_break="print")
+    summary = {"name": "r", "task": "clip_retrieval", "steps": 6, "train_seconds": 3.0, "samples_per_second": 32.0,
+               "compile": asdict(stats)}
+    assert ("task clip_retrieval, 6 steps in 3 s (32.0 samples/s); encoders compiled (reduce-overhead): 4 graphs, "
+            "1 graph breaks, 2 without CUDA graphs</p>") in write_report(tmp_path, summary, {}).read_text()
+
+
+def test_a_log_interval_gives_its_samples_per_second_and_its_share_spent_waiting_for_batches():
+    interval = Interval(10.0)
+    for waited in (0.5, 0.25, 0.75):
+        interval.add(waited)
+    assert interval.rates(14.0, 64) == pytest.approx((48.0, 0.375))  # 3 steps of 64 in 4 s, 1.5 s of them waiting
+    assert Interval(3.0).rates(5.0, 64) == (0.0, 0.0)
 
 
 def test_encoders_run_eagerly_again_after_an_error_in_the_compiled_block(tiny_recipe):
@@ -519,11 +583,13 @@ def test_train_compile_takes_true_or_a_torch_compile_mode(tiny_recipe):
 def test_compiled_and_eager_training_give_the_same_losses_on_the_gpu(tiny_recipe, precision, first, later):
     """train.compile changes speed, not results: the same first batch gives the same loss, and
     the steps after it stay together (to rounding: bf16 rounds the two paths' sums differently)."""
-    losses, held_out = {}, {}
+    losses, held_out, stats = {}, {}, {}
     for compiled in ("false", "true", '"reduce-overhead"'):
         name = "compiled-" + compiled.strip('"')
-        Run(load_recipe(tiny_recipe, ["run.device=cuda", f"run.precision={precision}",
-                                      f"train.compile={compiled}", "train.log_every=1", f"run.name={name}"])).fit()
+        summary = Run(load_recipe(tiny_recipe, ["run.device=cuda", f"run.precision={precision}",
+                                                f"train.compile={compiled}", "train.log_every=1",
+                                                f"run.name={name}"])).fit()
+        stats[compiled] = summary["compile"]
         folder = tiny_recipe.parent / "runs" / name
         losses[compiled] = [r["train/loss"] for r in records(folder) if "train/loss" in r]
         held_out[compiled] = [r[f"val/{way}/mean_rank"] for r in records(folder) if "val/image_to_text/R@1" in r
@@ -534,6 +600,10 @@ def test_compiled_and_eager_training_give_the_same_losses_on_the_gpu(tiny_recipe
         assert losses[compiled] == pytest.approx(losses["false"], rel=later)
         assert len(held_out[compiled]) == 4  # evaluated at step 3 and at the end, with ranks as the eager run's
         assert held_out[compiled] == pytest.approx(held_out["false"], abs=1.0)
+    assert stats["false"] is None
+    for compiled in ("true", '"reduce-overhead"'):  # whole graphs, and CUDA graphs where asked for: what was measured
+        assert stats[compiled]["graphs"] >= 2 and stats[compiled]["graph_breaks"] == 0
+        assert stats[compiled]["cudagraph_skips"] == 0, "TORCH_LOGS=cudagraphs says why"
 
 
 def test_two_processes_under_torchrun(tiny_recipe):

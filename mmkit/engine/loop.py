@@ -37,6 +37,7 @@ class FitResult:
     skipped_steps: int = 0
     flops_per_sample: float | None = None  # one sample's forward + backward, counted at this session's first step
     peak_flops_per_s: float | None = None  # its devices' measured matmul rate together: MFU's denominator
+    compiled: CompileStats | None = None  # what torch.compile did in this session (None: eager)
 
     @property
     def mfu(self) -> float | None:
@@ -69,7 +70,8 @@ def fit(task: Task, feed: TrainFeed, val: Evaluation | None, train: TrainSpec, e
     steps, seconds = trainer.step, trainer.seconds
     return FitResult(steps, steps / plan[0] if plan[0] else None, seconds,
                      trainer.samples_per_step * steps / max(seconds, 1e-9), trainer.skipped,
-                     trainer.flops_per_sample, trainer.peak and trainer.peak * accelerator.num_processes)
+                     trainer.flops_per_sample, trainer.peak and trainer.peak * accelerator.num_processes,
+                     trainer.compiled)
 
 
 class Trainer:
@@ -89,6 +91,7 @@ class Trainer:
         self.watch = LossWatch(train.on_nan)
         self.flops_per_sample: float | None = None
         self.peak: float | None = None  # one device's matmul FLOP/s
+        self.compiled: CompileStats | None = None
 
     def restore(self, checkpoint: Path | None) -> None:
         """Start from ``checkpoint`` (weights, optimizer, schedule, RNG, data place), or afresh."""
@@ -105,16 +108,18 @@ class Trainer:
         self.peak = matmul_rate(str(self.accelerator.device), precision)  # before the loader's workers start
         model, self.optimizer = self.accelerator.prepare(self.task, self.optimizer)
         started = time.perf_counter()
-        self.interval = (started, 0)
+        self.interval = Interval(started)
         model.train()
         mode = compile_mode(self.train.compile)
         with StopSignals() as stop, _progress(self.total, self.step, self.accelerator.is_main_process) as progress, \
-                compiled_encoders(self.task, mode):
+                compiled_encoders(self.task, mode) as self.compiled:
             while self.step < self.total:
                 if mode in CUDA_GRAPH_MODES:
                     torch.compiler.cudagraph_mark_step_begin()  # a step's graphs replay together, not per encoder
+                asked = time.perf_counter()
                 batches = step_batches(self.task, self.feed, self.train.grad_accum, self.accelerator.device,
                                        self.feed.on_device)
+                self.interval.add(time.perf_counter() - asked)
                 if self.flops_per_sample is None:  # this session's first step
                     flops = count_flops(self.task, batches[0], self.accelerator, model)
                     self.flops_per_sample = flops / batch_rows(batches[0])
@@ -134,6 +139,9 @@ class Trainer:
                 if stop.asked(self.accelerator) and self.step < self.total:
                     self._stop(stop, saved)
         self._read_losses()
+        if self.compiled is not None and self.accelerator.is_main_process:
+            for line in self.compiled.warnings(self.accelerator.device.type):
+                tqdm.write(line)
 
     def _read_losses(self) -> list[int]:
         """The steps since the last read whose update was skipped (their loss not finite), now
@@ -143,20 +151,19 @@ class Trainer:
         return skipped
 
     def _log(self, losses: dict[str, torch.Tensor], progress: Any) -> None:
-        start, steps = self.interval
-        self.interval = (start, steps + 1)
         if self.step % self.train.log_every and self.step != self.total:
             return
         if self.step in self._read_losses():  # a skipped step logs no values
             return
-        rate = self.samples_per_step * (steps + 1) / (time.perf_counter() - start)
+        rate, waited = self.interval.rates(time.perf_counter(), self.samples_per_step)
         utilisation = mfu(rate, self.flops_per_sample, self.peak, self.accelerator.num_processes)
         values = {f"train/{k}": v.item() for k, v in losses.items()}
         group = self.optimizer.param_groups[0]
         self.tracker.log(self.step, {**values, "lr": group["lr"] / group["lr_scale"], "samples_per_s": rate,
-                                     "mfu": utilisation})
-        progress.set_postfix(loss=f"{values['train/loss']:.4f}", samples_s=f"{rate:.0f}", mfu=f"{utilisation:.1%}")
-        self.interval = (time.perf_counter(), 0)
+                                     "mfu": utilisation, "data_share": waited})
+        progress.set_postfix(loss=f"{values['train/loss']:.4f}", samples_s=f"{rate:.0f}", mfu=f"{utilisation:.1%}",
+                             data=f"{waited:.0%}")
+        self.interval = Interval(time.perf_counter())
 
     def _save(self) -> None:
         self._read_losses()  # a checkpoint counts every skipped step, and none follows a stop
@@ -173,6 +180,25 @@ class Trainer:
                       "written; run again with --resume to continue", stop.code)
 
 
+class Interval:
+    """The steps since the last log line: their samples/s, and the share of their time the loop
+    waited for batches (open_clip_train's Data (t) over Batch (t)): near 1, the loader is what
+    holds training back."""
+
+    def __init__(self, start: float):
+        self.start, self.steps, self.waited = start, 0, 0.0
+
+    def add(self, waited: float) -> None:
+        """One more step, whose batches took ``waited`` seconds to come."""
+        self.steps += 1
+        self.waited += waited
+
+    def rates(self, now: float, samples_per_step: int) -> tuple[float, float]:
+        """(samples/s, share of the time spent waiting for batches) from the start to ``now``."""
+        seconds = max(now - self.start, 1e-9)
+        return samples_per_step * self.steps / seconds, min(self.waited / seconds, 1.0)
+
+
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the modes whose graphs replay as CUDA graphs
 
 
@@ -183,28 +209,73 @@ def compile_mode(compile: bool | str) -> str | None:
     return compile or None
 
 
+@dataclass
+class CompileStats:
+    """What torch.compile made of the encoders in one training session, from dynamo's counters:
+    graphs compiled (a graph break or a recompile adds some), graph breaks (``first_break``
+    names the first kind), and graphs that ran without the CUDA graphs the mode asked for."""
+
+    mode: str
+    graphs: int = 0
+    graph_breaks: int = 0
+    cudagraph_skips: int = 0
+    first_break: str | None = None
+
+    def warnings(self, device_type: str) -> list[str]:
+        """What a user who asked for this mode should know: breaks cost speed, and CUDA graphs
+        that were not used are the speed the mode was chosen for."""
+        lines = []
+        if self.graph_breaks:
+            lines.append(f"train.compile: {self.graph_breaks} graph breaks in the encoders "
+                         f"(first: {self.first_break}); each splits a graph and costs speed: "
+                         "TORCH_LOGS=graph_breaks shows where")
+        if self.cudagraph_skips and device_type == "cuda":
+            lines.append(f'train.compile = "{self.mode}": {self.cudagraph_skips} of {self.graphs} compiled graphs ran '
+                         "without CUDA graphs: TORCH_LOGS=cudagraphs says why")
+        elif self.cudagraph_skips:
+            lines.append(f'train.compile = "{self.mode}": CUDA graphs need a GPU; on the {device_type} the encoders '
+                         'ran as train.compile = "default" runs them')
+        return lines
+
+
+def _dynamo_counts() -> tuple[int, dict[str, int], int]:
+    """(graphs compiled, graph breaks by reason, CUDA-graph skips) so far in this process."""
+    from torch._dynamo.utils import counters  # dynamo's own tally; torch.compiler has no public one
+
+    return counters["stats"]["unique_graphs"], dict(counters["graph_break"]), counters["inductor"]["cudagraph_skips"]
+
+
 @contextlib.contextmanager
-def compiled_encoders(task: Task, mode: str | None) -> Iterator[None]:
+def compiled_encoders(task: Task, mode: str | None) -> Iterator[CompileStats | None]:
     """Within the block each encoder of ``task`` runs compiled with torch.compile ``mode`` (None:
-    eagerly), for the training steps; after it (an error too), eagerly again. Encoders take only
-    tensors, so one graph serves every step (CUDA graphs record one per text width); the whole
-    task takes the batch with its ids and captions, and a graph compiled on it held for those
-    strings alone. Compiled in place: weights keep their names."""
+    eagerly), for the training steps; after it (an error too), eagerly again, and the stats it
+    yields are filled in. Encoders take only tensors, so one graph serves every step (CUDA
+    graphs record one per text width); the whole task takes the batch with its ids and
+    captions, and a graph compiled on it held for those strings alone. Compiled in place:
+    weights keep their names."""
     from mmkit.encoders.base import Encoder
 
     compiled: list[tuple[str, Encoder, Any]] = []  # name, encoder, its own forward attribute before (or None)
+    stats = None if mode is None else CompileStats(mode)
+    before = None if stats is None else _dynamo_counts()
     try:
         for name, module in task.named_modules() if mode is not None else ():
             if isinstance(module, Encoder) and not any(name.startswith(f"{outer}.") for outer, _, _ in compiled):
                 compiled.append((name, module, module.__dict__.get("forward")))
                 module.forward = torch.compile(module.forward, mode=mode)  # an encoder inside one is compiled with it
-        yield
+        yield stats
     finally:
-        for _, module, before in compiled:
-            if before is None:
+        for _, module, own in compiled:
+            if own is None:
                 del module.forward  # the class's forward again
             else:
-                module.forward = before
+                module.forward = own
+        if stats is not None and before is not None:
+            graphs, breaks, skips = _dynamo_counts()
+            new = {reason: n - before[1].get(reason, 0) for reason, n in breaks.items() if n > before[1].get(reason, 0)}
+            stats.graphs, stats.cudagraph_skips = graphs - before[0], skips - before[2]
+            stats.graph_breaks = sum(new.values())
+            stats.first_break = next(iter(new)).splitlines()[0] if new else None
 
 
 def trained_result(checkpoint: Path, task: Task, feed: TrainFeed, accelerator: Any, train: TrainSpec,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -350,6 +350,7 @@ class Run:
             "mfu": None if result.mfu is None else float(f"{result.mfu:.4g}"),
             "flops_per_sample": result.flops_per_sample,
             "peak_flops_per_s": result.peak_flops_per_s,
+            "compile": None if result.compiled is None else asdict(result.compiled),
             "device": str(accelerator.device),
             "processes": accelerator.num_processes,
             "precision": self.spec.precision,
