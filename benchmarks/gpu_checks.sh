@@ -52,7 +52,8 @@ if [[ " $stages " == *" bench "* ]]; then
     grep -v "^loss\|^numbers written" "$out/benchmark.log" 2>/dev/null | tail -25
 fi
 if [[ " $stages " == *" tests "* ]]; then
-    capped "gpu tests" "${TEST_SECONDS:-150}" "$out/gpu_tests.log" \
+    # TORCH_LOGS=cudagraphs: a failing test's captured log says why a graph ran without CUDA graphs
+    capped "gpu tests" "${TEST_SECONDS:-150}" "$out/gpu_tests.log" env TORCH_LOGS=cudagraphs \
         python3 -m pytest -q -m gpu tests/test_engine.py -p no:cacheprovider
     tail -6 "$out/gpu_tests.log" 2>/dev/null
 fi
