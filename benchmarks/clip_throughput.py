@@ -169,7 +169,7 @@ def open_clip_flops(args: argparse.Namespace, manifest: Path, logs: Path, rows: 
 
 def run_mmkit(csv: Path, args: argparse.Namespace, logs: Path, compiled: bool = False) -> dict[str, Any]:
     """mmkit on the same manifest with the same shapes: its log records, peak memory and summary."""
-    name = f"mmkit-{time.time_ns()}"  # a folder of its own, however often the data folder is reused
+    name = f"mmkit-{'compiled' if compiled else 'eager'}-{time.time_ns()}"  # a folder of its own, every time
     recipe = logs / f"{name}.toml"
     recipe.write_text(mmkit_recipe(name, csv, args, logs, compiled))
     _, peak = measured([sys.executable, "-m", "mmkit", "run", str(recipe)], ROOT, args.device)

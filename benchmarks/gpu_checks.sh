@@ -12,18 +12,19 @@
 #            (about 60 s; it did not finish its exit inside the 65 s left on 2026-11-27)
 #   loading  loading.py with the benchmark's 12 workers: how many 224 px images/s the loader gives a
 #            CPU run (normalised in the workers) and a GPU run (uint8 batches), against ImageFolder
-# Output lands in the folder given (default gpu-checks/); name the stages to run (default bench,
-# tests, profile, in that order). A device call runs 10 minutes at most and a session may have
+# Output lands in the folder given (default gpu-checks/); name the stages to run (default bench
+# and tests, in that order). A device call runs 10 minutes at most and a session may have
 # only one, so the stages share TOTAL_SECONDS (default 580): each is capped at its own limit and
 # at what is left, and a stage with less than a minute left is skipped and says so.
 #
-#     bash benchmarks/gpu_checks.sh OUT                    # bench, tests, profile
+#     bash benchmarks/gpu_checks.sh OUT                    # bench, tests
+#     bash benchmarks/gpu_checks.sh OUT profile            # after a bench on the same machine
 #     bash benchmarks/gpu_checks.sh OUT loading            # the loader alone
 set -u
 SECONDS=0
 out=${1:-gpu-checks}
 shift || true
-stages=${*:-bench tests profile}
+stages=${*:-bench tests}
 total=${TOTAL_SECONDS:-580}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 MMKIT_PLUGINS=
@@ -57,7 +58,7 @@ if [[ " $stages " == *" tests "* ]]; then
         python3 -m pytest -q -m gpu tests/test_engine.py -p no:cacheprovider
     tail -6 "$out/gpu_tests.log" 2>/dev/null
 fi
-recipe=$(ls /tmp/mmkit-bench/mmkit-*.toml 2>/dev/null | head -1)  # the eager mmkit run's recipe
+recipe=$(ls -t /tmp/mmkit-bench/mmkit-eager-*.toml 2>/dev/null | head -1)  # the latest eager mmkit run's recipe
 if [[ " $stages " == *" profile "* && -z "$recipe" ]]; then
     echo "profile skipped: no benchmark recipe in /tmp/mmkit-bench (run the bench stage on this machine first)"
 elif [[ " $stages " == *" profile "* ]]; then

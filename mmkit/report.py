@@ -289,7 +289,7 @@ def _what(summary: dict[str, Any]) -> str:
                 f"({summary['samples_per_second']:.1f} samples/s{utilisation})")
         if compiled := summary.get("compile"):
             what += (f"; encoders compiled ({compiled['mode']}): {compiled['graphs']} graphs, "
-                     f"{compiled['graph_breaks']} graph breaks, {compiled['cudagraph_skips']} without CUDA graphs")
+                     f"{compiled['graph_breaks']} graph breaks, {compiled['cudagraph_skips']} CUDA-graph skips")
     if fitted := summary.get("fit"):
         chosen = ", ".join(f"{k} {v:.4g}" for k, v in fitted.items() if "/" not in k and k != "seconds")
         what += f"; fitted on the training set in {fitted.get('seconds', 0):.0f} s ({chosen})"

@@ -169,3 +169,42 @@ def test_plugin_taking_a_used_name_is_reported_and_ignored(tmp_path):
                                      'already registered by plugin "mmkit.encoders"; ignored')
     assert "transformer" in listed.stdout and "[mmkit.encoders]" in listed.stdout
     assert "clash_free" in listed.stdout
+
+
+SLOW_DATA = '''
+import time
+from mmkit import hookimpl
+from mmkit.data.shapes import SyntheticShapes
+
+
+class SlowShapes(SyntheticShapes):
+    """synthetic_shapes as if read from a slow disk: each sample takes ``seconds``."""
+
+    def __init__(self, num_samples: int = 64, split: str = "train", image_size: int = 32, seconds: float = 0.03):
+        super().__init__(num_samples, split, image_size)
+        self.seconds = seconds
+
+    def __getitem__(self, index):
+        time.sleep(self.seconds)
+        return super().__getitem__(index)
+
+
+@hookimpl
+def register_datasets(register):
+    register("slow_shapes", SlowShapes)
+'''
+
+
+def test_a_run_on_a_slow_data_plugin_logs_that_it_waited_for_batches(tmp_path, tiny_recipe):
+    """Batches of 16 samples at 30 ms each: each step waits about 0.5 s for its batch and
+    computes in a fraction of that, so every log line's data_share is high, even the one after
+    the held-out evaluation at step 3 (evaluation is no part of an interval), and no interval
+    trains faster than the loader gives samples."""
+    fake_installed(tmp_path, "slowdata", "slowdata_plugin", SLOW_DATA)
+    env = {"PYTHONPATH": str(tmp_path), "MMKIT_PLUGINS": "slowdata"}
+    done = run_mmkit("run", tiny_recipe, "data.name=slow_shapes", "train.num_workers=0", env=env)
+    assert done.returncode == 0, done.stderr
+    metrics = (tiny_recipe.parent / "runs" / "tiny" / "metrics.jsonl").read_text().splitlines()
+    logged = [record for record in map(json.loads, metrics) if "data_share" in record]
+    assert [record["step"] for record in logged] == [2, 4, 6]
+    assert all(0.7 < record["data_share"] <= 1 and record["samples_per_s"] < 1 / 0.03 for record in logged), logged

@@ -37,7 +37,7 @@ class FitResult:
     skipped_steps: int = 0
     flops_per_sample: float | None = None  # one sample's forward + backward, counted at this session's first step
     peak_flops_per_s: float | None = None  # its devices' measured matmul rate together: MFU's denominator
-    compiled: CompileStats | None = None  # what torch.compile did in this session (None: eager)
+    compiled: CompileStats | None = None  # what torch.compile made in this session (None: no compiled step)
 
     @property
     def mfu(self) -> float | None:
@@ -112,36 +112,48 @@ class Trainer:
         model.train()
         mode = compile_mode(self.train.compile)
         with StopSignals() as stop, _progress(self.total, self.step, self.accelerator.is_main_process) as progress, \
-                compiled_encoders(self.task, mode) as self.compiled:
+                compiled_encoders(self.task, mode), compile_stats(mode) as self.compiled:
             while self.step < self.total:
-                if mode in CUDA_GRAPH_MODES:
-                    torch.compiler.cudagraph_mark_step_begin()  # a step's graphs replay together, not per encoder
-                asked = time.perf_counter()
-                batches = step_batches(self.task, self.feed, self.train.grad_accum, self.accelerator.device,
-                                       self.feed.on_device)
-                self.interval.add(time.perf_counter() - asked)
-                if self.flops_per_sample is None:  # this session's first step
-                    flops = count_flops(self.task, batches[0], self.accelerator, model)
-                    self.flops_per_sample = flops / batch_rows(batches[0])
-                losses, finite = optimizer_step(model, self.optimizer, batches, self.train, self.accelerator)
-                self.scheduler.step()
+                losses, finite = self._step(model, mode)
                 self.step += 1
                 self.watch.add(self.step, losses["loss"], finite)
                 self.seconds = self.before + time.perf_counter() - started
                 progress.update(1)
                 self._log(losses, progress)
-                if self.step < self.total and (metrics := evaluate(self.step)) is not None:
-                    self.tracker.log(self.step, metrics)
-                every = self.train.checkpoint_every
-                saved = every and (self.step % every == 0 or self.step == self.total)
-                if saved:
-                    self._save()
+                paused = time.perf_counter()
+                saved = self._evaluate_and_save(evaluate)
+                self.interval.pause(time.perf_counter() - paused)  # a log line's speed is training's alone
                 if stop.asked(self.accelerator) and self.step < self.total:
                     self._stop(stop, saved)
         self._read_losses()
-        if self.compiled is not None and self.accelerator.is_main_process:
-            for line in self.compiled.warnings(self.accelerator.device.type):
-                tqdm.write(line)
+        for line in self.compiled.warnings(self.accelerator.device.type) if self.compiled else ():
+            tqdm.write(line)
+
+    def _step(self, model: torch.nn.Module, mode: str | None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """One optimizer step on the feed's next batches, timing the wait for them (and, at this
+        session's first step, counting their FLOPs)."""
+        if mode in CUDA_GRAPH_MODES:
+            torch.compiler.cudagraph_mark_step_begin()  # a step's graphs replay together, not per encoder
+        asked = time.perf_counter()
+        batches = step_batches(self.task, self.feed, self.train.grad_accum, self.accelerator.device,
+                               self.feed.on_device)
+        self.interval.add(time.perf_counter() - asked)
+        if self.flops_per_sample is None:
+            self.flops_per_sample = count_flops(self.task, batches[0], self.accelerator, model) / batch_rows(batches[0])
+        losses, finite = optimizer_step(model, self.optimizer, batches, self.train, self.accelerator)
+        self.scheduler.step()
+        return losses, finite
+
+    def _evaluate_and_save(self, evaluate: Any) -> bool:
+        """Held-out metrics where ``evaluate`` gives them, and a checkpoint where one is due
+        (whether one was written)."""
+        if self.step < self.total and (metrics := evaluate(self.step)) is not None:
+            self.tracker.log(self.step, metrics)
+        every = self.train.checkpoint_every
+        saved = bool(every) and (self.step % every == 0 or self.step == self.total)
+        if saved:
+            self._save()
+        return saved
 
     def _read_losses(self) -> list[int]:
         """The steps since the last read whose update was skipped (their loss not finite), now
@@ -183,15 +195,20 @@ class Trainer:
 class Interval:
     """The steps since the last log line: their samples/s, and the share of their time the loop
     waited for batches (open_clip_train's Data (t) over Batch (t)): near 1, the loader is what
-    holds training back."""
+    holds training back. Evaluation and checkpoints are paused out of it (on a GPU, training
+    work still queued when one starts counts as theirs)."""
 
-    def __init__(self, start: float):
+    def __init__(self, start: float) -> None:
         self.start, self.steps, self.waited = start, 0, 0.0
 
     def add(self, waited: float) -> None:
         """One more step, whose batches took ``waited`` seconds to come."""
         self.steps += 1
         self.waited += waited
+
+    def pause(self, seconds: float) -> None:
+        """Leave out ``seconds`` spent on something other than training."""
+        self.start += seconds
 
     def rates(self, now: float, samples_per_step: int) -> tuple[float, float]:
         """(samples/s, share of the time spent waiting for batches) from the start to ``now``."""
@@ -209,11 +226,36 @@ def compile_mode(compile: bool | str) -> str | None:
     return compile or None
 
 
+@contextlib.contextmanager
+def compiled_encoders(task: Task, mode: str | None) -> Iterator[None]:
+    """Within the block each encoder of ``task`` runs compiled with torch.compile ``mode`` (None:
+    eagerly), for the training steps; after it (an error too), eagerly again. Encoders take only
+    tensors, so one graph serves every step (CUDA graphs record one per text width); the whole
+    task takes the batch with its ids and captions, and a graph compiled on it held for those
+    strings alone. Compiled in place: weights keep their names."""
+    from mmkit.encoders.base import Encoder
+
+    compiled: list[tuple[str, Encoder, Any]] = []  # name, encoder, its own forward attribute before (or None)
+    try:
+        for name, module in task.named_modules() if mode is not None else ():
+            if isinstance(module, Encoder) and not any(name.startswith(f"{outer}.") for outer, _, _ in compiled):
+                compiled.append((name, module, module.__dict__.get("forward")))
+                module.forward = torch.compile(module.forward, mode=mode)  # an encoder inside one is compiled with it
+        yield
+    finally:
+        for _, module, before in compiled:
+            if before is None:
+                del module.forward  # the class's forward again
+            else:
+                module.forward = before
+
+
 @dataclass
 class CompileStats:
-    """What torch.compile made of the encoders in one training session, from dynamo's counters:
-    graphs compiled (a graph break or a recompile adds some), graph breaks (``first_break``
-    names the first kind), and graphs that ran without the CUDA graphs the mode asked for."""
+    """What torch.compile made of the encoders in one training session (a resumed run compiles
+    again), from dynamo's counters: graphs compiled (a graph break or a recompile adds some),
+    graph breaks (``first_break`` names the first new kind: in a fresh process, the first), and
+    how often a graph ran without the CUDA graphs the mode asked for."""
 
     mode: str
     graphs: int = 0
@@ -230,12 +272,31 @@ class CompileStats:
                          f"(first: {self.first_break}); each splits a graph and costs speed: "
                          "TORCH_LOGS=graph_breaks shows where")
         if self.cudagraph_skips and device_type == "cuda":
-            lines.append(f'train.compile = "{self.mode}": {self.cudagraph_skips} of {self.graphs} compiled graphs ran '
-                         "without CUDA graphs: TORCH_LOGS=cudagraphs says why")
+            lines.append(f'train.compile = "{self.mode}": CUDA graphs were skipped {self.cudagraph_skips} times '
+                         f"({self.graphs} graphs compiled): TORCH_LOGS=cudagraphs says why")
         elif self.cudagraph_skips:
             lines.append(f'train.compile = "{self.mode}": CUDA graphs need a GPU; on the {device_type} the encoders '
                          'ran as train.compile = "default" runs them')
         return lines
+
+
+@contextlib.contextmanager
+def compile_stats(mode: str | None) -> Iterator[CompileStats | None]:
+    """Stats that, after the block (an error too), hold what compiling with ``mode`` made within
+    it; None for an eager run (``mode`` None)."""
+    if mode is None:
+        yield None
+        return
+    stats = CompileStats(mode)
+    graphs, breaks, skips = _dynamo_counts()
+    try:
+        yield stats
+    finally:
+        graphs_after, breaks_after, skips_after = _dynamo_counts()
+        new = {reason: n - breaks.get(reason, 0) for reason, n in breaks_after.items() if n > breaks.get(reason, 0)}
+        stats.graphs, stats.cudagraph_skips = graphs_after - graphs, skips_after - skips
+        stats.graph_breaks = sum(new.values())
+        stats.first_break = next(iter(new)).splitlines()[0] if new else None
 
 
 def _dynamo_counts() -> tuple[int, dict[str, int], int]:
@@ -243,39 +304,6 @@ def _dynamo_counts() -> tuple[int, dict[str, int], int]:
     from torch._dynamo.utils import counters  # dynamo's own tally; torch.compiler has no public one
 
     return counters["stats"]["unique_graphs"], dict(counters["graph_break"]), counters["inductor"]["cudagraph_skips"]
-
-
-@contextlib.contextmanager
-def compiled_encoders(task: Task, mode: str | None) -> Iterator[CompileStats | None]:
-    """Within the block each encoder of ``task`` runs compiled with torch.compile ``mode`` (None:
-    eagerly), for the training steps; after it (an error too), eagerly again, and the stats it
-    yields are filled in. Encoders take only tensors, so one graph serves every step (CUDA
-    graphs record one per text width); the whole task takes the batch with its ids and
-    captions, and a graph compiled on it held for those strings alone. Compiled in place:
-    weights keep their names."""
-    from mmkit.encoders.base import Encoder
-
-    compiled: list[tuple[str, Encoder, Any]] = []  # name, encoder, its own forward attribute before (or None)
-    stats = None if mode is None else CompileStats(mode)
-    before = None if stats is None else _dynamo_counts()
-    try:
-        for name, module in task.named_modules() if mode is not None else ():
-            if isinstance(module, Encoder) and not any(name.startswith(f"{outer}.") for outer, _, _ in compiled):
-                compiled.append((name, module, module.__dict__.get("forward")))
-                module.forward = torch.compile(module.forward, mode=mode)  # an encoder inside one is compiled with it
-        yield stats
-    finally:
-        for _, module, own in compiled:
-            if own is None:
-                del module.forward  # the class's forward again
-            else:
-                module.forward = own
-        if stats is not None and before is not None:
-            graphs, breaks, skips = _dynamo_counts()
-            new = {reason: n - before[1].get(reason, 0) for reason, n in breaks.items() if n > before[1].get(reason, 0)}
-            stats.graphs, stats.cudagraph_skips = graphs - before[0], skips - before[2]
-            stats.graph_breaks = sum(new.values())
-            stats.first_break = next(iter(new)).splitlines()[0] if new else None
 
 
 def trained_result(checkpoint: Path, task: Task, feed: TrainFeed, accelerator: Any, train: TrainSpec,
