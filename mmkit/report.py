@@ -67,9 +67,8 @@ def throughput(records: list[dict[str, Any]]) -> Any:
     import statistics
 
     logged = [r for r in records if "samples_per_s" in r]
-    steps = [r["step"] for r in logged]
     fig, (ax, wait) = _subplots(2, 1, figsize=(7, 4.4), sharex=True, height_ratios=(3, 1))
-    ax.plot(steps, [r["samples_per_s"] for r in logged], marker=".")
+    ax.plot([r["step"] for r in logged], [r["samples_per_s"] for r in logged], marker=".")
     ax.set_ylabel("samples/s")
     ax.set_ylim(bottom=0)
     ax.set_title("training speed (since the previous log line)")

@@ -454,6 +454,19 @@ def test_a_run_on_the_gpu_in_bf16(tiny_recipe):
     assert summary["device"].startswith("cuda") and summary["steps"] == 6
 
 
+def tiny_parts_and_feed(recipe: Path) -> tuple[Any, Any, Any]:
+    """The tiny recipe's parts, an iterator over its training batches of 16 (CPU, no workers)
+    and the encoders' on-device steps, for driving optimizer steps by hand."""
+    from mmkit.components import build_parts
+    from mmkit.data.loader import EpochBatches, Preprocessed, train_loader
+    from mmkit.plugins import get_registry
+
+    parts = build_parts(load_recipe(recipe), get_registry())
+    collate, on_device = parts.batching(torch.device("cpu"))
+    dataset = Preprocessed(parts.train_set, parts.transforms)
+    return parts, iter(train_loader(dataset, EpochBatches(len(dataset), 16, seed=0), 0, False, collate)), on_device
+
+
 def test_compiled_encoders_serve_every_step_and_train_as_the_eager_ones(tiny_recipe):
     """train.compile compiles each encoder once: later batches (other ids, other captions) reuse
     the graphs, and the steps' losses and weights are the eager steps' to float rounding. After
@@ -461,17 +474,11 @@ def test_compiled_encoders_serve_every_step_and_train_as_the_eager_ones(tiny_rec
     from accelerate import Accelerator
     from torch._dynamo.utils import counters
 
-    from mmkit.components import build_parts
-    from mmkit.data.loader import EpochBatches, Preprocessed, train_loader
     from mmkit.engine.loop import compiled_encoders
-    from mmkit.plugins import get_registry
 
     def three_steps(mode: str | None):
         torch.manual_seed(0)
-        parts = build_parts(load_recipe(tiny_recipe), get_registry())
-        dataset = Preprocessed(parts.train_set, parts.transforms)
-        collate, on_device = parts.batching(torch.device("cpu"))
-        feed = iter(train_loader(dataset, EpochBatches(len(dataset), 16, seed=0), 0, False, collate))
+        parts, feed, on_device = tiny_parts_and_feed(tiny_recipe)
         optimizer = torch.optim.SGD(parts.task.parameters(), lr=0.5, fused=True)  # an update in proportion to the gradient
         graphs, losses = [], []
         with compiled_encoders(parts.task, mode), compile_stats(mode) as stats:
@@ -499,12 +506,9 @@ def test_compiled_encoders_count_their_graph_breaks_and_graphs_run_without_cuda_
     for either graph."""
     from accelerate import Accelerator
 
-    from mmkit.components import build_parts
-    from mmkit.data.loader import EpochBatches, Preprocessed, train_loader
     from mmkit.engine.loop import compiled_encoders
-    from mmkit.plugins import get_registry
 
-    parts = build_parts(load_recipe(tiny_recipe), get_registry())
+    parts, feed, on_device = tiny_parts_and_feed(tiny_recipe)
     text = parts.task.encoders["text"]
 
     def broken(*args: Any) -> Any:
@@ -512,9 +516,6 @@ def test_compiled_encoders_count_their_graph_breaks_and_graphs_run_without_cuda_
         return type(text).forward(text, *args)
 
     text.forward = broken
-    collate, on_device = parts.batching(torch.device("cpu"))
-    dataset = Preprocessed(parts.train_set, parts.transforms)
-    feed = iter(train_loader(dataset, EpochBatches(len(dataset), 16, seed=0), 0, False, collate))
     optimizer = torch.optim.SGD(parts.task.parameters(), lr=0.1, fused=True)
     with compiled_encoders(parts.task, "reduce-overhead"), compile_stats("reduce-overhead") as stats:
         for _ in range(2):

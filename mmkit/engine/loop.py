@@ -126,8 +126,9 @@ class Trainer:
                 if stop.asked(self.accelerator) and self.step < self.total:
                     self._stop(stop, saved)
         self._read_losses()
-        for line in self.compiled.warnings(self.accelerator.device.type) if self.compiled else ():
-            tqdm.write(line)
+        if self.compiled is not None and self.accelerator.is_main_process:  # every process compiled alike
+            for line in self.compiled.warnings(self.accelerator.device.type):
+                tqdm.write(line)
 
     def _step(self, model: torch.nn.Module, mode: str | None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """One optimizer step on the feed's next batches, timing the wait for them (and, at this
