@@ -14,7 +14,9 @@ trains the same CLIP on it with each trainer, one after the other, in fresh subp
 Same batch, precision, data workers, optimizer (AdamW, the same betas, eps, decay, peak rate
 and warm-up, cosine to the last step) and steps. Each trainer logs every ``--log-every`` steps;
 the rate is the median over the log intervals that end after ``--skip`` steps (start-up and
-compilation excluded). Each trainer's MFU is its rate times its FLOPs per sample, counted with
+compilation excluded) and before the last ``--profile`` steps, which each mmkit run runs under
+torch.profiler (train.profile; on cuda the last 6): its ops table is kept beside the JSON.
+Each trainer's MFU is its rate times its FLOPs per sample, counted with
 torch.utils.flop_counter (mmkit's from its summary.json; open_clip_train's on its own model and
 captions, which it pads to the full context where mmkit cuts a batch after its longest text),
 over the device's matmul rate as mmkit measured it. Peak memory:
@@ -51,10 +53,11 @@ SMALL = {"embed_dim": 128,
 PRESETS = {  # what each device trains unless the command line says otherwise
     "cpu": {"model": "small", "image_size": 64, "batch_size": 64, "precision": "fp32", "workers": 2,
             "steps": 80, "skip": 10, "log_every": 1, "samples": None, "compiled": False, "compile_mode": "default",
+            "profile": 0,
             "lr": 1e-3, "warmup": 10, "beta2": 0.999, "eps": 1e-8},
     "cuda": {"model": "ViT-B-32", "image_size": 224, "batch_size": 256, "precision": "bf16", "workers": 12,
              "steps": 192, "skip": 60, "log_every": 10, "samples": 16384, "compiled": True,
-             "compile_mode": "reduce-overhead",
+             "compile_mode": "reduce-overhead", "profile": 6,
              "lr": 5e-4, "warmup": 50, "beta2": 0.98, "eps": 1e-6},  # open_clip's settings for ViTs
 }
 OPTIMIZER = {"weight_decay": 0.1, "beta1": 0.9}  # the same for both presets
@@ -168,14 +171,19 @@ def open_clip_flops(args: argparse.Namespace, manifest: Path, logs: Path, rows: 
 
 
 def run_mmkit(csv: Path, args: argparse.Namespace, logs: Path, compiled: bool = False) -> dict[str, Any]:
-    """mmkit on the same manifest with the same shapes: its log records, peak memory and summary."""
-    name = f"mmkit-{'compiled' if compiled else 'eager'}-{time.time_ns()}"  # a folder of its own, every time
+    """mmkit on the same manifest with the same shapes: its log records, peak memory, summary
+    and, with ``--profile``, its profiled steps' ops table (copied beside the JSON)."""
+    kind = "compiled" if compiled else "eager"
+    name = f"mmkit-{kind}-{time.time_ns()}"  # a folder of its own, every time
     recipe = logs / f"{name}.toml"
     recipe.write_text(mmkit_recipe(name, csv, args, logs, compiled))
     _, peak = measured([sys.executable, "-m", "mmkit", "run", str(recipe)], ROOT, args.device)
     lines = [json.loads(line) for line in (logs / name / "metrics.jsonl").read_text().splitlines()]
     records = [{"step": r["step"], "samples_per_s": r["samples_per_s"], "mfu": r["mfu"], "loss": r["train/loss"],
                 "data_share": r["data_share"]} for r in lines if "samples_per_s" in r]
+    if args.profile:
+        ops = Path(args.json).with_name(f"{Path(args.json).stem}_profile_mmkit_{kind}.txt")
+        ops.write_text((logs / name / "profile" / "ops.txt").read_text())
     return {"records": records, "peak_mib": peak, "summary": json.loads((logs / name / "summary.json").read_text())}
 
 
@@ -188,7 +196,14 @@ def mmkit_recipe(name: str, csv: Path, args: argparse.Namespace, output: Path, c
     return RECIPE.format(name=name, csv=csv, output=output, device=args.device, precision=args.precision,
                          model=model, steps=args.steps, batch=args.batch_size, lr=args.lr, warmup=args.warmup,
                          beta2=args.beta2, eps=args.eps, workers=args.workers, log_every=args.log_every,
-                         compile=f'"{args.compile_mode}"' if compiled else "false", **OPTIMIZER)
+                         compile=f'"{args.compile_mode}"' if compiled else "false",
+                         profile=f"profile = {list(profiled_steps(args))}" if args.profile else "",
+                         **OPTIMIZER)
+
+
+def profiled_steps(args: argparse.Namespace) -> tuple[int, int]:
+    """The first and last step mmkit profiles: the last ``--profile`` (none: past the last step)."""
+    return args.steps - args.profile + 1, args.steps
 
 
 RECIPE = """[run]
@@ -215,6 +230,7 @@ num_workers = {workers}
 log_every = {log_every}
 checkpoint_every = 0
 compile = {compile}
+{profile}
 """
 SMALL_MODEL = """
 [model.image]
@@ -278,12 +294,14 @@ def measured(command: list[str], cwd: Path, device: str) -> tuple[str, int]:
     return done.stdout + done.stderr, int(re.findall(r"peak rss kib: (\d+)", done.stdout)[-1]) // 1024
 
 
-def steady(records: list[dict[str, float]], skip: int) -> float:
-    """The median samples/s over the log intervals that end after step ``skip`` (start-up,
-    compilation and the first batches left out)."""
-    kept = [r["samples_per_s"] for r in records if r["step"] > skip]
+def steady(records: list[dict[str, float]], skip: int, until: int, key: str = "samples_per_s") -> float:
+    """The median ``key`` (samples/s, or the data share) over the log intervals that end after
+    step ``skip`` (start-up, compilation and the first batches left out) and before step
+    ``until`` (an interval holding a profiled step left out)."""
+    kept = [r[key] for r in records if skip < r["step"] < until]
     if not kept:
-        raise SystemExit(f"no log line after step {skip} ({len(records)} lines); train more than --skip steps")
+        raise SystemExit(f"no log line after step {skip} and before {until} ({len(records)} lines); "
+                         "train more steps than --skip and --profile take")
     return statistics.median(kept)
 
 
@@ -314,6 +332,8 @@ def main() -> None:
                         help="also run open_clip_train --torchcompile and mmkit train.compile; default: the preset")
     parser.add_argument("--compile-mode", choices=["default", "reduce-overhead", "max-autotune"],
                         help="mmkit's train.compile when compiled; default: the preset (CUDA graphs on cuda)")
+    parser.add_argument("--profile", type=int, help="steps at the end of each mmkit run to profile (0: none); "
+                        "default: the preset")
     parser.add_argument("--folder", help="keep the written data here and reuse it (default: a temporary folder)")
     parser.add_argument("--json", help="default: benchmarks/results/clip_throughput_<device>.json")
     args = parser.parse_args()
@@ -349,15 +369,17 @@ def compared(runs: dict[str, dict[str, Any]], args: argparse.Namespace, before: 
              counted: dict[str, float]) -> dict[str, Any]:
     """The numbers of the trainers run so far: rates, ratios, FLOPs per sample and MFU (each
     trainer's own count, eager and compiled alike), memory, losses."""
-    rates = {name: steady(run["records"], args.skip) for name, run in runs.items()}
+    until = profiled_steps(args)[0]
+    rates = {name: steady(run["records"], args.skip, until) for name, run in runs.items()}
     results = {**machine(), "load_average_before": before, "load_average_after": load_average(),
                "settings": {k: v for k, v in vars(args).items() if k not in ("json", "folder")} | OPTIMIZER,
                "samples_per_s": {name: round(rate, 1) for name, rate in rates.items()},
                "peak_memory_mib": {name: run["peak_mib"] for name, run in runs.items()},
                "wall_seconds": {name: round(run["seconds"], 1) for name, run in runs.items()},
-               "data_wait_share": {name: round(statistics.median(
-                   r["data_share"] for r in run["records"] if r["step"] > args.skip), 3) for name, run in runs.items()},
-               "compile": {name: run["summary"]["compile"] for name, run in runs.items() if "summary" in run}}
+               "data_wait_share": {name: round(steady(run["records"], args.skip, until, "data_share"), 3)
+                                   for name, run in runs.items()},
+               "compile": {name: run["summary"]["compile"] for name, run in runs.items() if "summary" in run},
+               "profile": {name: run["summary"]["profile"] for name, run in runs.items() if "summary" in run}}
     if mmkit := [name for name in runs if name.startswith("mmkit")]:
         peak = runs[mmkit[0]]["summary"]["peak_flops_per_s"]
         results |= {"ratios": {f"{m} / {o}": round(rates[m] / rates[o], 3) for m in mmkit for o in rates

@@ -289,6 +289,12 @@ def _what(summary: dict[str, Any]) -> str:
         if compiled := summary.get("compile"):
             what += (f"; encoders compiled ({compiled['mode']}): {compiled['graphs']} graphs, "
                      f"{compiled['graph_breaks']} graph breaks, {compiled['cudagraph_skips']} CUDA-graph skips")
+        if profiled := summary.get("profile"):
+            first, last = profiled["steps"]
+            busy = "" if profiled["device_busy"] is None else f", the device busy {profiled['device_busy']:.0%} of it"
+            what += (f"; steps {first}-{last} profiled in {profiled['seconds']:.2f} s{busy}, "
+                     f"{profiled['waiting_for_batches_seconds']:.2f} s waiting for batches "
+                     f"({profiled['folder']}/ops.txt, {profiled['folder']}/trace.json)")
     if fitted := summary.get("fit"):
         chosen = ", ".join(f"{k} {v:.4g}" for k, v in fitted.items() if "/" not in k and k != "seconds")
         what += f"; fitted on the training set in {fitted.get('seconds', 0):.0f} s ({chosen})"

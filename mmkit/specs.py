@@ -61,6 +61,12 @@ class TrainSpec:
         loss_weights: a weight per loss term by name (the task's and its fusion head's, e.g.
             {mlm = 1.0, ae = 0.5}); the optimizer minimises their weighted sum, terms not
             named weigh 1, and each term is logged.
+        profile: [first, last] optimizer steps to run under torch.profiler (on the main
+            process): the run folder's profile/ops.txt lists the costliest ops on the device
+            and the host, profile/trace.json is their timeline (ui.perfetto.dev), and
+            summary.json's "profile" says how busy the device was. Pick steps after the
+            compile and the loader's start, e.g. [41, 50] (an evaluation or checkpoint
+            between them is profiled with them).
     """
 
     epochs: int | None = None
@@ -81,6 +87,7 @@ class TrainSpec:
     compile: bool | Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = False
     on_nan: Literal["raise", "skip"] = "raise"
     loss_weights: dict[str, float] | None = None
+    profile: list[int] | None = None
 
     def problems(self) -> dict[str, str]:
         """Values of the right type that still cannot work, by key."""
@@ -97,6 +104,8 @@ class TrainSpec:
             found.setdefault("max_steps", "set train.epochs or train.max_steps, not both")
         if bad := [k for k, v in (self.loss_weights or {}).items() if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0]:
             found["loss_weights"] = f"weights must be numbers of at least 0 ({', '.join(bad)})"
+        if self.profile is not None and not (len(self.profile) == 2 and 1 <= self.profile[0] <= self.profile[1]):
+            found["profile"] = "must be [first, last]: two optimizer steps, 1 <= first <= last"
         return dict(sorted(found.items(), key=lambda item: list(vars(self)).index(item[0])))
 
 

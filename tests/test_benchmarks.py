@@ -33,11 +33,22 @@ def test_open_clip_log_lines_become_steps_rates_data_shares_and_losses():
     assert [r["loss"] for r in records] == [5.5452, 5.4010, 4.9000]
 
 
-def test_the_steady_rate_is_the_median_of_the_intervals_ending_after_the_skipped_steps():
+def test_the_steady_rate_is_the_median_of_the_intervals_after_the_skipped_steps_and_before_the_profiled_ones():
     module = throughput()
-    records = [{"step": step, "samples_per_s": rate} for step, rate in
-               [(10, 20.0), (20, 500.0), (30, 200.0), (40, 190.0), (50, 210.0)]]
-    assert module.steady(records, skip=20) == 200.0  # the intervals ending at 30, 40, 50
-    assert module.steady(records, skip=19) == 205.0  # 20 ends after 19: four intervals
-    with pytest.raises(SystemExit, match="no log line after step 50"):
-        module.steady(records, skip=50)
+    records = [{"step": step, "samples_per_s": rate, "data_share": share} for step, rate, share in
+               [(10, 20.0, 0.9), (20, 500.0, 0.1), (30, 200.0, 0.2), (40, 190.0, 0.4), (50, 210.0, 0.3), (52, 5.0, 0.0)]]
+    assert module.steady(records, skip=20, until=53) == 195.0  # the intervals ending at 30, 40, 50 and 52
+    assert module.steady(records, skip=20, until=52) == 200.0  # 51-52 holds step 52, profiled: 30, 40, 50
+    assert module.steady(records, skip=19, until=51) == 205.0  # 20 ends after 19; 52 holds step 51, profiled
+    assert module.steady(records, skip=20, until=50) == 195.0  # 41-50 holds step 50: 30 and 40 are left
+    assert module.steady(records, skip=20, until=50, key="data_share") == pytest.approx(0.3)
+    with pytest.raises(SystemExit, match="no log line after step 52 and before 60"):
+        module.steady(records, skip=52, until=60)
+
+
+def test_mmkit_profiles_the_last_profile_steps_and_with_none_the_rate_keeps_every_interval():
+    import argparse
+
+    module = throughput()
+    assert module.profiled_steps(argparse.Namespace(steps=192, profile=6)) == (187, 192)  # 187, ..., 192: six
+    assert module.profiled_steps(argparse.Namespace(steps=80, profile=0))[0] == 81  # past step 80, the last

@@ -21,7 +21,7 @@ from conftest import run_mmkit
 from mmkit import build
 from mmkit.engine.checkpoint import latest_checkpoint
 from mmkit.engine.loop import CompileStats, Interval, compile_stats, optimizer_step, step_batches
-from mmkit.engine.run import Run
+from mmkit.engine.run import Run, RunPaths
 from mmkit.engine.schedule import param_groups, warmup_cosine
 from mmkit.errors import MMKitError
 from mmkit.recipe import load_recipe
@@ -214,7 +214,8 @@ def test_the_recipe_sets_adamws_betas_and_eps(tiny_recipe):
     from mmkit.engine.loop import Trainer
 
     train = load_recipe(tiny_recipe, ["train.beta2=0.98", "train.eps=1e-6"]).spec("train")
-    trainer = Trainer(Regression(), None, train, Accelerator(cpu=True), None, tiny_recipe.parent, 10, {}, None)
+    trainer = Trainer(Regression(), None, train, Accelerator(cpu=True), None, RunPaths(tiny_recipe.parent), 10, {},
+                      None)
     assert all(g["betas"] == (0.9, 0.98) and g["eps"] == 1e-6 for g in trainer.optimizer.param_groups)
     assert TrainSpec(beta2=1.0, eps=0.0).problems() == {"beta2": "must be at least 0 and below 1", "eps": "must be positive"}
 
@@ -534,6 +535,47 @@ def test_compiled_encoders_count_their_graph_breaks_and_graphs_run_without_cuda_
     assert CompileStats("default", graphs=2).warnings("cuda") == []
 
 
+def test_train_profile_profiles_its_steps_alone_and_writes_their_ops_and_timeline(tiny_recipe):
+    summary = Run(load_recipe(tiny_recipe, ["train.profile=[3,4]", "run.name=profiled"])).fit()
+    folder = tiny_recipe.parent / "runs" / "profiled"
+    profiled = summary["profile"]
+    assert profiled["steps"] == [3, 4] and profiled["folder"] == "profile"
+    assert profiled["device_busy"] is None and profiled["device_busy_seconds"] is None  # no device on the CPU
+    assert 0 < profiled["waiting_for_batches_seconds"] < profiled["seconds"] < summary["train_seconds"]
+    trace = json.loads((folder / "profile" / "trace.json").read_text())["traceEvents"]
+    names = [event.get("name", "") for event in trace]
+    assert sorted(n for n in names if n.startswith("ProfilerStep#")) == ["ProfilerStep#3", "ProfilerStep#4"]
+    assert names.count("Optimizer.step#AdamW.step") == 2  # each step whole, its update too, and no other step
+    ops = (folder / "profile" / "ops.txt").read_text()
+    assert ops.startswith("steps 3-4 (2) in ") and "by time on the host:" in ops and "aten::mm" in ops
+    assert "; steps 3-4 profiled in " in (folder / "report.html").read_text()
+    unprofiled = Run(load_recipe(tiny_recipe, ["run.name=plain"])).fit()
+    assert unprofiled["profile"] is None and not (tiny_recipe.parent / "runs" / "plain" / "profile").exists()
+
+
+def test_train_profile_is_a_window_of_the_runs_steps(tiny_recipe):
+    message = "must be [first, last]: two optimizer steps, 1 <= first <= last"
+    for window in ([3], [4, 3], [0, 2], [1, 2, 3]):
+        assert TrainSpec(profile=window).problems() == {"profile": message}
+    assert TrainSpec(profile=[6, 6]).problems() == {}
+    with pytest.raises(MMKitError, match=r"train.profile \[5, 7\] ends after the run's last step \(6\)"):
+        Run(load_recipe(tiny_recipe, ["train.profile=[5,7]"])).fit()
+    assert not (tiny_recipe.parent / "runs").exists()  # refused before a run folder is made
+
+
+def test_a_run_stopped_inside_the_profile_window_turns_the_profiler_off_and_writes_no_profile(tmp_path):
+    from mmkit.engine.profiling import StepProfiler
+
+    with pytest.raises(KeyboardInterrupt), StepProfiler([1, 3], tmp_path / "profile", torch.device("cpu")) as steps:
+        with steps.step(1):
+            torch.ones(2).sum()
+        assert torch.autograd._profiler_enabled()
+        assert not steps.finish(1)  # not the window's last step
+        raise KeyboardInterrupt
+    assert not torch.autograd._profiler_enabled() and not (tmp_path / "profile").exists()
+    assert steps.result is None
+
+
 def test_the_report_says_what_compiling_made_of_the_encoders(tmp_path):
     from dataclasses import asdict
 
@@ -586,13 +628,13 @@ def test_train_compile_takes_true_or_a_torch_compile_mode(tiny_recipe):
 def test_compiled_and_eager_training_give_the_same_losses_on_the_gpu(tiny_recipe, precision, first, later):
     """train.compile changes speed, not results: the same first batch gives the same loss, and
     the steps after it stay together (to rounding: bf16 rounds the two paths' sums differently)."""
-    losses, held_out, stats = {}, {}, {}
+    losses, held_out, stats, profiled = {}, {}, {}, {}
     for compiled in ("false", "true", '"reduce-overhead"'):
         name = "compiled-" + compiled.strip('"')
         summary = Run(load_recipe(tiny_recipe, ["run.device=cuda", f"run.precision={precision}",
                                                 f"train.compile={compiled}", "train.log_every=1",
-                                                f"run.name={name}"])).fit()
-        stats[compiled] = summary["compile"]
+                                                "train.profile=[5,6]", f"run.name={name}"])).fit()
+        stats[compiled], profiled[compiled] = summary["compile"], summary["profile"]
         folder = tiny_recipe.parent / "runs" / name
         losses[compiled] = [r["train/loss"] for r in records(folder) if "train/loss" in r]
         held_out[compiled] = [r[f"val/{way}/mean_rank"] for r in records(folder) if "val/image_to_text/R@1" in r
@@ -607,6 +649,10 @@ def test_compiled_and_eager_training_give_the_same_losses_on_the_gpu(tiny_recipe
     for compiled in ("true", '"reduce-overhead"'):  # whole graphs: what was measured
         assert stats[compiled]["graphs"] >= 2 and stats[compiled]["graph_breaks"] == 0
     assert stats['"reduce-overhead"']["cudagraph_skips"] == 0, "TORCH_LOGS=cudagraphs says why"  # CUDA graphs used
+    for compiled, window in profiled.items():  # profiled on the device, CUDA graphs too
+        assert window["steps"] == [5, 6] and 0 < window["device_busy"] <= 1, compiled
+        ops = (tiny_recipe.parent / "runs" / ("compiled-" + compiled.strip('"')) / "profile" / "ops.txt").read_text()
+        assert "by time on the device:" in ops and "Optimizer.step#AdamW.step" in ops
 
 
 def test_two_processes_under_torchrun(tiny_recipe):

@@ -9,7 +9,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import torch
 from tqdm.auto import tqdm
@@ -19,11 +19,15 @@ from mmkit.engine.checkpoint import load_checkpoint, save_checkpoint
 from mmkit.engine.evaluation import Evaluation
 from mmkit.engine.feed import TrainFeed
 from mmkit.engine.flops import batch_rows, count_flops, matmul_rate, mfu
+from mmkit.engine.profiling import Profiled, StepProfiler
 from mmkit.engine.schedule import adamw, warmup_cosine
 from mmkit.engine.tracking import Tracker
 from mmkit.errors import MMKitError
 from mmkit.specs import EvalSpec, TrainSpec
 from mmkit.tasks.base import Task
+
+if TYPE_CHECKING:
+    from mmkit.engine.run import RunPaths
 
 
 @dataclass
@@ -38,6 +42,7 @@ class FitResult:
     flops_per_sample: float | None = None  # one sample's forward + backward, counted at this session's first step
     peak_flops_per_s: float | None = None  # its devices' measured matmul rate together: MFU's denominator
     compiled: CompileStats | None = None  # what torch.compile made in this session (None: no compiled step)
+    profiled: Profiled | None = None  # train.profile's window, where this session ran it on this process
 
     @property
     def mfu(self) -> float | None:
@@ -56,14 +61,15 @@ class Stopped(Exception):
 
 
 def fit(task: Task, feed: TrainFeed, val: Evaluation | None, train: TrainSpec, evaluation: EvalSpec,
-        accelerator: Any, tracker: Tracker, checkpoints: Path, plan: tuple[int | None, int],
+        accelerator: Any, tracker: Tracker, paths: RunPaths, plan: tuple[int | None, int],
         layout: dict[str, int], resume_from: Path | None, lr_scales: Mapping[torch.nn.Module, float] | None = None,
         ) -> FitResult:
-    """Train ``task`` for the ``plan``'s (steps per epoch, total steps), evaluating, logging
-    and checkpointing (with the data ``layout``) on the way; returns after the last optimizer
-    step. ``resume_from`` is a checkpoint that ``check_checkpoint`` accepted for this recipe;
-    ``lr_scales`` scale the learning rate of some parts."""
-    trainer = Trainer(task, feed, train, accelerator, tracker, checkpoints, plan[1], layout, lr_scales)
+    """Train ``task`` for the ``plan``'s (steps per epoch, total steps), evaluating, logging,
+    checkpointing (with the data ``layout``) and profiling into the run's ``paths`` on the way;
+    returns after the last optimizer step. ``resume_from`` is a checkpoint that
+    ``check_checkpoint`` accepted for this recipe; ``lr_scales`` scale the learning rate of
+    some parts."""
+    trainer = Trainer(task, feed, train, accelerator, tracker, paths, plan[1], layout, lr_scales)
     trainer.restore(resume_from)
     trainer.run(lambda step: val.metrics(task, accelerator, calibrate=True)
                 if val is not None and evaluation.every and step % evaluation.every == 0 else None)
@@ -71,19 +77,22 @@ def fit(task: Task, feed: TrainFeed, val: Evaluation | None, train: TrainSpec, e
     return FitResult(steps, steps / plan[0] if plan[0] else None, seconds,
                      trainer.samples_per_step * steps / max(seconds, 1e-9), trainer.skipped,
                      trainer.flops_per_sample, trainer.peak and trainer.peak * accelerator.num_processes,
-                     trainer.compiled)
+                     trainer.compiled, trainer.profiler.result)
 
 
 class Trainer:
     """The optimizer, schedule and counters of one training, stepping until the total: logs,
-    checkpoints (every train.checkpoint_every steps and at the last), and stops cleanly when
-    SIGTERM or Ctrl-C asks (a checkpoint, then Stopped)."""
+    checkpoints (every train.checkpoint_every steps and at the last), profiles train.profile's
+    steps (on the main process), and stops cleanly when SIGTERM or Ctrl-C asks (a checkpoint,
+    then Stopped)."""
 
     def __init__(self, task: Task, feed: TrainFeed, train: TrainSpec, accelerator: Any, tracker: Tracker,
-                 checkpoints: Path, total: int, layout: dict[str, int],
+                 paths: RunPaths, total: int, layout: dict[str, int],
                  lr_scales: Mapping[torch.nn.Module, float] | None):
         self.task, self.feed, self.train, self.accelerator, self.tracker = task, feed, train, accelerator, tracker
-        self.checkpoints, self.total, self.layout = checkpoints, total, layout
+        self.checkpoints, self.total, self.layout = paths.checkpoints, total, layout
+        self.profiler = StepProfiler(train.profile if accelerator.is_main_process else None, paths.profile,
+                                     accelerator.device)
         self.optimizer = adamw(task, train.lr, train.weight_decay, lr_scales, (train.beta1, train.beta2), train.eps)
         self.scheduler = warmup_cosine(self.optimizer, train.warmup, total)
         self.samples_per_step = train.batch_size * train.grad_accum * accelerator.num_processes
@@ -112,15 +121,17 @@ class Trainer:
         model.train()
         mode = compile_mode(self.train.compile)
         with StopSignals() as stop, _progress(self.total, self.step, self.accelerator.is_main_process) as progress, \
-                compiled_encoders(self.task, mode), compile_stats(mode) as self.compiled:
+                compiled_encoders(self.task, mode), compile_stats(mode) as self.compiled, self.profiler:
             while self.step < self.total:
-                losses, finite = self._step(model, mode)
+                with self.profiler.step(self.step + 1):
+                    losses, finite = self._step(model, mode)
                 self.step += 1
                 self.watch.add(self.step, losses["loss"], finite)
                 self.seconds = self.before + time.perf_counter() - started
                 progress.update(1)
                 self._log(losses, progress)
                 paused = time.perf_counter()
+                self.profiler.finish(self.step)
                 saved = self._evaluate_and_save(evaluate)
                 self.interval.pause(time.perf_counter() - paused)  # a log line's speed is training's alone
                 if stop.asked(self.accelerator) and self.step < self.total:
@@ -327,17 +338,26 @@ def trained_result(checkpoint: Path, task: Task, feed: TrainFeed, accelerator: A
 
 
 def step_plan(train: TrainSpec, batches_per_epoch: int | None, processes: int, size: str) -> tuple[int | None, int]:
-    """(optimizer steps per epoch, total steps); refuses a step bigger than the data. A
-    stream (no batches per epoch) trains for train.max_steps."""
+    """(optimizer steps per epoch, total steps); refuses a step bigger than the data, and a
+    train.profile window past the last step. A stream (no batches per epoch) trains for
+    train.max_steps."""
     if batches_per_epoch is None:
         if not train.max_steps:
             raise MMKitError("a streamed dataset has no length, so train.epochs cannot be counted; set train.max_steps")
-        return None, train.max_steps
+        return None, checked_profile(train, train.max_steps)
     if batches_per_epoch < train.grad_accum:
         raise MMKitError(f"train.batch_size {train.batch_size} x grad_accum {train.grad_accum} x "
                          f"{processes} processes is more than the {size} training samples; lower it")
     steps_per_epoch = batches_per_epoch // train.grad_accum
-    return steps_per_epoch, train.max_steps or (train.epochs or 1) * steps_per_epoch
+    return steps_per_epoch, checked_profile(train, train.max_steps or (train.epochs or 1) * steps_per_epoch)
+
+
+def checked_profile(train: TrainSpec, total: int) -> int:
+    """``total``, once train.profile's window is seen to end by the last step."""
+    if train.profile and train.profile[1] > total:
+        raise MMKitError(f"train.profile {train.profile} ends after the run's last step ({total}); "
+                         f"profile steps up to {total}")
+    return total
 
 
 def data_layout(train: TrainSpec, processes: int, streamed: bool = False) -> dict[str, int]:

@@ -31,6 +31,10 @@ class RunPaths:
         return self.folder / "checkpoints"
 
     @property
+    def profile(self) -> Path:
+        return self.folder / "profile"
+
+    @property
     def weights(self) -> Path:
         return self.folder / "model.safetensors"
 
@@ -106,7 +110,7 @@ class Run:
                 result = FitResult(0, 0.0, seconds, fitted.get("samples", 0) / max(seconds, 1e-9))
             else:
                 result = fit(parts.task, feed, val, self.train, self.evaluation, accelerator, tracker,
-                             paths.checkpoints, plan, layout, resume_from, parts.scaled())
+                             paths, plan, layout, resume_from, parts.scaled())
         finally:
             feed.close()
         return self._finish(parts, feed, val, result, tracker, accelerator, fitted)
@@ -351,6 +355,7 @@ class Run:
             "flops_per_sample": result.flops_per_sample,
             "peak_flops_per_s": result.peak_flops_per_s,
             "compile": None if result.compiled is None else asdict(result.compiled),
+            "profile": None if result.profiled is None else result.profiled.summary(),
             "device": str(accelerator.device),
             "processes": accelerator.num_processes,
             "precision": self.spec.precision,
