@@ -341,6 +341,10 @@ def main() -> None:
         if getattr(args, key, None) is None:  # the preset's, where the command line is silent
             setattr(args, key, value)
     args.samples = args.samples or args.steps * args.batch_size
+    if not 0 <= args.profile < args.steps - args.skip:
+        parser.error(f"--profile {args.profile}: from 0 to {args.steps - args.skip - 1} here (--steps {args.steps} "
+                     f"- --skip {args.skip} - 1: the rate needs a logged step after the skipped ones and before the "
+                     "profiled ones)")
     args.json = args.json or f"benchmarks/results/clip_throughput_{args.device}.json"
     trainers = {"open_clip_train": (run_open_clip, False)}
     if args.compiled:  # the goals' three first: a run cut short by a time limit loses mmkit eager

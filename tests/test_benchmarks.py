@@ -46,7 +46,7 @@ def test_the_steady_rate_is_the_median_of_the_intervals_after_the_skipped_steps_
         module.steady(records, skip=52, until=60)
 
 
-def test_mmkit_profiles_the_last_profile_steps_and_with_none_the_rate_keeps_every_interval():
+def test_mmkit_profiles_the_last_profile_steps_and_with_none_no_step():
     import argparse
 
     module = throughput()

@@ -154,8 +154,8 @@ def _storage(tensor: torch.Tensor) -> int:
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                     accelerator: Any) -> tuple[int, dict[str, Any]]:
     """Restore model, optimizer, schedule and this process's RNG from a checkpoint that
-    ``check_checkpoint`` accepted; return the step reached and the progress totals and
-    this process's data state saved with it."""
+    ``check_checkpoint`` accepted; return the step reached and the progress totals (and
+    train.profile's window, once profiled) and this process's data state saved with it."""
     state = json.loads((path / "trainer.json").read_text())
     load_model(model, path / "model.safetensors", strict=True)
     optimizer.load_state_dict(_unflatten_optimizer(load_file(path / "optimizer.safetensors"), state["optimizer"]))
@@ -165,7 +165,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     _load_rng(path, accelerator.process_index)
     data = path / f"data_{accelerator.process_index}.json"
     progress = {"seconds": state.get("seconds", 0.0), "skipped_steps": state.get("skipped_steps", 0),
-                "data": json.loads(data.read_text()) if data.exists() else None}
+                "profile": state.get("profile"), "data": json.loads(data.read_text()) if data.exists() else None}
     return int(state["step"]), progress
 
 

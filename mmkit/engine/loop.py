@@ -42,7 +42,7 @@ class FitResult:
     flops_per_sample: float | None = None  # one sample's forward + backward, counted at this session's first step
     peak_flops_per_s: float | None = None  # its devices' measured matmul rate together: MFU's denominator
     compiled: CompileStats | None = None  # what torch.compile made in this session (None: no compiled step)
-    profiled: Profiled | None = None  # train.profile's window, where this session ran it on this process
+    profiled: Profiled | None = None  # train.profile's window, as the main process profiled it (this run or before)
 
     @property
     def mfu(self) -> float | None:
@@ -108,6 +108,7 @@ class Trainer:
         if checkpoint is not None:
             self.step, state = load_checkpoint(checkpoint, self.task, self.optimizer, self.scheduler, self.accelerator)
         self.before, self.skipped = state.get("seconds", 0.0), state.get("skipped_steps", 0)
+        self.profiler.result = Profiled.from_summary(state.get("profile"))  # a window profiled before the stop
         self.seconds = self.before
         self.feed.start(self.step * self.train.grad_accum, state.get("data"))
 
@@ -195,7 +196,8 @@ class Trainer:
         save_checkpoint(self.checkpoints, self.step, self.task, self.optimizer, self.scheduler, self.accelerator,
                         self.layout, self.train.keep_checkpoints,
                         {"seconds": self.seconds, "skipped_steps": self.skipped,
-                         "flops_per_sample": self.flops_per_sample, "peak_flops_per_s": self.peak}, self.feed.state())
+                         "flops_per_sample": self.flops_per_sample, "peak_flops_per_s": self.peak,
+                         "profile": self.profiler.result and self.profiler.result.summary()}, self.feed.state())
 
     def _stop(self, stop: StopSignals, saved: bool) -> None:
         if not saved:
@@ -334,7 +336,7 @@ def trained_result(checkpoint: Path, task: Task, feed: TrainFeed, accelerator: A
     peak = state.get("peak_flops_per_s")
     return FitResult(step, step / steps_per_epoch if steps_per_epoch else None, seconds,
                      samples / max(seconds, 1e-9), state.get("skipped_steps", 0), state.get("flops_per_sample"),
-                     peak and peak * accelerator.num_processes)
+                     peak and peak * accelerator.num_processes, profiled=Profiled.from_summary(state.get("profile")))
 
 
 def step_plan(train: TrainSpec, batches_per_epoch: int | None, processes: int, size: str) -> tuple[int | None, int]:

@@ -18,13 +18,16 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from mmkit.files import write_text_atomic
 
 WAITS = {"waiting for batches": ("DataLoader",),  # enumerate(DataLoader)#...__next__
-         "waiting for the device": ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")}
+         # a step's reads of the device (.item(), a copy to the host); the drain at the window's
+         # end is a device synchronisation and is left out
+         "waiting for the device": ("cudaStreamSynchronize", "cudaEventSynchronize")}
 
 
 @dataclass
 class Profiled:
     """What the profiled steps took (summary.json's ``profile``): their wall seconds, the
-    seconds the device ran kernels and copies in them (None on a CPU), and the host's waits."""
+    seconds the device ran kernels and copies in them (None on a CPU), and the host's wait for
+    batches; the tables and timeline are in ``folder`` of the run folder."""
 
     steps: list[int]
     seconds: float
@@ -42,12 +45,18 @@ class Profiled:
         """summary.json's ``profile``: the fields and the device's busy share."""
         return asdict(self) | {"device_busy": None if self.device_busy is None else round(self.device_busy, 4)}
 
+    @classmethod
+    def from_summary(cls, summary: dict[str, Any] | None) -> Profiled | None:
+        """The window a checkpoint's trainer.json holds (``summary``'s fields), or None."""
+        return None if summary is None else cls(**{k: v for k, v in summary.items() if k != "device_busy"})
+
 
 class StepProfiler:
     """Profiles training steps ``first`` to ``last`` (a resumed run that starts inside the window,
     from its first step) and writes ``profile/ops.txt`` (the costliest ops) and
     ``profile/trace.json`` (open in https://ui.perfetto.dev) after the last; each step is
-    marked ``ProfilerStep#<step>``. ``window`` None profiles nothing."""
+    marked ``ProfilerStep#<step>``. ``window`` None profiles nothing. On a GPU the window starts
+    and ends with the device idle, so its seconds hold its own device work and no other's."""
 
     def __init__(self, window: list[int] | None, folder: Path, device: torch.device, rows: int = 25):
         self.window, self.folder, self.device, self.rows = window, folder, device, rows
@@ -56,9 +65,6 @@ class StepProfiler:
         self.result: Profiled | None = None
 
     def __enter__(self) -> StepProfiler:
-        if self.window is not None and self.device.type == "cuda":
-            with self._profile():  # CUPTI set up before any CUDA graph is recorded (pytorch#75504)
-                pass
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -67,45 +73,61 @@ class StepProfiler:
             self.profiler.stop()
             self.profiler = None
 
-    def step(self, step: int) -> Any:
+    def step(self, step: int) -> contextlib.AbstractContextManager[Any]:
         """A context for training step ``step``: starts the profiler at the window's first."""
         if self.window is None or not self.window[0] <= step <= self.window[1]:
             return contextlib.nullcontext()
         if self.profiler is None:
+            self._drain()  # earlier steps' work still queued on the device is not the window's
             self.profiler = self._profile()
             self.profiler.start()
             self.first, self.started = step, time.perf_counter()
         return record_function(f"ProfilerStep#{step}")
 
+    def finish(self, step: int) -> None:
+        """After step ``step``: at the window's last, stop and write the files."""
+        if self.profiler is None or step != self.window[1]:
+            return
+        self._drain()  # the window's device work is in the profile, and in its seconds
+        seconds = time.perf_counter() - self.started
+        profiler, self.profiler = self.profiler, None
+        profiler.stop()
+        cuda = self.device.type == "cuda"
+        events = profiler.key_averages()
+        self.result = Profiled([self.first, step], seconds, busy_seconds(profiler.events()) if cuda else None,
+                               waits(events)["waiting for batches"])
+        self.folder.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(self.folder / "ops.txt", ops_text(self.result, events, self.rows))
+        partial = self.folder / "trace.json.partial"
+        profiler.export_chrome_trace(str(partial))
+        os.replace(partial, self.folder / "trace.json")
+
+    def _drain(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def _profile(self) -> profile:
         if not torch.cuda.is_available():
             os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # else kineto prints the missing GPU as an error
         cuda = [ProfilerActivity.CUDA] if self.device.type == "cuda" else []
-        return profile(activities=[ProfilerActivity.CPU, *cuda], acc_events=True)  # one window: nothing to clear
-
-    def finish(self, step: int) -> bool:
-        """After step ``step``: at the window's last, stop and write the files (whether it did)."""
-        if self.profiler is None or step != self.window[1]:
-            return False
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)  # the window's kernels are in the profile, and in its seconds
-        seconds = time.perf_counter() - self.started
-        self.profiler.stop()
-        events = self.profiler.key_averages()
-        self.result = Profiled([self.first, step], seconds, busy_seconds(events) if self.device.type == "cuda" else None,
-                               waits(events)["waiting for batches"])
-        self.folder.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(self.folder / "ops.txt", ops_text(self.result, events, self.rows))
-        self.profiler.export_chrome_trace(str(self.folder / "trace.json"))
-        self.profiler = None
-        return True
+        return profile(activities=[ProfilerActivity.CPU, *cuda], acc_events=True)  # acc_events: no per-cycle warning
 
 
 def busy_seconds(events: Any) -> float:
-    """Seconds of the device's kernels and copies: their own rows alone (an op's row repeats
-    the kernels it launched, so summing every row counts each twice)."""
-    return sum(event.self_device_time_total for event in events
-               if event.device_type == DeviceType.CUDA and not event.is_user_annotation) / 1e6
+    """Seconds the device ran kernels or copies: the union of their time spans, so work on
+    several streams at once (a copy beside a kernel, a collective beside compute) counts once."""
+    return union_seconds([(event.time_range.start, event.time_range.end) for event in events
+                          if event.device_type == DeviceType.CUDA and not event.is_user_annotation]) / 1e6
+
+
+def union_seconds(spans: list[tuple[float, float]]) -> float:
+    """The length of the union of (start, end) spans."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(spans):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
 
 
 def waits(events: Any) -> dict[str, float]:
