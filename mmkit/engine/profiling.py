@@ -94,10 +94,11 @@ class StepProfiler:
         profiler.stop()
         cuda = self.device.type == "cuda"
         events = profiler.key_averages()
+        waited = waits(events)
         self.result = Profiled([self.first, step], seconds, busy_seconds(profiler.events()) if cuda else None,
-                               waits(events)["waiting for batches"])
+                               waited["waiting for batches"])
         self.folder.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(self.folder / "ops.txt", ops_text(self.result, events, self.rows))
+        write_text_atomic(self.folder / "ops.txt", ops_text(self.result, events, waited, self.rows))
         partial = self.folder / "trace.json.partial"
         profiler.export_chrome_trace(str(partial))
         os.replace(partial, self.folder / "trace.json")
@@ -140,14 +141,15 @@ def waits(events: Any) -> dict[str, float]:
     return found
 
 
-def ops_text(profiled: Profiled, events: Any, rows: int) -> str:
-    """The window's totals, then its ops by time on the device (on a GPU) and on the host."""
+def ops_text(profiled: Profiled, events: Any, waited: dict[str, float], rows: int) -> str:
+    """The window's totals and the host's ``waits``, then its ops by time on the device (on a
+    GPU) and on the host."""
     first, last = profiled.steps
     lines = [f"steps {first}-{last} ({last - first + 1}) in {profiled.seconds:.3f} s under torch.profiler"]
     if profiled.device_busy_seconds is not None:
         lines.append(f"device busy (kernels and copies): {profiled.device_busy_seconds:.3f} s = "
                      f"{profiled.device_busy:.0%} of the window")
-    lines += [f"host {kind}: {seconds:.3f} s" for kind, seconds in waits(events).items()]
+    lines += [f"host {kind}: {seconds:.3f} s" for kind, seconds in waited.items()]
     if profiled.device_busy_seconds is not None:
         lines += ["", "by time on the device:", events.table(sort_by="self_device_time_total", row_limit=rows)]
     lines += ["", "by time on the host:", events.table(sort_by="self_cpu_time_total", row_limit=rows)]
