@@ -154,14 +154,14 @@ def clip_run(tmp_path_factory):
     return folder / "runs" / "tiny"
 
 
-def probe_recipe(clip_run, tmp_path) -> str:
-    """The clip run's recipe, image tower only, probed on colour labels."""
+def probe_recipe(clip_run, tmp_path, *overrides: str) -> str:
+    """The clip run's recipe, image tower only, probed on colour labels (with ``overrides``)."""
     recipe = (clip_run / "recipe.toml").read_text()
     path = tmp_path / "probe.toml"
     path.write_text(recipe)
     return load_recipe(path, [f"run.output_dir={tmp_path}", "run.name=probe", "data.label_by=colour",
                               'model={image={name="timm", model_name="test_vit", image_size=32, '
-                              f'init_from="{clip_run}"}}}}', 'task={name="linear_probe"}'])
+                              f'init_from="{clip_run}"}}}}', 'task={name="linear_probe"}', *overrides])
 
 
 def test_a_probe_run_fits_on_frozen_weights_and_eval_reproduces_it(clip_run, tmp_path):
@@ -181,6 +181,14 @@ def test_a_probe_run_fits_on_frozen_weights_and_eval_reproduces_it(clip_run, tmp
     assert done.returncode == 0, done.stderr[-3000:]
     again = json.loads((run / "eval" / "summary.json").read_text())
     assert again["metrics"] == summary["metrics"] and "fit" not in again  # its own classifier, not refitted
+
+
+def test_a_probe_run_refuses_train_profile_before_its_folder_as_it_takes_no_step(clip_run, tmp_path):
+    recipe = probe_recipe(clip_run, tmp_path, "train.profile=[1,2]")
+    with pytest.raises(MMKitError, match=r"train.profile \[1, 2\]: nothing in the model trains by gradient \(the "
+                                         r"task 'linear_probe' takes no optimizer steps\).*remove train.profile"):
+        Run(recipe).fit()
+    assert not (tmp_path / "probe").exists()
 
 
 def test_eval_probes_another_tasks_run_as_a_probe_run_of_it_would(clip_run, tmp_path):

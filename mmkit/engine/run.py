@@ -82,6 +82,11 @@ class Run:
         accelerator.wait_for_everyone()
         # Everything that can refuse the recipe runs before the folder: a failed start leaves none.
         parts = build_parts(self.recipe, self.registry)
+        steps = trains_by_gradient(parts.task)
+        if self.train.profile and not steps:
+            raise MMKitError(f"train.profile {self.train.profile}: nothing in the model trains by gradient (the "
+                             f"task {self.recipe.table('task')['name']!r} takes no optimizer steps), so no step "
+                             "can be profiled; remove train.profile")
         feed, plan, layout = self._train_feed(parts, accelerator)
         resume_step = self._check_resume(resume_from, parts, plan[1], layout)
         if self.finished:
@@ -104,7 +109,7 @@ class Run:
                 tracker.log(0, {f"fit/{key}": value for key, value in fitted.items()})
             if resume_step is not None and resume_step >= plan[1]:
                 result = trained_result(resume_from, parts.task, feed, accelerator, self.train, plan[0])
-            elif not any(p.requires_grad for p in parts.task.parameters()):
+            elif not steps:
                 self._say(accelerator, "nothing in the model trains by gradient: no optimizer steps")
                 seconds = fitted.get("seconds", 0.0)
                 result = FitResult(0, 0.0, seconds, fitted.get("samples", 0) / max(seconds, 1e-9))
@@ -402,6 +407,11 @@ def split_chance(metrics: dict[str, float]) -> dict[str, dict[str, float]]:
     """``val/`` metrics as summary.json keeps them: the values, and their chance levels apart."""
     return {"metrics": {k.removeprefix("val/"): v for k, v in metrics.items() if not k.startswith("val/chance/")},
             "chance": {k.removeprefix("val/chance/"): v for k, v in metrics.items() if k.startswith("val/chance/")}}
+
+
+def trains_by_gradient(task: Any) -> bool:
+    """Whether any of the task's parameters learns by gradient (a linear probe's none do)."""
+    return any(p.requires_grad for p in task.parameters())
 
 
 def describe_parameters(counts: dict[str, dict[str, int]]) -> str:
