@@ -24,12 +24,24 @@ class RunSpec:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
 
+    @property
+    def dtype(self) -> Any:
+        """The torch dtype of ``precision``: what autocast computes in (float32: no autocast)."""
+        return precision_dtype(self.precision)
+
     def problems(self) -> dict[str, str]:
         """Values of the right type that still cannot work, by key."""
         found = {"seed": "must not be negative"} if self.seed < 0 else {}
         if self.precision == "fp16" and self.device == "cpu":
             found["precision"] = 'fp16 needs CUDA; use "bf16" or "fp32" on the CPU'
         return found
+
+
+def precision_dtype(precision: str) -> Any:
+    """run.precision ("fp32", "bf16", "fp16") as a torch dtype."""
+    import torch  # here, so reading a recipe does not load torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 @dataclass(frozen=True)

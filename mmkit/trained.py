@@ -86,8 +86,8 @@ class Trained:
 
     def _autocast(self) -> Any:
         """The run's precision, as its evaluation ran under accelerate's autocast."""
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.recipe.spec("run").precision)
-        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+        dtype = self.recipe.spec("run").dtype
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     @torch.no_grad()
     def classify(self, images: Sequence[Image.Image] | None = None, texts: Sequence[str] | None = None,

@@ -19,9 +19,10 @@ TINY = ["train.max_steps=6", "train.batch_size=16", "train.warmup=2", "eval.batc
 
 @pytest.fixture(scope="module")
 def fused(tmp_path_factory):
+    """A bf16 run: a loaded run computes under the run's autocast, as its evaluation did."""
     folder = tmp_path_factory.mktemp("runs")
     return train(ROOT / "recipes" / "diagnosis_fused.toml", *TINY, f"run.output_dir={folder}",
-                 "model.text.layers=1", "model.fusion.layers=1")
+                 "model.text.layers=1", "model.fusion.layers=1", "run.precision=bf16")
 
 
 def test_a_loaded_run_classifies_its_held_out_studies_as_its_own_evaluation_did(fused):
@@ -50,8 +51,8 @@ def test_embed_gives_each_encoders_pooled_features_and_inputs_are_checked(fused)
     samples = [fused.val_set[i] for i in range(3)]
     embedded = fused.embed(images=[s["image"] for s in samples], texts=[s["text"] for s in samples])
     batch = fused.batch(images=[s["image"] for s in samples], texts=[s["text"] for s in samples])
-    with torch.no_grad():
-        assert torch.allclose(embedded["image"], fused.parts.encoders["image"](batch["image"]).pooled, atol=1e-6)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # the run's precision
+        assert torch.allclose(embedded["image"], fused.parts.encoders["image"](batch["image"]).pooled.float(), atol=1e-6)
     assert embedded["text"].shape == (3, 128)
     with pytest.raises(MMKitError, match="the run's model reads image, text; give text too"):
         fused.classify(images=[samples[0]["image"]])

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from mmkit.specs import precision_dtype
 
 
 def count_flops(task: torch.nn.Module, batch: dict[str, Any], accelerator: Any,
@@ -71,7 +71,7 @@ def matmul_rate(device: str, precision: str = "fp32") -> float:
     cuda = device.startswith("cuda")
     size, repeats = (8192, 5) if cuda else (1024, 5)
     generator = torch.Generator(device=device).manual_seed(0)
-    a, b = (torch.randn(size, size, generator=generator, device=device, dtype=DTYPES[precision]) for _ in range(2))
+    a, b = (torch.randn(size, size, generator=generator, device=device, dtype=precision_dtype(precision)) for _ in range(2))
     best = float("inf")
     for _ in range(repeats + 1):  # the first is the warm-up
         if cuda:
