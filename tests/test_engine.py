@@ -51,9 +51,32 @@ def test_a_run_leaves_a_complete_folder(tiny_recipe):
         assert 0 < summary["chance"][f"{direction}/R@5"] < 1
     steps = [r["step"] for r in records(folder) if "train/loss" in r]
     assert steps == [2, 4, 6]
+    # each line's lr is the rate its step trained at: step s at factor(s - 1) of warmup 2, then cosine over 4
+    lrs = [r["lr"] for r in records(folder) if "train/loss" in r]
+    assert lrs == pytest.approx([1e-3, 1e-3 * (1 + math.cos(math.pi / 4)) / 2, 1e-3 * (1 + math.cos(3 * math.pi / 4)) / 2],
+                                rel=1e-9)
     evals = [r["step"] for r in records(folder) if "val/image_to_text/R@1" in r]
     assert evals == [3, 6]
     assert '<img src="retrieval_examples.png">' in (folder / "report.html").read_text()
+
+
+def test_a_final_evaluation_that_fails_leaves_the_trained_weights_for_mmkit_eval(tiny_recipe, monkeypatch, capsys):
+    from mmkit.engine.evaluation import Evaluation
+
+    def bad_row(self, task, accelerator):
+        raise MMKitError("val.csv row 7: images/000005.jpg: missing file")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Evaluation, "outputs", bad_row)
+        with pytest.raises(MMKitError, match="row 7"):
+            Run(load_recipe(tiny_recipe, ["train.checkpoint_every=0", "eval.every=0"])).fit()
+    folder = tiny_recipe.parent / "runs" / "tiny"
+    assert f"the trained weights are in {folder / 'model.safetensors'}" in capsys.readouterr().out
+    assert not (folder / "summary.json").exists() and not latest_checkpoint(folder / "checkpoints")
+    trained = weights(folder)
+    assert any(key.startswith("encoders.image.") for key in trained)
+    summary = Run(load_recipe(folder / "recipe.toml")).evaluate(folder)  # the data mended: the weights judged
+    assert summary["metrics"]["image_to_text/R@1"] >= 0 and load_file(folder / "model.safetensors").keys() == trained.keys()
 
 
 def test_a_run_logs_its_model_flops_utilisation(tiny_recipe):

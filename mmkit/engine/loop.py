@@ -97,6 +97,7 @@ class Trainer:
         self.scheduler = warmup_cosine(self.optimizer, train.warmup, total)
         self.samples_per_step = train.batch_size * train.grad_accum * accelerator.num_processes
         self.step, self.seconds, self.skipped, self.before = 0, 0.0, 0, 0.0
+        self.lr = 0.0  # the base learning rate of the last step (a part's lr_scale left out)
         self.watch = LossWatch(train.on_nan)
         self.flops_per_sample: float | None = None
         self.peak: float | None = None  # one device's matmul FLOP/s
@@ -154,6 +155,8 @@ class Trainer:
         if self.flops_per_sample is None:
             self.flops_per_sample = count_flops(self.task, batches[0], self.accelerator, model) / batch_rows(batches[0])
         losses, finite = optimizer_step(model, self.optimizer, batches, self.train, self.accelerator)
+        group = self.optimizer.param_groups[0]
+        self.lr = group["lr"] / group["lr_scale"]  # the rate this step used, read before the schedule moves on
         self.scheduler.step()
         return losses, finite
 
@@ -183,8 +186,7 @@ class Trainer:
         rate, waited = self.interval.rates(time.perf_counter(), self.samples_per_step)
         utilisation = mfu(rate, self.flops_per_sample, self.peak, self.accelerator.num_processes)
         values = {f"train/{k}": v.item() for k, v in losses.items()}
-        group = self.optimizer.param_groups[0]
-        self.tracker.log(self.step, {**values, "lr": group["lr"] / group["lr_scale"], "samples_per_s": rate,
+        self.tracker.log(self.step, {**values, "lr": self.lr, "samples_per_s": rate,
                                      "mfu": utilisation, "data_share": waited})
         progress.set_postfix(loss=f"{values['train/loss']:.4f}", samples_s=f"{rate:.0f}", mfu=f"{utilisation:.1%}",
                              data=f"{waited:.0%}")

@@ -193,8 +193,15 @@ class Run:
         from mmkit.engine.checkpoint import write_atomic_model
         from mmkit.engine.evaluation import every_process_problems
 
-        outputs = val.outputs(parts.task, accelerator) if val else None
-        metrics = val.metrics(parts.task, accelerator, outputs, calibrate=True) if val else {}
+        try:
+            outputs = val.outputs(parts.task, accelerator) if val else None
+            metrics = val.metrics(parts.task, accelerator, outputs, calibrate=True) if val else {}
+        except BaseException:  # a bad held-out sample, or a stop, does not cost the training
+            if accelerator.is_main_process:
+                write_atomic_model(parts.task, self.paths.weights)
+                self._say(accelerator, f"the final evaluation did not finish; the trained weights are in "
+                                       f"{self.paths.weights}: `mmkit eval {self.paths.folder}` evaluates them")
+            raise
         skipped = {"train": every_process_problems(feed.problems, accelerator)}
         if val:
             skipped["val"] = val.all_problems(accelerator)
