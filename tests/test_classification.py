@@ -136,3 +136,19 @@ def test_image_classifier_recipe_learns_shapes_from_an_image_folder(tmp_path):
     for figure in ("training_curves", "roc_curves", "confusion_matrix"):
         assert (folder / f"{figure}.png").exists(), figure
     assert 'src="confusion_matrix.png"' in (folder / "report.html").read_text()
+
+
+def test_a_diverged_model_is_not_scored_at_chance():
+    labels = torch.tensor([0, 1, 1, 2, 0])
+    metrics = tiny_task().evaluate({"scores": torch.full((5, 3), float("nan")), "labels": labels})
+    assert all(math.isnan(metrics[key]) for key in ("accuracy", "f1_macro", "auroc_macro"))
+    assert metrics["chance/accuracy"] == pytest.approx(2 / 5)  # the level to compare with stays
+
+
+@pytest.mark.parametrize("data, labels, message", [
+    (MULTI, torch.tensor([[1.0, -1.0, 0.0], [0.0, 1.0, float("nan")]]), "multi-label targets must be 0, 1 or NaN"),
+    (SINGLE, torch.tensor([0, 3]), r"class indices 0 to 2 \(3 classes\); found 3"),
+])
+def test_evaluate_refuses_labels_it_cannot_score(data, labels, message):
+    with pytest.raises(MMKitError, match=message):
+        tiny_task(data).evaluate({"scores": torch.full((2, 3), 0.5), "labels": labels})

@@ -8,9 +8,12 @@ import pytest
 import torch
 from sklearn import metrics as sk
 
-from mmkit.metrics.classification import (auroc, best_thresholds, calibration_error, chance_scores,
+from mmkit.errors import MMKitError
+from mmkit.metrics.classification import (auroc, beside_chance, best_thresholds, calibration_error, chance_scores,
                                           confusion_matrix, multi_label_beside_chance, multi_label_metrics, roc_curve,
                                           single_label_metrics)
+
+NAN = float("nan")
 
 
 def probabilities(n: int, classes: int, seed: int) -> torch.Tensor:
@@ -188,3 +191,41 @@ def test_the_constant_predictor_with_chosen_thresholds_predicts_every_label_pres
     assert metrics["chance/accuracy"] == pytest.approx(1 / 4) and metrics["chance/recall_macro"] == pytest.approx(0.5)
     fixed = multi_label_beside_chance(scores, targets, torch.tensor([0.8, 0.7]).double(), ("x", "y"), chosen=False)
     assert fixed["chance/f1/y"] == 0 and "threshold/x" not in fixed  # 0.25 < 0.7: never predicted
+
+
+def test_nan_scores_are_not_scored_at_chance():
+    labels = torch.tensor([0, 1, 2, 0])
+    for scores in (torch.full((4, 3), NAN), probabilities(4, 3, seed=0).index_fill(0, torch.tensor([2]), NAN)):
+        metrics = single_label_metrics(scores, labels)
+        assert all(torch.tensor(list(metrics.values())).isnan()), metrics
+    assert torch.tensor(auroc(torch.tensor([NAN, NAN, 0.1, 0.2]), torch.tensor([True, True, False, False]))).isnan()
+
+
+def test_a_nan_score_makes_its_labels_multi_label_metrics_nan():
+    scores = torch.tensor([[0.9, NAN, NAN], [0.1, 0.8, 0.2], [0.7, 0.2, 0.9], [0.2, 0.6, 0.1]]).double()
+    targets = torch.tensor([[1, 1, NAN], [0, 1, 0], [1, 0, 1], [0, 0, 0]]).double()  # c's NaN score is not known
+    metrics = multi_label_metrics(scores, targets, torch.full((3,), 0.5, dtype=torch.float64), ("a", "b", "c"))
+    assert metrics["auroc/a"] == 1.0 and metrics["f1/a"] == 1.0 and metrics["auroc/c"] == 1.0 and metrics["f1/c"] == 1.0
+    for key in ("auroc/b", "f1/b", "auroc_macro", "f1_macro", "f1_micro", "accuracy"):
+        assert torch.tensor(metrics[key]).isnan(), key
+
+
+@pytest.mark.parametrize("bad, shown", [(-1.0, "-1"), (2.0, "2"), (0.5, "0.5")])
+def test_multi_label_targets_other_than_0_1_or_nan_are_refused(bad, shown):
+    targets = torch.tensor([[1, 0], [bad, 1], [0, NAN]]).double()
+    scores, half = torch.full((3, 2), 0.5, dtype=torch.float64), torch.full((2,), 0.5, dtype=torch.float64)
+    message = rf"multi-label targets must be 0, 1 or NaN \(not known\); found {shown}:"
+    with pytest.raises(MMKitError, match=message):
+        multi_label_metrics(scores, targets, half, ("x", "y"))
+    with pytest.raises(MMKitError, match=message):
+        multi_label_beside_chance(scores, targets, half, ("x", "y"), chosen=False)
+
+
+@pytest.mark.parametrize("bad", [3, -1])
+def test_single_labels_outside_the_classes_are_refused(bad):
+    labels = torch.tensor([0, bad, 2, bad])
+    message = rf"class indices 0 to 2 \(3 classes\); found {bad}:"
+    with pytest.raises(MMKitError, match=message):
+        single_label_metrics(probabilities(4, 3, seed=0), labels)
+    with pytest.raises(MMKitError, match=message):
+        beside_chance(lambda s: single_label_metrics(s, labels), probabilities(4, 3, seed=0), labels, 3, False)

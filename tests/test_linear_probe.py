@@ -204,3 +204,23 @@ def test_eval_probes_another_tasks_run_as_a_probe_run_of_it_would(clip_run, tmp_
     assert other.returncode == 2 and other.stderr.count("\n") == 1
     assert (f"{clip_run / 'model.safetensors'}: model.image: the weights do not fit the model: other shape: "
             "model.pos_embed (1, 5, 64) (the model has (1, 17, 64))") in other.stderr
+
+
+def test_a_held_out_share_without_a_label_of_both_classes_is_refused():
+    task = tiny_probe(MULTI, l2=[1.0, 0.1])
+    x, y = noisy(10, task.linear.in_features, 3, multi_label=True)
+    y[holdout_split(10, 0.2, SPLIT_SEED)[1]] = 1  # every held-out label present: no AUROC to choose by
+    with pytest.raises(MMKitError, match="held-out share .2 of 10 training samples. has no label with both"):
+        task.fit({"features": x.float(), "labels": y})
+
+
+@pytest.mark.parametrize("data, bad, message", [
+    (MULTI, -1, "multi-label targets must be 0, 1 or NaN"),
+    (SINGLE, 3, r"class indices 0 to 2 \(3 classes\); found 3"),
+])
+def test_the_fit_refuses_labels_it_cannot_learn(data, bad, message):
+    task = tiny_probe(data, l2=[1.0])
+    x, y = noisy(20, task.linear.in_features, 3, multi_label=data is MULTI)
+    y[0] = bad
+    with pytest.raises(MMKitError, match=message):
+        task.fit({"features": x.float(), "labels": y})

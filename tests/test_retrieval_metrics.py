@@ -67,3 +67,16 @@ def test_recall_at_k_agrees_with_scikit_learn():
         assert ours[f"R@{k}"] == pytest.approx(expected, abs=1e-7), k
     ranks = (similarity > similarity[torch.arange(40), truth].unsqueeze(1)).sum(1) + 1
     assert ours["mean_rank"] == pytest.approx(ranks.float().mean().item())
+
+
+def test_median_rank_of_an_even_count_is_the_midpoint():
+    # query 0 finds item 0 first (rank 1); query 1's item 1 is behind item 0 (rank 2): numpy's median is 1.5
+    metrics = retrieval_metrics(torch.tensor([[1.0, 0.0], [1.0, 0.0]]), torch.eye(2, dtype=torch.bool))
+    assert metrics["mean_rank"] == 1.5 and metrics["median_rank"] == 1.5
+
+
+@pytest.mark.parametrize("queries, items", [(0, 3), (3, 0), (0, 0)])
+def test_nothing_to_rank_gives_no_metrics(queries, items):
+    relevant = torch.zeros(queries, items, dtype=torch.bool)
+    assert retrieval_metrics(torch.zeros(queries, items), relevant) == {}
+    assert chance_retrieval_metrics(relevant) == {}

@@ -88,3 +88,12 @@ def test_a_clip_retrieval_run_evaluates_zero_shot_without_training(tiny_recipe, 
     assert summary["task"] == "zero_shot" and 0 <= summary["metrics"]["accuracy"] <= 1
     assert set(summary["metrics"]) >= {"top5_accuracy", "f1_macro", "accuracy/red"}  # 6 colours: top-5 applies
     assert (run / "eval" / "per_class_accuracy.png").exists()
+
+
+def test_a_class_with_a_nan_score_has_no_accuracy():
+    from mmkit.tasks.zero_shot import per_class_accuracy
+
+    scores = torch.tensor([[0.9, 0.1, 0.0], [float("nan"), 0.7, 0.1], [0.1, 0.2, 0.8]])
+    accuracy = per_class_accuracy(scores, torch.tensor([0, 1, 2]), COLOURS.class_names)
+    assert accuracy["accuracy/red"] == 1.0 and accuracy["accuracy/green"] == 1.0
+    assert torch.tensor(accuracy["accuracy/blue"]).isnan()

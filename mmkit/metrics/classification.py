@@ -7,6 +7,8 @@ from typing import Callable
 
 import torch
 
+from mmkit.errors import MMKitError
+
 MetricDict = dict[str, float]
 ECE_BINS = 10
 
@@ -14,8 +16,10 @@ ECE_BINS = 10
 def single_label_metrics(scores: torch.Tensor, labels: torch.Tensor) -> MetricDict:
     """Accuracy, top-5 accuracy (more than 5 classes), macro and micro precision / recall / F1
     (macro over the classes in the labels or the predictions, as scikit-learn's default), macro
-    one-vs-rest AUROC (over classes with positives and negatives). ``scores`` [N, C], ``labels`` [N]."""
+    one-vs-rest AUROC (over classes with positives and negatives). ``scores`` [N, C], ``labels`` [N].
+    A NaN score makes every metric NaN: it predicts nothing, so a diverged model is not scored at chance."""
     classes = scores.shape[1]
+    check_single_labels(labels, classes)
     predicted = scores.argmax(dim=1)
     metrics = {"accuracy": (predicted == labels).double().mean().item()}
     if classes > 5:
@@ -26,7 +30,7 @@ def single_label_metrics(scores: torch.Tensor, labels: torch.Tensor) -> MetricDi
     metrics |= precision_recall_f1(counts.diag()[seen], counts.sum(0)[seen], counts.sum(1)[seen])
     positives = torch.nn.functional.one_hot(labels, classes).bool()
     metrics["auroc_macro"] = macro_auroc(scores, positives)
-    return metrics
+    return dict.fromkeys(metrics, float("nan")) if scores.isnan().any() else metrics
 
 
 def multi_label_metrics(scores: torch.Tensor, targets: torch.Tensor, thresholds: torch.Tensor,
@@ -35,14 +39,20 @@ def multi_label_metrics(scores: torch.Tensor, targets: torch.Tensor, thresholds:
     AUROC and ECE (labels with positives and negatives), and each label's AUROC, F1 and ECE under
     ``auroc/<name>``, ``f1/<name>``, ``ece/<name>``. A label is predicted where its score (a
     probability) reaches its threshold. A NaN target is not known (an uncertain finding left
-    out): that entry counts nowhere, and an item is exactly right when its known labels are."""
+    out): that entry counts nowhere, and an item is exactly right when its known labels are.
+    A NaN score of a known entry predicts nothing: its label's metrics, and those over every
+    label, are NaN (a diverged model is not scored at chance)."""
+    check_multi_label_targets(targets)
     known, actual = ~targets.isnan(), targets.nan_to_num(0).bool()
+    unscored = (scores.isnan() & known).any(dim=0)
     predicted = scores >= thresholds
     metrics = {"accuracy": ((predicted == actual) | ~known).all(dim=1).double().mean().item()}
     true_positives, said, found = ((predicted & actual & known).sum(0), (predicted & known).sum(0),
                                    (actual & known).sum(0))
     metrics |= precision_recall_f1(true_positives, said, found)
-    per_label = _ratio(2 * true_positives.double(), (said + found).double())
+    if unscored.any():
+        metrics = dict.fromkeys(metrics, float("nan"))
+    per_label = _ratio(2 * true_positives.double(), (said + found).double()).masked_fill(unscored, float("nan"))
     aurocs, errors = {}, {}
     for index, (name, column, positives) in enumerate(zip(class_names, scores.T, actual.T)):
         rows = known[:, index]
@@ -103,7 +113,10 @@ def confusion_matrix(predicted: torch.Tensor, labels: torch.Tensor, classes: int
 
 def auroc(scores: torch.Tensor, positives: torch.Tensor) -> float:
     """Area under the ROC curve: the chance that a random positive scores above a random
-    negative, ties counting half (Mann-Whitney U from average ranks)."""
+    negative, ties counting half (Mann-Whitney U from average ranks); NaN if a score is NaN,
+    which has no rank (sorting would put it above every other)."""
+    if scores.isnan().any():
+        return float("nan")
     ranks = average_ranks(scores.double())
     n_pos = positives.sum().item()
     n_neg = len(positives) - n_pos
@@ -148,7 +161,12 @@ def chance_scores(labels: torch.Tensor, classes: int, multi_label: bool) -> torc
     """What a constant predictor gives every item: the held-out set's class frequencies
     (its argmax is the majority class; for multi-label, each label's prevalence among the
     known entries)."""
-    frequency = labels.double().nanmean(0).nan_to_num(0) if multi_label else torch.bincount(labels, minlength=classes).double() / len(labels)
+    if multi_label:
+        check_multi_label_targets(labels)
+        frequency = labels.double().nanmean(0).nan_to_num(0)
+    else:
+        check_single_labels(labels, classes)
+        frequency = torch.bincount(labels, minlength=classes).double() / len(labels)
     return frequency.expand(len(labels), classes)
 
 
@@ -176,6 +194,35 @@ def multi_label_beside_chance(scores: torch.Tensor, targets: torch.Tensor, thres
         best = multi_label_metrics(chance, targets, best_thresholds(chance, targets, half), class_names)
         levels |= {key: value for key, value in best.items() if key.startswith("f1")}
     return metrics | {f"chance/{name}": value for name, value in levels.items()}
+
+
+def check_single_labels(labels: torch.Tensor, classes: int) -> None:
+    """Refuse labels that are not class indices, before they fail deep in torch."""
+    bad = labels[(labels < 0) | (labels >= classes)]
+    if len(bad):
+        raise MMKitError(f"single-label labels must be class indices 0 to {classes - 1} ({classes} classes); found "
+                         f"{_listed(bad)}: fix the dataset's labels or its class list")
+
+
+def check_multi_label_targets(targets: torch.Tensor) -> None:
+    """Refuse multi-label targets other than 0, 1 and NaN (not known), which the metrics would
+    count as positives (a raw CheXpert -1, uncertain)."""
+    bad = targets[~((targets == 0) | (targets == 1) | targets.isnan())]
+    if len(bad):
+        raise MMKitError(f"multi-label targets must be 0, 1 or NaN (not known); found {_listed(bad)}: map other "
+                         "codes (e.g. CheXpert's -1, uncertain) to one of these in the dataset")
+
+
+def two_sided(targets: torch.Tensor) -> torch.Tensor:
+    """[C]: whether each label has known positives and negatives, so that its AUROC is defined."""
+    known = ~targets.isnan()
+    positives = (targets.nan_to_num(0).bool() & known).sum(0)
+    return (positives > 0) & (positives < known.sum(0))
+
+
+def _listed(values: torch.Tensor, shown: int = 5) -> str:
+    distinct = values.unique().tolist()
+    return ", ".join(f"{v:g}" for v in distinct[:shown]) + (", ..." if len(distinct) > shown else "")
 
 
 def _ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:

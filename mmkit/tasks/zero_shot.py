@@ -145,7 +145,7 @@ class ZeroShot(ClipRetrieval):
 
 def per_class_accuracy(scores: torch.Tensor, labels: torch.Tensor, names: tuple[str, ...]) -> dict[str, float]:
     """``accuracy/<class>``: the share of each class's held-out items given that class (classes
-    with no held-out item are left out)."""
-    right = scores.argmax(dim=1) == labels
-    return {f"accuracy/{name}": right[labels == c].double().mean().item()
+    with no held-out item are left out); NaN for a class with an item whose scores hold a NaN."""
+    right = (scores.argmax(dim=1) == labels).double().masked_fill(scores.isnan().any(dim=1), float("nan"))
+    return {f"accuracy/{name}": right[labels == c].mean().item()
             for c, name in enumerate(names) if (labels == c).any()}
