@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from conftest import run_mmkit
 from mmkit import build
 from mmkit.engine.checkpoint import latest_checkpoint
-from mmkit.engine.loop import CompileStats, Interval, compile_stats, optimizer_step, step_batches
+from mmkit.engine.loop import CompileStats, Interval, compile_stats, optimizer_step, step_batches, step_plan
 from mmkit.engine.run import Run, RunPaths
 from mmkit.engine.schedule import param_groups, warmup_cosine
 from mmkit.errors import MMKitError
@@ -215,6 +215,15 @@ def test_epochs_on_the_command_line_replace_the_recipes_max_steps(tiny_recipe):
     # 64 samples, batch 16, accumulation 2: two optimizer steps per epoch; the recipe says max_steps = 6.
     summary = Run(load_recipe(tiny_recipe, ["train.epochs=2", "train.grad_accum=2"])).fit()
     assert summary["steps"] == 4 and summary["epochs"] == 2
+
+
+def test_epochs_count_micro_batches_where_accumulation_does_not_divide_an_epoch():
+    # 8 batches an epoch, 3 a step: a step's batches run on across the epoch's end, so 2 epochs
+    # (16 batches) hold 5 whole steps, 1.875 epochs; 3 epochs (24 batches) hold 8 steps
+    assert step_plan(TrainSpec(epochs=2, batch_size=8, grad_accum=3), 8, 1, "64") == (8 / 3, 5)
+    assert step_plan(TrainSpec(epochs=3, batch_size=8, grad_accum=3), 8, 1, "64") == (8 / 3, 8)
+    assert step_plan(TrainSpec(epochs=2, batch_size=8, grad_accum=2), 8, 1, "64") == (4, 8)
+    assert step_plan(TrainSpec(max_steps=7, batch_size=8, grad_accum=3), 8, 1, "64") == (8 / 3, 7)
 
 
 def test_warmup_then_cosine():

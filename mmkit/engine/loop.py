@@ -323,7 +323,7 @@ def _dynamo_counts() -> tuple[int, dict[str, int], int]:
 
 
 def trained_result(checkpoint: Path, task: Task, feed: TrainFeed, accelerator: Any, train: TrainSpec,
-                   steps_per_epoch: int | None) -> FitResult:
+                   steps_per_epoch: float | None) -> FitResult:
     """A run whose last step's checkpoint was written but not its final files: its weights,
     bad samples and totals, so the final evaluation and files can follow."""
     from safetensors.torch import load_model
@@ -341,10 +341,11 @@ def trained_result(checkpoint: Path, task: Task, feed: TrainFeed, accelerator: A
                      peak and peak * accelerator.num_processes, profiled=Profiled.from_summary(state.get("profile")))
 
 
-def step_plan(train: TrainSpec, batches_per_epoch: int | None, processes: int, size: str) -> tuple[int | None, int]:
+def step_plan(train: TrainSpec, batches_per_epoch: int | None, processes: int, size: str) -> tuple[float | None, int]:
     """(optimizer steps per epoch, total steps); refuses a step bigger than the data, and a
-    train.profile window past the last step. A stream (no batches per epoch) trains for
-    train.max_steps."""
+    train.profile window past the last step. A step's micro-batches run on across an epoch's
+    end, so train.epochs is the whole steps in that many epochs' batches, and an epoch may hold
+    a fraction of a step. A stream (no batches per epoch) trains for train.max_steps."""
     if batches_per_epoch is None:
         if not train.max_steps:
             raise MMKitError("a streamed dataset has no length, so train.epochs cannot be counted; set train.max_steps")
@@ -352,8 +353,8 @@ def step_plan(train: TrainSpec, batches_per_epoch: int | None, processes: int, s
     if batches_per_epoch < train.grad_accum:
         raise MMKitError(f"train.batch_size {train.batch_size} x grad_accum {train.grad_accum} x "
                          f"{processes} processes is more than the {size} training samples; lower it")
-    steps_per_epoch = batches_per_epoch // train.grad_accum
-    return steps_per_epoch, checked_profile(train, train.max_steps or (train.epochs or 1) * steps_per_epoch)
+    total = train.max_steps or (train.epochs or 1) * batches_per_epoch // train.grad_accum
+    return batches_per_epoch / train.grad_accum, checked_profile(train, total)
 
 
 def checked_profile(train: TrainSpec, total: int) -> int:
