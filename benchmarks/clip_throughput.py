@@ -75,7 +75,7 @@ def write_data(folder: Path, samples: int, image_size: int, processes: int = 1) 
     path = folder / f"shapes-{samples}-{image_size}px.csv"
     if path.exists():
         return path
-    chunks = [(start, min(start + 1024, samples), samples, image_size, folder) for start in range(0, samples, 1024)]
+    chunks = [(start, min(start + 1024, samples), samples, image_size, path) for start in range(0, samples, 1024)]
     with multiprocessing.get_context("spawn").Pool(max(1, min(processes, len(chunks)))) as pool:
         rows = [row for chunk in pool.map(_write_images, chunks) for row in chunk]
     partial = path.with_name(path.name + ".partial")
@@ -92,9 +92,9 @@ def _write_images(chunk: tuple[int, int, int, int, Path]) -> list[dict[str, str]
     from mmkit import build
     from mmkit.data.manifest import manifest_cells
 
-    start, stop, samples, image_size, folder = chunk
+    start, stop, samples, image_size, manifest = chunk
     data = build("datasets", "synthetic_shapes", num_samples=samples, image_size=image_size)
-    return [manifest_cells({"image": data[i]["image"], "text": data[i]["text"]}, i, folder, ())
+    return [manifest_cells({"image": data[i]["image"], "text": data[i]["text"]}, i, manifest, ())
             for i in range(start, stop)]
 
 

@@ -86,7 +86,7 @@ def write_images(folder: Path, count: int, size: int, seed: int) -> tuple[Path, 
     for index, label in enumerate(labels):
         target = image_root / f"class_{label:03d}" / f"{index:06d}.jpg"
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(manifest.parent / "images" / f"{index:06d}.jpg", target)
+        shutil.copyfile(manifest.parent / "images" / manifest.stem / f"{index:06d}.jpg", target)
     written.write_text(json.dumps(settings))
     return manifest, image_root
 

@@ -19,9 +19,9 @@ def partial_path(path: Path) -> Path:
 
 
 def publish(partial: Path, path: Path) -> None:
-    """Sync ``partial`` (a file, or a folder of files) to disk and rename it onto ``path``."""
+    """Sync ``partial`` (a file, or a folder tree) to disk and rename it onto ``path``."""
     if partial.is_dir():
-        for file in sorted(partial.iterdir()):
+        for file in sorted(partial.rglob("*")):  # an image folder's files are a level down
             _fsync(file)
     _fsync(partial)
     os.replace(partial, path)

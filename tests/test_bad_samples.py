@@ -3,6 +3,7 @@ batches stay full; under on_error = "raise" the first one stops the run in one l
 
 from __future__ import annotations
 
+import io
 import json
 import textwrap
 from pathlib import Path
@@ -10,15 +11,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from conftest import TINY_IMAGE_TEXT, run_mmkit
 from corpus import BAD_IMAGES, BAD_TEXT, TEST_MAX_PIXELS, image_bytes
 from mmkit.data.image_folder import ImageFolder
 from mmkit.data.loader import EpochBatches, Preprocessed, Streamed, stream_loader, train_loader
 from mmkit.data.manifest import Manifest
+from mmkit.data.read import Where, read_image
 from mmkit.data.shards import WebDataset, write_shards
 from mmkit.engine.feed import TrainFeed
 from mmkit.errors import MMKitError
+from mmkit.samples import SampleError
 
 BATCH = 4
 GOOD = 12  # good samples in the shards: three full batches of 4
@@ -192,3 +196,14 @@ def test_a_bad_sample_passed_over_for_a_replacement_is_not_counted_again(tmp_pat
     data = Preprocessed(dataset, {"image": small})
     met = [record for index in range(len(data)) for record in data[index].get("_problems", [])]
     assert len(met) == 7 and len({(r["row"], r["kind"]) for r in met}) == 7  # each bad row once per pass
+
+
+def test_max_image_pixels_above_pillows_own_limit_lets_a_large_scan_through():
+    out = io.BytesIO()
+    Image.new("1", (10_000, 9_500)).save(out, "PNG")  # 95 megapixels, over Pillow's 89; a 12 kB file
+    pillows = Image.MAX_IMAGE_PIXELS
+    assert read_image(out.getvalue(), Where("scan.png"), max_pixels=2 * 10**8).size == (10_000, 9_500)
+    with pytest.raises(SampleError, match=r"scan.png: image too large: its size is over data.max_image_pixels "
+                                          r"= 90,000,000; raise it"):
+        read_image(out.getvalue(), Where("scan.png"), max_pixels=90_000_000)
+    assert Image.MAX_IMAGE_PIXELS == pillows  # Pillow's own limit is back for everyone else

@@ -15,7 +15,7 @@ from torch.utils.data import Dataset, IterableDataset
 from conftest import TINY_MODEL, run_mmkit
 from corpus import BAD_AUDIO, BAD_IMAGES, BAD_TEXT, TEST_MAX_PIXELS, image_bytes
 from mmkit.data.check import check_dataset
-from mmkit.data.manifest import write_manifest
+from mmkit.data.manifest import Manifest, write_manifest
 from mmkit.data.shapes import SyntheticShapes
 from mmkit.data.shards import write_shards
 from mmkit.data.sounds import SyntheticAudio
@@ -46,7 +46,8 @@ def corrupted_manifest(path: Path) -> tuple[int, list[tuple[str, int, str | None
     value; returns how many samples the file holds and each bad row's (kind, line, file)."""
     write_manifest(good_samples(4), path, class_names=CLASSES)
     folder, first_line = path.parent, 6 if path.suffix == ".csv" else 5
-    good = {"image": "images/000000.jpg", "text": "a caption", "audio": "audio/000000.wav", "label": "cat"}
+    image, audio = f"images/{path.stem}/000000.jpg", f"audio/{path.stem}/000000.wav"  # as write_manifest names them
+    good = {"image": image, "text": "a caption", "audio": audio, "label": "cat"}
     rows, expected = [], []
     for kind, data in BAD_IMAGES.items():
         rows.append({**good, "image": put(folder, f"images/bad_{kind.replace(' ', '_')}.png", data)})
@@ -62,7 +63,7 @@ def corrupted_manifest(path: Path) -> tuple[int, list[tuple[str, int, str | None
     with path.open("a", newline="") as file:
         if path.suffix == ".csv":
             csv.DictWriter(file, ["image", "text", "audio", "label", "id"]).writerows(rows)
-            file.write("images/000000.jpg,a caption,audio/000000.wav,cat,one,cell too many\n")
+            file.write(f"{image},a caption,{audio},cat,one,cell too many\n")
         else:
             file.writelines(json.dumps(row) + "\n" for row in rows)
             file.write(json.dumps({**good, "label": True}) + "\n")
@@ -233,3 +234,16 @@ def test_a_stream_without_records_is_refused_in_one_line():
 
     with pytest.raises(MMKitError, match="Plain streams samples without `records`"):
         check_dataset(Plain())
+
+
+def test_a_path_no_file_can_have_is_a_counted_problem_not_a_crash(tmp_path):
+    (tmp_path / "loop.jpg").symlink_to("loop.jpg")
+    rows = [{"image": put(tmp_path, "a.jpg", image_bytes(0)), "text": "fine"},
+            {"image": "x" * 300 + ".jpg", "text": "a name too long"},
+            {"image": "loop.jpg", "text": "a symlink to itself"}, {"image": "a\u0000.jpg", "text": "a NUL byte"}]
+    path = tmp_path / "data.jsonl"  # JSON can hold the NUL byte
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    checked = check_dataset(Manifest(str(path)))
+    assert checked.read == 4 and [(p.kind, p.row, p.path) for p in checked.problems] == [
+        ("missing file", 2, "x" * 300 + ".jpg"), ("missing file", 3, "loop.jpg"), ("bad value", 4, "a\u0000.jpg")]
+    assert "File name too long" in checked.problems[0].message and "symbolic links" in checked.problems[1].message

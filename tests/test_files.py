@@ -50,3 +50,17 @@ def test_a_file_that_cannot_be_synced_is_not_published(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="Input/output error"):
         write_text_atomic(tmp_path / "summary.json", "{}")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_trees_nested_files_are_synced_before_it_is_published(tmp_path, monkeypatch):
+    synced, real_fsync = set(), os.fsync
+
+    def fsync(descriptor: int) -> None:
+        synced.add(os.fstat(descriptor).st_ino)
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with atomic_path(tmp_path / "train") as partial:  # an image folder: a class folder per label
+        (partial / "cat").mkdir(parents=True)
+        (partial / "cat" / "0.jpg").write_bytes(b"jpeg")
+    assert (tmp_path / "train" / "cat" / "0.jpg").stat().st_ino in synced

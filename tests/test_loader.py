@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmkit.data.loader import EpochBatches, Preprocessed, train_loader
+from mmkit.data.loader import EpochBatches, Preprocessed, StreamedOnce, train_loader
 from mmkit.engine.feed import micro_batches
 
 
@@ -124,3 +124,17 @@ def test_a_process_ending_with_loader_workers_alive_exits(ending, code):
                           timeout=120)
     assert done.returncode == code, done.stderr[-2000:]
     assert "killed by signal" not in done.stderr and ("the step failed" in done.stderr) == bool(code)
+
+
+class Stream:
+    """A stream of 10 records, record i in share i % parts."""
+
+    max_parts = 4
+
+    def records(self, epoch: int, part: int, parts: int, seed: int, start: int = 0):
+        return ({"id": str(i)} for i in range(10) if i % parts == part)
+
+
+def test_an_evaluation_pass_over_a_stream_reads_each_record_once_over_the_processes():
+    shares = [[item["id"] for item in StreamedOnce(Stream(), {}, seed=0, rank=rank, world=3)] for rank in range(3)]
+    assert shares == [["0", "3", "6", "9"], ["1", "4", "7"], ["2", "5", "8"]]

@@ -4,7 +4,9 @@ audio files, good rows and one row per problem a bad sample can have."""
 from __future__ import annotations
 
 import csv
+import errno
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -75,7 +77,7 @@ def test_every_bad_row_raises_its_kind_at_its_line_and_good_rows_read(tmp_path, 
     data = Manifest(str(path), classes=["cat", "dog"], max_image_pixels=TEST_MAX_PIXELS)
     first_line = 2 if suffix == ".csv" else 1  # a CSV's header is line 1
     assert len(data) == len(rows)
-    assert data.info.keys == ("id", "image", "audio", "text", "label")
+    assert data.info.keys == ("id", "image", "audio", "text", "label", "files")
     assert data.info.class_names == ("cat", "dog") and data.info.label_kind == "single"
     for index, (row, problem) in enumerate(zip(rows, expected)):
         if problem is None:
@@ -127,7 +129,7 @@ def test_open_clip_filepath_title_csv_reads_with_a_column_mapping(tmp_path):
     with pytest.raises(MMKitError, match=r"train.csv: no image, audio or text column \(it has filepath, title\)"):
         Manifest(str(path))
     data = Manifest(str(path), columns={"image": "filepath", "text": "title"})
-    assert data.info.keys == ("id", "image", "text") and data.info.label_kind == "none"
+    assert data.info.keys == ("id", "image", "text", "files") and data.info.label_kind == "none"
     assert [(s["id"], s["text"], s["image"].size) for s in data] == [
         ("2", "photo 0", (32, 32)), ("3", "photo 1", (32, 32)), ("4", "photo 2", (32, 32))]
 
@@ -140,7 +142,7 @@ def test_a_list_of_caption_columns_gives_one_sample_per_caption(tmp_path):
     for suffix, lines in [(".jsonl", [1, 1, 2, 3]), (".csv", [2, 2, 3, 4])]:
         path = write_rows(tmp_path / f"coco{suffix}", rows)
         data = Manifest(str(path), columns={"text": ["c1", "c2", "c3"]})
-        assert len(data) == 4 and data.info.keys == ("id", "image", "text")
+        assert len(data) == 4 and data.info.keys == ("id", "image", "text", "files")
         assert [(data[i]["id"], data[i]["text"]) for i in range(3)] == [
             ("a#c1", "first"), ("a#c2", "second"), ("b#c3", "third")]
         with pytest.raises(SampleError) as caught:  # a row with no caption is not dropped unseen
@@ -153,7 +155,7 @@ def test_two_image_columns_give_two_views_and_other_keys_pass_through(tmp_path):
              "report": "no finding", "findings": "none"}]
     data = Manifest(str(write_rows(tmp_path / "views.csv", rows)),
                     columns={"image": ["front", "side"], "text": "report", "findings": "findings"})
-    assert data.info.keys == ("id", "image", "text", "findings")
+    assert data.info.keys == ("id", "image", "text", "findings", "files")
     assert [(s["id"], s["image"].size, s["findings"]) for s in data] == [
         ("2#front", (32, 32), "none"), ("2#side", (16, 16), "none")]
 
@@ -233,7 +235,7 @@ def test_a_bad_label_value_is_a_bad_value(tmp_path):
 def test_constructing_opens_no_sample_file(tmp_path):
     rows = [{"image": f"missing{i}.jpg", "audio": f"missing{i}.wav", "text": "t"} for i in range(3)]
     data = Manifest(str(write_rows(tmp_path / "data.csv", rows)))
-    assert len(data) == 3 and data.info.keys == ("id", "image", "audio", "text")
+    assert len(data) == 3 and data.info.keys == ("id", "image", "audio", "text", "files")
 
 
 @pytest.mark.parametrize("name, content, params, message", [
@@ -249,6 +251,8 @@ def test_constructing_opens_no_sample_file(tmp_path):
     ("data.csv", "a,b\n1,2\n", {"columns": {"image": ["a"], "text": ["b"]}},
      r"data.csv: columns.image and columns.text both list several columns"),
     ("data.csv", "a,b\n1,2\n", {"columns": {"image": "a", "label": ["b"]}}, r"data.csv: columns.label lists several"),
+    ("data.csv", 'image,text\na.jpg,"a dog\nb.jpg,a cat\n', {},  # a stray quote, not a cell swallowing b.jpg
+     r"data.csv: the row from line 2 to 3 is not valid CSV \(unexpected end of data\); check its quotes"),
     ("data.jsonl", '{"image": "a.jpg"}\n{"image": \n', {}, r"data.jsonl: line 2 is not JSON"),
     ("data.jsonl", '["a.jpg"]\n', {}, r"data.jsonl: line 1 holds a list, not a JSON object"),
 ])
@@ -271,7 +275,7 @@ def test_written_image_samples_read_back_equal(tmp_path, suffix):
     assert path == tmp_path / "out" / f"shapes{suffix}" and sorted(p.name for p in path.parent.iterdir()) == [
         "images", path.name]
     train = Manifest(str(path), classes=list(names))
-    assert train.info.keys == ("id", "image", "text", "label")
+    assert train.info.keys == ("id", "image", "text", "label", "files")
     kept = [s for s in originals if s["split"] == "train"]
     assert [(s["id"], s["text"], s["label"], s["image"].size) for s in train] == [
         (s["id"], s["text"], s["label"], s["image"].size) for s in kept]
@@ -292,3 +296,46 @@ def test_written_audio_and_multi_label_samples_read_back_equal(tmp_path):
             assert torch.equal(sample["audio"].samples, original["audio"].samples.reshape(1, -1))
             assert sample["audio"].sample_rate == original["audio"].sample_rate
             assert torch.equal(sample["label"], original["label"]) and sample["text"] == original["text"]
+
+
+def test_split_cells_are_read_without_surrounding_spaces(tmp_path):
+    put(tmp_path, "a.jpg", image_bytes(0))
+    rows = [{"image": "a.jpg", "text": f"photo {i}", "split": split} for i, split in enumerate(["train ", " val", "train"])]
+    path = write_rows(tmp_path / "data.csv", rows)  # as a spreadsheet exports a cell typed "train "
+    assert [s["text"] for s in Manifest(str(path))] == ["photo 0", "photo 2"]
+    assert [s["text"] for s in Manifest(str(path), split="val")] == ["photo 1"]
+
+
+def test_manifests_sharing_a_folder_keep_their_own_image_files(tmp_path):
+    shapes = SyntheticShapes(num_samples=4, image_size=32)
+    train = write_manifest([shapes[0], shapes[1]], tmp_path / "train.csv")
+    first = Manifest(str(train))[0]["image"]
+    val = write_manifest([shapes[2], shapes[3]], tmp_path / "val.csv")  # same folder, so same file names before
+    assert Manifest(str(train))[0]["image"].tobytes() == first.tobytes()
+    assert Manifest(str(val))[0]["image"].tobytes() != first.tobytes()
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.jpg")) == [
+        "images/train/000000.jpg", "images/train/000001.jpg", "images/val/000000.jpg", "images/val/000001.jpg"]
+
+
+def test_uncertain_findings_are_refused_not_written_as_positive(tmp_path):
+    samples = [{"id": "p1", "text": "report", "label": torch.tensor([1.0, float("nan"), 0.0])}]
+    with pytest.raises(MMKitError, match=r"write_manifest .*cxr.csv: sample 0 \(p1\) has uncertain \(NaN\) "
+                                         r"findings.*uncertain = \"negative\" or \"positive\""):
+        write_manifest(samples, tmp_path / "cxr.csv", class_names=["a", "b", "c"])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_write_leaves_no_manifest_and_no_partial_file(tmp_path):
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        write_manifest([{"text": "a"}, {"text": "b", "extra": object()}], tmp_path / "data.jsonl")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_manifest_that_cannot_be_synced_is_not_published(tmp_path, monkeypatch):
+    def fsync(descriptor: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(OSError, match="Input/output error"):
+        write_manifest([{"text": "a"}], tmp_path / "data.csv")
+    assert list(tmp_path.iterdir()) == []

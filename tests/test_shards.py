@@ -3,6 +3,7 @@ whole, resume where they left off, and report bad records, missing and broken sh
 
 from __future__ import annotations
 
+import errno
 import os
 import tarfile
 from pathlib import Path
@@ -210,3 +211,13 @@ def test_records_stream_shards_lazily(tmp_path):
     assert first["id"] == "r" + f"{int(order[0][-10:-4]) * 500:05d}"
     assert [item.kind for item in rest if isinstance(item, SampleError)] == ["unreadable shard"] + ["missing file"] * 3
     assert 1 + sum(isinstance(item, dict) for item in rest) < 200  # the first shard was read as it went
+
+
+def test_a_shard_that_cannot_be_synced_is_not_published(tmp_path, monkeypatch):
+    def fsync(descriptor: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(OSError, match="Input/output error"):
+        write_shards([{"id": "a", "text": "x"}], tmp_path / "t-%d.tar", per_shard=1)
+    assert list(tmp_path.iterdir()) == []

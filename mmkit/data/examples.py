@@ -3,12 +3,12 @@ recipe for a manifest, an image folder or shards runs as shipped, with nothing t
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from mmkit.errors import MMKitError
+from mmkit.files import atomic_path, publish
 from mmkit.specs import Example
 
 
@@ -92,11 +92,9 @@ class FolderWriter:
         from mmkit.data.image_folder import write_image_folder
 
         for split, params in splits.items():
-            root = Path(params["root"])
-            partial = root.with_name(f".partial-{root.name}")
-            shutil.rmtree(partial, ignore_errors=True)
-            write_image_folder(without_split(samples[split]), partial, class_names)
-            os.replace(partial, root)  # a killed write leaves no half folder that looks done
+            with atomic_path(Path(params["root"])) as partial:  # a failed write leaves no half folder
+                shutil.rmtree(partial, ignore_errors=True)  # what a killed earlier write left
+                write_image_folder(without_split(samples[split]), partial, class_names)
 
 
 class ShardWriter:
@@ -122,7 +120,7 @@ class ShardWriter:
                 shard.parent.mkdir(parents=True, exist_ok=True)
                 written = write_shards(without_split(chunk),
                                        f"{shard}.%d.partial", len(chunk), class_names)
-                os.replace(written[0], shard)
+                publish(written[0], shard)
 
 
 def without_split(samples: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:

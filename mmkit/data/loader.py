@@ -127,23 +127,20 @@ class Streamed(IterableDataset):
 
 
 class StreamedOnce(IterableDataset):
-    """One pass over a stream for evaluation: process r's workers read shares r::world of
-    epoch 0; a bad record is reported in a sample-less item."""
+    """One pass over a stream for evaluation, read in the main process (no loader workers):
+    process r reads share r of ``world`` of epoch 0; a bad record is reported in a sample-less
+    item. The caller refuses a stream with fewer shards than processes."""
 
     def __init__(self, stream: Any, transforms: Mapping[str, Callable[[Any], Any]], seed: int,
                  rank: int = 0, world: int = 1):
         self.stream, self.transforms, self.seed, self.rank, self.world = stream, dict(transforms), seed, rank, world
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        parts = min(self.stream.max_parts, self.world)
-        for part in range(self.rank, parts, self.world)[worker::workers]:
-            for read, record in enumerate(self.stream.records(0, part, parts, self.seed), 1):
-                if isinstance(record, SampleError):
-                    yield {PROBLEMS: [record.record()]}
-                else:
-                    yield transform(record, self.transforms, self.seed, 0, part, read)
+        for read, record in enumerate(self.stream.records(0, self.rank, self.world, self.seed), 1):
+            if isinstance(record, SampleError):
+                yield {PROBLEMS: [record.record()]}
+            else:
+                yield transform(record, self.transforms, self.seed, 0, self.rank, read)
 
 
 MASK64 = (1 << 64) - 1

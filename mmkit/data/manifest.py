@@ -16,11 +16,13 @@ from torch.utils.data import Dataset
 
 from mmkit.data.read import MAX_IMAGE_PIXELS, Where, file_bytes, read_audio, read_image, read_text
 from mmkit.errors import MMKitError
+from mmkit.files import atomic_path
 from mmkit.samples import UNCERTAIN, DatasetInfo
 
 KEYS = ("id", "image", "audio", "text", "label")  # the sample keys a column of the same name gives
 LISTABLE = ("image", "audio", "text")  # the keys that may take several columns, one sample each
 SUFFIXES = (".csv", ".jsonl")
+FILE_KEYS = {"image", "audio"}  # the keys whose cells name files; a sample's "files" lists them
 WRITTEN = ("image", "text", "audio", "label", "split", "id")  # write_manifest's column order
 
 
@@ -43,7 +45,9 @@ class Manifest(Dataset):
     image, audio or text may list several columns (COCO's five captions, two views of an
     image): a row then gives one sample per listed column that has a value, in the listed
     order, with the id "<row id>#<column>"; a row with none gives one sample, from the first
-    column, that fails as missing. Without an id column a row's id is its line number.
+    column, that fails as missing. Without an id column a row's id is its line number. A sample
+    with image or audio files also gives ``files``, their paths: rows of the same image (one
+    caption per row, or several caption columns) are the same image to clip_retrieval.
 
     Labels are names or whole numbers (ints in JSONL, digits in CSV): a label that is one of
     ``classes`` is that class, otherwise a whole number indexes ``classes``. Unset, the classes
@@ -106,7 +110,8 @@ class Manifest(Dataset):
         self.class_index = {name: index for index, name in enumerate(self.class_names)}
         labelled = "label" in self.columns or label_columns is not None
         label_kind = "none" if not labelled else "multi" if self.multi_label else "single"
-        keys = (*(key for key in self.columns if key != "id"), *(("label",) if label_columns is not None else ()))
+        keys = (*(key for key in self.columns if key != "id"), *(("label",) if label_columns is not None else ()),
+                *(("files",) if FILE_KEYS & set(self.columns) else ()))
         self.info = DatasetInfo(keys=("id", *keys), class_names=self.class_names, label_kind=label_kind)
 
     def _classes(self, rows: list[Row], classes: list[str] | None) -> tuple[str, ...]:
@@ -132,10 +137,15 @@ class Manifest(Dataset):
         where = Where(self.source, row.line)
         if row.problem:
             raise where.error("bad value", row.problem)
-        sample = {"id": self._id(row, chosen)}
+        sample, files = {"id": self._id(row, chosen)}, []
         for key, column in self.columns.items():
             if key != "id":
-                sample[key] = self._value(key, self._cell(row, key, column, chosen), where)
+                cell = self._cell(row, key, column, chosen)
+                sample[key] = self._value(key, cell, where)
+                if key in FILE_KEYS:
+                    files.append(os.path.normpath(self.folder / cell))
+        if files:  # what a retrieval task compares to find rows of the same image (COCO's caption per row)
+            sample["files"] = " + ".join(files)
         if self.label_columns is not None:
             sample["label"] = self._findings(row, where)
         return sample
@@ -238,7 +248,7 @@ def read_rows(path: Path, source: str) -> tuple[list[str], list[Row]]:
 def read_csv(file: IO[str], source: str) -> tuple[list[str], list[Row]]:
     """A CSV's header and rows; empty cells are None, and a row starts on the line after the
     previous one ended (a quoted cell may span lines)."""
-    reader = csv.reader(file)
+    reader, start = csv.reader(file, strict=True), 1  # strict: a stray quote fails, not swallows later rows
     try:
         header = [name.strip() for name in next(reader, [])]
         if twice := next((name for name in header if header.count(name) > 1), None):
@@ -251,7 +261,8 @@ def read_csv(file: IO[str], source: str) -> tuple[list[str], list[Row]]:
                 rows.append(Row(start, {name: cell or None for name, cell in zip(header, cells)}, problem))
             start = reader.line_num + 1
     except csv.Error as error:
-        raise MMKitError(f"manifest {source}: line {reader.line_num} is not valid CSV ({error})") from None
+        raise MMKitError(f"manifest {source}: the row from line {start} to {reader.line_num} is not valid CSV "
+                         f"({error}); check its quotes (a quote inside a quoted cell is written twice)") from None
     return header, rows
 
 
@@ -357,12 +368,18 @@ def select_split(rows: list[Row], file_columns: list[str], split: str, split_col
             return rows
         raise MMKitError(f"{source}: no {split_column!r} column, so no {split!r} split; give [data.val] "
                          f"its own path, or add a {split_column!r} column to the file")
-    chosen = [row for row in rows if row.cells.get(split_column) == split]
+    chosen = [row for row in rows if split_cell(row, split_column) == split]
     if not chosen:
-        found = sorted({str(row.cells.get(split_column)) for row in rows})
+        found = sorted({str(split_cell(row, split_column)) for row in rows})
         raise MMKitError(f"{source}: no row has {split_column} = {split!r} (it holds {', '.join(found)}); "
                          "set split to one of those")
     return chosen
+
+
+def split_cell(row: Row, split_column: str) -> Any:
+    """A row's split, stripped: a spreadsheet's "train " is still train."""
+    cell = row.cells.get(split_column)
+    return cell.strip() if isinstance(cell, str) else cell
 
 
 def expand(rows: list[Row], listed: str | list[str] | None) -> list[tuple[Row, str | None]]:
@@ -414,18 +431,18 @@ def write_manifest(samples: Iterable[dict[str, Any]], path: str | Path,
                    class_names: Sequence[str] = ()) -> Path:
     """Write samples as a manifest (CSV or JSONL, by suffix) and the files it lists.
 
-    Images go as JPEG under images/ and audio as float WAV under audio/, next to the
-    manifest; texts, labels (class names when ``class_names`` is given, else indices; a
-    multi-hot label as a list), splits, ids and any other keys go in its cells. The manifest
-    is written last, through a rename, so a failed write leaves none."""
+    Images go as JPEG under images/<stem>/ and audio as float WAV under audio/<stem>/, next
+    to the manifest (its stem, so train.csv and val.csv in one folder keep their own files);
+    texts, labels (class names when ``class_names`` is given, else indices; a multi-hot label
+    as a list), splits, ids and any other keys go in its cells. The manifest is written last,
+    synced and renamed into place, so a failed write leaves none."""
     path = Path(path)
     if path.suffix.lower() not in SUFFIXES:
         raise ValueError(f"write_manifest writes .csv or .jsonl files, not {path.suffix!r}")
-    rows = [manifest_cells(sample, index, path.parent, class_names) for index, sample in enumerate(samples)]
+    rows = [manifest_cells(sample, index, path, class_names) for index, sample in enumerate(samples)]
     keys = dict.fromkeys(key for row in rows for key in row)
     columns = [key for key in WRITTEN if key in keys] + [key for key in keys if key not in WRITTEN]
-    partial = path.with_name(path.name + ".partial")
-    with partial.open("w", encoding="utf-8", newline="") as file:
+    with atomic_path(path) as partial, partial.open("w", encoding="utf-8", newline="") as file:
         if path.suffix.lower() == ".csv":
             writer = csv.DictWriter(file, columns)
             writer.writeheader()
@@ -433,26 +450,30 @@ def write_manifest(samples: Iterable[dict[str, Any]], path: str | Path,
                              for row in rows)
         else:
             file.writelines(json.dumps(row) + "\n" for row in rows)
-    os.replace(partial, path)
     return path
 
 
-def manifest_cells(sample: dict[str, Any], index: int, folder: Path, class_names: Sequence[str]) -> dict[str, Any]:
-    """One sample as manifest cells, writing its image and audio files under ``folder``."""
+def manifest_cells(sample: dict[str, Any], index: int, manifest: Path, class_names: Sequence[str]) -> dict[str, Any]:
+    """One sample as cells of ``manifest``, writing its image and audio files beside it, in
+    images/<manifest's stem>/ and audio/<stem>/ (so manifests sharing a folder keep theirs)."""
     import soundfile
 
-    cells = dict(sample)
+    cells, folder = dict(sample), manifest.parent
     if "image" in sample:
-        cells["image"] = f"images/{index:06d}.jpg"
-        (folder / "images").mkdir(parents=True, exist_ok=True)
+        cells["image"] = f"images/{manifest.stem}/{index:06d}.jpg"
+        (folder / cells["image"]).parent.mkdir(parents=True, exist_ok=True)
         sample["image"].convert("RGB").save(folder / cells["image"], "JPEG", quality=95)
     if "audio" in sample:
-        cells["audio"] = f"audio/{index:06d}.wav"
-        (folder / "audio").mkdir(parents=True, exist_ok=True)
+        cells["audio"] = f"audio/{manifest.stem}/{index:06d}.wav"
+        (folder / cells["audio"]).parent.mkdir(parents=True, exist_ok=True)
         wave = sample["audio"]
         soundfile.write(folder / cells["audio"], wave.samples.detach().cpu().numpy().T, wave.sample_rate,
                         subtype="FLOAT")
     if "label" in sample:
+        if isinstance(sample["label"], torch.Tensor) and sample["label"].isnan().any():
+            raise MMKitError(f"write_manifest {manifest}: sample {index} ({sample.get('id', 'no id')}) has "
+                             "uncertain (NaN) findings, which a label cell cannot hold; read its dataset with "
+                             'uncertain = "negative" or "positive" to write it')
         cells["label"] = label_cell(sample["label"], class_names)
     return cells
 

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import io
 import math
+import threading
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -20,6 +22,7 @@ from PIL import Image, UnidentifiedImageError
 from mmkit.samples import SampleError, Waveform
 
 MAX_IMAGE_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold
+PIXEL_LIMIT_LOCK = threading.Lock()  # guards Pillow's limit, a module global, while pixel_limit changes it
 
 
 @dataclass(frozen=True)
@@ -36,13 +39,17 @@ class Where:
 
 
 def file_bytes(path: Path, where: Where) -> bytes:
-    """A file's contents; missing and 0-byte files are sample problems."""
+    """A file's contents; missing, unopenable and 0-byte files are sample problems."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         raise where.error("missing file", f"no such file ({path})") from None
     except IsADirectoryError:
         raise where.error("missing file", f"{path} is a folder, not a file") from None
+    except OSError as error:  # a name too long, no permission, a symlink loop: the row's path is wrong
+        raise where.error("missing file", f"cannot open {path} ({error.strerror or error})") from None
+    except ValueError as error:  # os functions refuse a path holding a NUL byte
+        raise where.error("bad value", f"the path cannot name a file ({error})") from None
     if not data:
         raise where.error("empty file", "the file has 0 bytes")
     return data
@@ -53,22 +60,31 @@ def read_image(data: bytes, where: Where, max_pixels: int = MAX_IMAGE_PIXELS) ->
     as RGB; one larger than ``max_pixels`` is refused from its header, before decoding."""
     if not data:
         raise where.error("empty file", "the image has 0 bytes")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+    with pixel_limit(max_pixels):
         try:
             image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if width * height > max_pixels:
-                raise where.error("image too large", f"{width}x{height} is over data.max_image_pixels "
-                                  f"= {max_pixels:,}; raise it if the image is genuine")
             image.load()
         except UnidentifiedImageError:
             raise where.error("not an image", "no image format recognises its bytes") from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-            raise where.error("image too large", f"Pillow refuses it as a decompression bomb ({error})") from None
+            raise where.error("image too large", f"its size is over data.max_image_pixels = {max_pixels:,}; "
+                              f"raise it if the image is genuine (Pillow: {error})") from None
         except (OSError, SyntaxError, ValueError) as error:
             raise where.error("truncated image", f"cannot decode it ({error})") from None
     return image if image.mode == "RGB" else image.convert("RGB")
+
+
+@contextmanager
+def pixel_limit(max_pixels: int) -> Iterator[None]:
+    """Make Pillow's decompression-bomb check refuse images over ``max_pixels`` (from their
+    header, before decoding) for a block: its own default would refuse a larger limit's images."""
+    with PIXEL_LIMIT_LOCK, warnings.catch_warnings():  # the lock: a thread restores what it found
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        default, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, max_pixels
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = default
 
 
 def read_audio(data: bytes, where: Where) -> Waveform:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import operator
-import os
 import re
 import tarfile
 import zlib
@@ -25,6 +24,7 @@ from PIL import Image
 
 from mmkit.data.read import MAX_IMAGE_PIXELS, Where, read_audio, read_image, read_text
 from mmkit.errors import MMKitError
+from mmkit.files import publish
 from mmkit.samples import DatasetInfo, SampleError, Waveform
 
 DEFAULT_FIELDS = {"image": "jpg;jpeg;png;webp", "text": "txt"}
@@ -299,7 +299,7 @@ def _write_shard(path: Path, samples: Iterable[dict[str, Any]], class_names: Seq
                         info = tarfile.TarInfo(f"{key}.{ext}")
                         info.size = len(data)
                         tar.addfile(info, io.BytesIO(data))
-        os.replace(partial, path)
+        publish(partial, path)
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
