@@ -15,7 +15,7 @@ from torch.utils.data import default_collate
 
 from mmkit import build
 from mmkit.errors import MMKitError
-from mmkit.tasks.clip_retrieval import both_directions, clamped_scale, contrastive_loss
+from mmkit.tasks.clip_retrieval import both_directions, clamped_scale, contrastive_loss, same_pair
 
 
 def unit_rows(n: int, d: int, seed: int) -> torch.Tensor:
@@ -117,3 +117,53 @@ def test_each_direction_ranks_its_own_queries():
     assert metrics["image_to_text/R@1"] == 0.5 and metrics["image_to_text/mean_rank"] == 1.5
     assert metrics["text_to_image/R@1"] == 1.0 and metrics["text_to_image/mean_rank"] == 1.0
     assert metrics["chance/image_to_text/R@1"] == metrics["chance/text_to_image/R@1"] == 0.5
+
+
+def test_rows_of_one_image_are_one_pair_so_a_model_that_matches_them_scores_full_recall():
+    # items 0, 1 are image A (a caption per row, as in COCO's CSVs), items 2, 3 image B: the
+    # copies of an image tie, and each caption lies nearest its own image
+    image = F.normalize(torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]]), dim=-1)
+    text = F.normalize(torch.tensor([[1.0, 0.1], [1.0, -0.1], [0.1, 1.0], [-0.1, 1.0]]), dim=-1)
+    outputs = {"image": image, "text": text, "captions": ["a dog", "a brown dog", "a cat", "a grey cat"],
+               "files": ["a.jpg", "a.jpg", "b.jpg", "b.jpg"]}
+    metrics = both_directions(outputs, same_pair(outputs), "image", "text")
+    assert metrics["text_to_image/R@1"] == metrics["image_to_text/R@1"] == 1.0
+    assert metrics["chance/text_to_image/R@1"] == 0.5  # 2 of the 4 items are each query's image
+    apart = both_directions(outputs, same_pair({**outputs, "files": []}), "image", "text")
+    assert apart["text_to_image/R@1"] == 0.0  # without files the copy of its image ties with it: a miss
+
+
+def test_a_manifests_rows_name_their_files_and_predict_pairs_the_rows_of_one_image(tmp_path):
+    from PIL import Image
+
+    from mmkit.data.manifest import Manifest
+
+    for name, colour in (("a.jpg", "red"), ("b.jpg", "blue")):
+        Image.new("RGB", (32, 32), colour).save(tmp_path / name)
+    (tmp_path / "rows.csv").write_text("image,text\na.jpg,a dog\n./a.jpg,a brown dog\nb.jpg,a cat\n")
+    (tmp_path / "wide.csv").write_text("image,c1,c2\na.jpg,a dog,a brown dog\nb.jpg,a cat,\n")
+    rows = Manifest(str(tmp_path / "rows.csv"))
+    wide = Manifest(str(tmp_path / "wide.csv"), columns={"text": ["c1", "c2"]})
+    assert "files" in rows.info.keys and [rows[i]["files"] for i in range(3)] == [str(tmp_path / "a.jpg")] * 2 + [
+        str(tmp_path / "b.jpg")]
+    assert [wide[i]["files"] for i in range(3)] == [rows[i]["files"] for i in range(3)]
+
+    encoders = {"image": build("image_encoders", "timm", model_name="test_vit", image_size=32),
+                "text": build("text_encoders", "transformer", width=64, layers=1, heads=2, context_length=16)}
+    task = build("tasks", "clip_retrieval", encoders=encoders).eval()
+    samples = [rows[i] for i in range(3)]
+    batch = {m: e.inputs([s[m] for s in samples]) for m, e in encoders.items()}
+    batch |= {"raw_text": [s["text"] for s in samples], "files": [s["files"] for s in samples]}
+    assert same_pair(task.predict([batch])).tolist() == [[True, True, False], [True, True, False],
+                                                         [False, False, True]]
+
+
+def test_without_raw_text_a_caption_is_its_tokens_whatever_the_batchs_longest_text():
+    encoders = {"image": build("image_encoders", "timm", model_name="test_vit", image_size=32),
+                "text": build("text_encoders", "transformer", width=64, layers=1, heads=2, context_length=16)}
+    task = build("tasks", "clip_retrieval", encoders=encoders).eval()
+    texts = [["a red circle"], ["a red circle", "a big blue square in the top left corner"]]
+    batches = [{"image": torch.rand(len(t), 3, 32, 32), "text": encoders["text"].inputs(t)} for t in texts]
+    assert batches[0]["text"].shape[1] < batches[1]["text"].shape[1]  # each batch cut after its longest text
+    assert same_pair(task.predict(batches)).tolist() == [[True, True, False], [True, True, False],
+                                                        [False, False, True]]

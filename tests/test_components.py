@@ -19,7 +19,7 @@ from mmkit.encoders.base import Encoded
 from mmkit.errors import MMKitError
 from mmkit.plugins import get_registry
 from mmkit.samples import DatasetInfo, Waveform
-from mmkit.tasks.clip_retrieval import same_caption
+from mmkit.tasks.clip_retrieval import same_pair
 
 from tiny_hf import tiny_bert_dir, tiny_wav2vec2_dir
 from tiny_vision import tiny_open_clip
@@ -337,7 +337,7 @@ def test_clip_retrieval_counts_captions_as_the_same_only_when_their_text_is():
     assert torch.equal(text.preprocess(captions[0]), text.preprocess(captions[1]))  # same tokens
     samples = [{"image": torch.rand(3, 32, 32), "text": text.preprocess(c), "raw_text": c} for c in captions]
     task.eval()
-    relevant = same_caption(task.predict([default_collate(samples)]))
+    relevant = same_pair(task.predict([default_collate(samples)]))
     assert relevant.tolist() == [[True, False, False, False], [False, True, False, False],
                                  [False, False, True, True], [False, False, True, True]]
 

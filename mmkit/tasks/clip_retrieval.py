@@ -20,9 +20,11 @@ class ClipRetrieval(Task):
     """CLIP-style training: symmetric InfoNCE between two modalities with a learnable temperature.
 
     Evaluation ranks every held-out item of one modality against all items of the other, in
-    both directions, and reports recall@1/5/10 and mean rank. Items with identical caption
-    text (``raw_text``, kept by mmkit's loaders; else identical tokens) cannot be told apart,
-    so any of them counts as a correct match.
+    both directions, and reports recall@1/5/10 and mean rank. Items that share a side are
+    the same pair, so any of them counts as a correct match: identical caption text
+    (``raw_text``, kept by mmkit's loaders; else identical tokens) cannot be told apart, and
+    items read from the same files (a manifest's ``files``: COCO's image with a caption per row)
+    show the same image.
 
     Args:
         modalities: the two modalities to align, e.g. ["image", "text"]; default: the recipe's two.
@@ -63,20 +65,23 @@ class ClipRetrieval(Task):
 
     @torch.no_grad()
     def predict(self, batches: Iterable[dict[str, Any]]) -> dict[str, Any]:
-        """Each held-out item's embeddings and caption (raw text where the loader kept it,
-        else its tokens), which decides which items count as the same."""
+        """Each held-out item's embeddings, caption (raw text where the loader kept it, else its
+        tokens) and files (where the dataset names them), which decide which items are the same."""
         embeddings: dict[str, list[torch.Tensor]] = {m: [] for m in self.modalities}
         captions: list[Any] = []
+        files: list[str] = []
         for batch in batches:
             for m in self.modalities:
                 embeddings[m].append(self.embed(batch, m).cpu())
             if "text" in self.modalities:
-                captions += batch.get("raw_text") or [tuple(ids) for ids in token_ids(batch["text"])[0].tolist()]
+                captions += batch.get("raw_text") or caption_tokens(batch["text"], self.encoders["text"])
+            files += batch.get("files", [])
         empty = {m: torch.empty(0, self.embed_dim) for m in self.modalities}
-        return {**{m: torch.cat(e) if e else empty[m] for m, e in embeddings.items()}, "captions": captions}
+        return {**{m: torch.cat(e) if e else empty[m] for m, e in embeddings.items()}, "captions": captions,
+                "files": files}
 
     def evaluate(self, outputs: dict[str, Any]) -> dict[str, float]:
-        return both_directions(outputs, same_caption(outputs), *self.modalities)
+        return both_directions(outputs, same_pair(outputs), *self.modalities)
 
     def headline(self) -> list[str]:
         a, b = self.modalities
@@ -90,16 +95,30 @@ class ClipRetrieval(Task):
         similarity = full_precision_similarity(outputs[query], outputs[gallery])
         figures = {"similarity": similarity_heatmap(similarity[:32, :32], query, gallery)}
         if dataset is not None:
-            figures["retrieval_examples"] = retrieval_grid(dataset, similarity, same_caption(outputs), query, gallery)
+            figures["retrieval_examples"] = retrieval_grid(dataset, similarity, same_pair(outputs), query, gallery)
         return figures
 
 
-def same_caption(outputs: dict[str, Any]) -> torch.Tensor:
-    """[N, N]: which held-out items share a caption (each item only itself without captions)."""
-    keys = outputs["captions"] or range(len(next(v for v in outputs.values() if isinstance(v, torch.Tensor))))
-    groups: dict[Any, int] = {}
-    group = torch.tensor([groups.setdefault(key, len(groups)) for key in keys])
-    return group.unsqueeze(0) == group.unsqueeze(1)
+def same_pair(outputs: dict[str, Any]) -> torch.Tensor:
+    """[N, N]: which held-out items count as the same pair: they share a caption or their
+    files (each item only itself without either)."""
+    count = len(next(v for v in outputs.values() if isinstance(v, torch.Tensor)))
+    same = torch.eye(count, dtype=torch.bool)
+    for keys in (outputs["captions"], outputs.get("files")):
+        if keys:
+            groups: dict[Any, int] = {}
+            group = torch.tensor([groups.setdefault(key, len(groups)) for key in keys])
+            same |= group.unsqueeze(0) == group.unsqueeze(1)
+    return same
+
+
+def caption_tokens(text: torch.Tensor | dict[str, torch.Tensor], encoder: Encoder) -> list[tuple[int, ...]]:
+    """Each caption's real token ids (no padding, which depends on the batch's longest text)."""
+    ids, real = (t.cpu() for t in token_ids(text))
+    pad_id = getattr(encoder, "pad_id", None)
+    if pad_id is not None:
+        real = real & (ids != pad_id)  # not in place: real may be the batch's own mask
+    return [tuple(row[keep].tolist()) for row, keep in zip(ids, real)]
 
 
 MAX_SCALE = 100.0
