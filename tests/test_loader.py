@@ -83,6 +83,27 @@ def test_augmentation_is_the_items_and_the_epochs_not_the_workers():
     assert all((fourth[i] != third[i]).all() for i in third)  # a new epoch, new draws for the same item
 
 
+def test_closing_a_training_feed_ends_its_persistent_workers():
+    import multiprocessing
+
+    from mmkit.engine.feed import TrainFeed
+
+    dataset = Preprocessed(Items(24), {})
+    source = EpochBatches(len(dataset), 4, seed=0)
+    feed = TrainFeed(train_loader(dataset, source, 2, False), source, "raise", print)
+    feed.start(0)
+    before = set(multiprocessing.active_children())  # other tests' processes, if any
+    assert next(feed)["i"].shape == (4,)
+    workers = set(multiprocessing.active_children()) - before
+    assert len(workers) == 2  # alive between batches and epochs
+    feed.close()
+    assert not workers & set(multiprocessing.active_children())
+    feed.start(6)  # a feed closed and started again reads on from its place
+    assert next(feed)["i"].tolist() == [i for batch in itertools.islice(micro_batches(
+        train_loader(dataset, source, 0, False), source, 6), 1) for i in batch["i"].tolist()]
+    feed.close()
+
+
 def test_item_seeds_are_32_bit_and_differ_for_order_sign_and_length():
     from mmkit.data.loader import mix_seed
 

@@ -104,8 +104,13 @@ class TrainFeed:
         return take_problems(batch, self.problems, self.on_error, self.log)
 
     def close(self) -> None:
-        """Shut the loader's workers down now (a run that stops on an error must not wait on them)."""
+        """Shut the loader's workers down now: the final evaluation runs without them, and a run
+        that stops on an error must not wait on them. Persistent workers live in the loader's
+        iterator (torch has no public call to end them), not in the batches drawn from it."""
         self.batches = None
+        iterator, self.loader._iterator = getattr(self.loader, "_iterator", None), None
+        if hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
 
     def state(self) -> dict[str, Any]:
         """What a checkpoint keeps of this process's data: stream positions and bad samples."""
