@@ -163,7 +163,14 @@ def test_a_resume_that_cannot_work_says_why_and_changes_nothing(tiny_recipe):
     before = files(folder)
     layout = run_mmkit("run", tiny_recipe, "train.batch_size=8", "--resume")
     assert layout.returncode == 2
-    assert "cannot resume from " in layout.stderr and "(batch_size 16 -> 8)" in layout.stderr
+    assert "cannot resume from " in layout.stderr and "(train.batch_size 16 -> 8)" in layout.stderr
+    for override, change in (("run.seed=1", "run.seed 0 -> 1"), ("data.num_samples=80", "training samples 64 -> 80")):
+        with pytest.raises(MMKitError, match=rf"another data layout \({change}\)"):  # another order from here on
+            Run(load_recipe(tiny_recipe, [override]), resume=True).fit()
+    for override, change in (("train.lr=0.1", "train.lr 0.001 -> 0.1"), ("train.beta2=0.98", "train.beta2 0.999 -> 0.98"),
+                             ("train.weight_decay=0", "train.weight_decay 0.1 -> 0")):
+        with pytest.raises(MMKitError, match=rf"{change}; a resumed run keeps the optimizer settings its checkpoint"):
+            Run(load_recipe(tiny_recipe, [override]), resume=True).fit()
     model = run_mmkit("run", tiny_recipe, "model.text.width=64", "--resume")
     assert model.returncode == 2 and len(model.stderr.strip().splitlines()) == 1
     assert "the recipe builds another model (encoders.text.position_embedding is [16, 32] in the checkpoint, " \

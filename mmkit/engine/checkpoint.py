@@ -8,6 +8,7 @@ is written under a temporary name and renamed, so a crash never leaves half of o
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -74,15 +75,19 @@ def save_checkpoint(folder: Path, step: int, model: nn.Module, optimizer: torch.
 
 
 def check_checkpoint(path: Path, model: nn.Module, param_groups: list[dict[str, Any]],
-                     layout: dict[str, int]) -> int:
+                     layout: dict[str, int], settings: dict[str, float]) -> int:
     """The step ``path`` reached, once sure it fits ``model``, the optimizer's ``param_groups``
-    and the data ``layout``; checked before a resume writes or loads anything."""
+    and ``settings`` (``optimizer_settings``, which a resume would not apply: the optimizer's
+    state holds its own) and the data ``layout``; checked before a resume writes or loads anything."""
     state = json.loads((path / "trainer.json").read_text())
-    if state["layout"] != layout:
-        changed = ", ".join(f"{k} {state['layout'].get(k)} -> {v}" for k, v in layout.items()
-                            if state["layout"].get(k) != v)
+    saved = state["layout"]  # a key a checkpoint did not record yet is taken as unchanged
+    if changed := [f"{LAYOUT_KEYS.get(k, k)} {v} -> {layout.get(k)}" for k, v in saved.items() if layout.get(k) != v]:
         raise MMKitError(f"cannot resume from {path}: it was written with another data layout "
-                         f"({changed}); resume with the recipe and process count it was written with")
+                         f"({', '.join(changed)}); resume with the recipe and process count it was written with")
+    kept = saved_settings(state["optimizer"]["param_groups"])
+    if changed := [f"{k} {kept[k]:g} -> {v:g}" for k, v in settings.items() if not math.isclose(kept[k], v, rel_tol=1e-9)]:
+        raise MMKitError(f"cannot resume from {path}: {', '.join(changed)}; a resumed run keeps the optimizer "
+                         "settings its checkpoint holds, so resume with the recipe.toml of that run")
     mismatch = weights_mismatch(path / "model.safetensors", model)
     if mismatch:
         raise MMKitError(f"cannot resume from {path}: the recipe builds another model ({mismatch}); "
@@ -120,6 +125,25 @@ def load_trained_parts(parts: dict[str, nn.Module], path: Path) -> None:
         if not tensors:
             raise MMKitError(f"{path} has no model.{key} (no tensors under {prefix!r}); evaluate a run that trained one")
         load_into(module, tensors, f"{path}: model.{key}")
+
+
+LAYOUT_KEYS = {"batch_size": "train.batch_size", "grad_accum": "train.grad_accum", "num_workers": "train.num_workers",
+               "seed": "run.seed", "samples": "training samples"}  # data layout keys as a recipe names them
+
+
+def optimizer_settings(train: Any) -> dict[str, float]:
+    """The recipe's optimizer settings, by recipe key, that a checkpoint's optimizer state holds."""
+    return {"train.lr": train.lr, "train.weight_decay": train.weight_decay, "train.beta1": train.beta1,
+            "train.beta2": train.beta2, "train.eps": train.eps}
+
+
+def saved_settings(groups: list[dict[str, Any]]) -> dict[str, float]:
+    """``optimizer_settings`` as a checkpoint's optimizer groups hold them (each group's base
+    rate is train.lr x its scale; matrices decay at train.weight_decay, the rest not at all)."""
+    group = groups[0]
+    return {"train.lr": group["initial_lr"] / group.get("lr_scale", 1.0),
+            "train.weight_decay": max(g["weight_decay"] for g in groups),
+            "train.beta1": group["betas"][0], "train.beta2": group["betas"][1], "train.eps": group["eps"]}
 
 
 def _group_layout(group: dict[str, Any]) -> tuple[int, float, float]:

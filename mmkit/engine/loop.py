@@ -365,11 +365,12 @@ def checked_profile(train: TrainSpec, total: int) -> int:
     return total
 
 
-def data_layout(train: TrainSpec, processes: int, streamed: bool = False) -> dict[str, int]:
-    """What fixes where in the data a step ends; a checkpoint only resumes under the same
-    (a stream's shares also depend on the worker count)."""
-    layout = {"processes": processes, "batch_size": train.batch_size, "grad_accum": train.grad_accum}
-    return layout | ({"num_workers": train.num_workers} if streamed else {})
+def data_layout(train: TrainSpec, processes: int, seed: int, samples: int | None = None) -> dict[str, int]:
+    """What fixes which samples each step reads: where a step ends in the data, the seed of
+    its order and the training set's size (``samples``; None for a stream, whose shares depend
+    on the worker count instead). A checkpoint only resumes under the same."""
+    layout = {"processes": processes, "batch_size": train.batch_size, "grad_accum": train.grad_accum, "seed": seed}
+    return layout | ({"num_workers": train.num_workers} if samples is None else {"samples": samples})
 
 
 def step_batches(task: Task, feed: Iterator[dict[str, Any]], grad_accum: int, device: torch.device,

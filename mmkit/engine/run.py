@@ -239,7 +239,7 @@ class Run:
             batches, size = len(source), str(len(train_set))
         plan = step_plan(self.train, batches, world, size)
         feed = TrainFeed(loader, source, self.recipe.data().on_error, self._log(accelerator), on_device)
-        return feed, plan, data_layout(self.train, world, streamed)
+        return feed, plan, data_layout(self.train, world, self.spec.seed, None if streamed else len(train_set))
 
     def _accelerator(self) -> Any:
         import torch
@@ -271,13 +271,13 @@ class Run:
     def _check_resume(self, resume_from: Path | None, parts: Any, total: int, layout: dict[str, int]) -> int | None:
         """The step to resume from, once sure the checkpoint fits this recipe; a checkpoint at
         the last step of a finished run leaves it as it is (``self.finished``)."""
-        from mmkit.engine.checkpoint import check_checkpoint
+        from mmkit.engine.checkpoint import check_checkpoint, optimizer_settings
         from mmkit.engine.schedule import param_groups
 
         if resume_from is None:
             return None
         groups = param_groups(parts.task, self.train.weight_decay, parts.scaled())
-        step = check_checkpoint(resume_from, parts.task, groups, layout)
+        step = check_checkpoint(resume_from, parts.task, groups, layout, optimizer_settings(self.train))
         if step >= total and self._done(resume_from.parent.parent):
             return step
         if step > total:
