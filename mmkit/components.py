@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -101,8 +101,10 @@ class Parts:
         return {self.modules[key]: scale for key, scale in self.lr_scales.items() if scale != 1.0}
 
 
-def build_parts(recipe: Recipe, registry: Registry) -> Parts:
-    """Build datasets, encoders (with their part keys applied), fusion head and task."""
+def build_parts(recipe: Recipe, registry: Registry, trained: bool = False) -> Parts:
+    """Build datasets, encoders (with their part keys applied), fusion head and task. With
+    ``trained`` they are a finished run's, whose own weights are loaded next: init_from is not
+    read, as its source may be gone (another machine, a deleted run) and would be overwritten."""
 
     def make(key: str, kind: str, extra: dict[str, Any] | None = None, **provided: Any) -> Any:
         keys = key.split(".")
@@ -111,7 +113,8 @@ def build_parts(recipe: Recipe, registry: Registry) -> Parts:
 
     def make_part(key: str, kind: str, **provided: Any) -> Any:
         part = make(f"model.{key}", kind, **provided)
-        prepare_part(part, recipe.part(key), f"{recipe.origin(f'model.{key}')}: model.{key}", PLACES[kind])
+        spec = replace(recipe.part(key), init_from=None) if trained else recipe.part(key)
+        prepare_part(part, spec, f"{recipe.origin(f'model.{key}')}: model.{key}", PLACES[kind])
         return part
 
     train_set, val_set, info = build_datasets(recipe, registry)

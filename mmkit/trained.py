@@ -172,7 +172,7 @@ def load_run(folder: str | Path, device: str = "cpu") -> Trained:
         if not (folder / name).exists():
             raise MMKitError(f"{folder} has no {name}: load the folder of a finished run (runs/<name>)")
     recipe = load_recipe(folder / "recipe.toml")
-    parts = build_parts(recipe, load_plugins().registry)
+    parts = build_parts(recipe, load_plugins().registry, trained=True)
     load_trained_weights(parts.task, folder / "model.safetensors")
     chosen = torch.device(device)
     parts.task.to(chosen).eval()

@@ -5,7 +5,9 @@ run (or `mmkit eval` of another task's run) probes frozen weights without a grad
 from __future__ import annotations
 
 import json
+import shutil
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ from safetensors.torch import load_file
 from sklearn.linear_model import LogisticRegression
 
 from conftest import TINY_IMAGE_TEXT, run_mmkit
-from mmkit import build
+from mmkit import build, load_run
 from mmkit.engine.run import Run
 from mmkit.errors import MMKitError
 from mmkit.metrics.classification import macro_auroc
@@ -154,14 +156,15 @@ def clip_run(tmp_path_factory):
     return folder / "runs" / "tiny"
 
 
-def probe_recipe(clip_run, tmp_path, *overrides: str) -> str:
-    """The clip run's recipe, image tower only, probed on colour labels (with ``overrides``)."""
+def probe_recipe(clip_run, tmp_path, *overrides: str, source: Path | None = None) -> str:
+    """The clip run's recipe, image tower only (init_from ``source``, by default the clip run),
+    probed on colour labels (with ``overrides``)."""
     recipe = (clip_run / "recipe.toml").read_text()
     path = tmp_path / "probe.toml"
     path.write_text(recipe)
     return load_recipe(path, [f"run.output_dir={tmp_path}", "run.name=probe", "data.label_by=colour",
                               'model={image={name="timm", model_name="test_vit", image_size=32, '
-                              f'init_from="{clip_run}"}}}}', 'task={name="linear_probe"}', *overrides])
+                              f'init_from="{source or clip_run}"}}}}', 'task={name="linear_probe"}', *overrides])
 
 
 def test_a_probe_run_fits_on_frozen_weights_and_eval_reproduces_it(clip_run, tmp_path):
@@ -181,6 +184,19 @@ def test_a_probe_run_fits_on_frozen_weights_and_eval_reproduces_it(clip_run, tmp
     assert done.returncode == 0, done.stderr[-3000:]
     again = json.loads((run / "eval" / "summary.json").read_text())
     assert again["metrics"] == summary["metrics"] and "fit" not in again  # its own classifier, not refitted
+
+
+def test_a_run_loads_and_evaluates_after_its_init_from_source_is_gone(clip_run, tmp_path):
+    source = tmp_path / "copied_clip_run"
+    shutil.copytree(clip_run, source)
+    summary = Run(probe_recipe(clip_run, tmp_path, source=source)).fit()
+    shutil.rmtree(source)  # the run moved to another machine, or its source deleted
+    run = tmp_path / "probe"
+    loaded = load_run(run)
+    scores = loaded.classify(images=[loaded.val_set[i]["image"] for i in range(4)])
+    assert scores.shape == (4, len(loaded.class_names))
+    again = Run(load_recipe(run / "recipe.toml")).evaluate(run)
+    assert again["metrics"] == summary["metrics"]
 
 
 def test_a_probe_run_refuses_train_profile_before_its_folder_as_it_takes_no_step(clip_run, tmp_path):

@@ -81,7 +81,7 @@ class Run:
             write_example(self.recipe, self.registry)
         accelerator.wait_for_everyone()
         # Everything that can refuse the recipe runs before the folder: a failed start leaves none.
-        parts = build_parts(self.recipe, self.registry)
+        parts = build_parts(self.recipe, self.registry, trained=resume_from is not None)  # a checkpoint's weights
         steps = trains_by_gradient(parts.task)
         if self.train.profile and not steps:
             raise MMKitError(f"train.profile {self.train.profile}: nothing in the model trains by gradient (the "
@@ -139,7 +139,7 @@ class Run:
         if accelerator.is_main_process:
             write_example(self.recipe, self.registry)
         accelerator.wait_for_everyone()
-        parts = build_parts(self.recipe, self.registry)
+        parts = build_parts(self.recipe, self.registry, trained=True)
         if parts.val_set is None:
             raise MMKitError(f"{self.recipe.source} has no [data.val] to evaluate on; add one (data.val.split=val)")
         weights, fitted, train_problems = run / "model.safetensors", {}, Problems()
