@@ -69,16 +69,22 @@ def names_a_file(value: str) -> bool:
 def load_into(module: torch.nn.Module, weights: dict[str, torch.Tensor], what: str) -> None:
     """Load ``weights`` into ``module`` when every name and shape fits; otherwise say in one line
     which names are missing, unexpected or of another shape, and load nothing."""
+    problems = fit_problems(module, weights)
+    if problems:
+        raise MMKitError(f"{what}: the weights do not fit the model: {problems}")
+    module.load_state_dict(weights)
+
+
+def fit_problems(module: torch.nn.Module, weights: dict[str, torch.Tensor]) -> str:
+    """Which names of ``weights`` are missing, unexpected or of another shape for ``module``, a few
+    of each, in one line; empty when all fit (also for loaders other than ``load_into``)."""
     own = module.state_dict()
     wrong = [f"{k} {tuple(v.shape)} (the model has {tuple(own[k].shape)})"
              for k, v in weights.items() if k in own and v.shape != own[k].shape]
     problems = [(label, names) for label, names in (("missing", [k for k in own if k not in weights]),
                                                     ("unexpected", [k for k in weights if k not in own]),
                                                     ("other shape", wrong)) if names]
-    if problems:
-        listed = "; ".join(f"{label}: {_some(names)}" for label, names in problems)
-        raise MMKitError(f"{what}: the weights do not fit the model: {listed}")
-    module.load_state_dict(weights)
+    return "; ".join(f"{label}: {_some(names)}" for label, names in problems)
 
 
 def _some(names: list[str], shown: int = 5) -> str:

@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch.utils.data import default_collate
 
 from mmkit import build
@@ -116,6 +116,28 @@ def test_bin_weights_load_without_unpickling_code(tmp_path):
     with pytest.raises(MMKitError, match=r"^hf text encoder '.*': the weights in .* need pickled Python objects"):
         text_encoder(folder)
     assert not ran.exists()
+
+
+def test_weights_that_leave_layers_at_random_are_refused(tmp_path):
+    def without(tiny, prefix):  # a copy of a tiny model folder whose weights lack those under prefix
+        folder = tmp_path / prefix.rstrip(".")
+        shutil.copytree(tiny, folder)
+        saved = load_file(tiny / "model.safetensors")
+        save_file({k: v for k, v in saved.items() if not k.startswith(prefix)}, folder / "model.safetensors")
+        return folder, saved
+
+    folder, saved = without(tiny_bert_dir(), "encoder.")
+    with pytest.raises(MMKitError, match=r"^hf text encoder '.*': the weights in .* do not fit the model, they lack "
+                                         r"encoder\.layer\.0\.attention\.output\.LayerNorm\.bias, .* and 13 more; "
+                                         r"save the whole model with save_pretrained, or set pretrained = false$"):
+        text_encoder(folder)
+    folder, saved = without(tiny_bert_dir(), "pooler.")
+    with pytest.raises(MMKitError, match=r"they lack pooler\.dense\.bias, pooler\.dense\.weight; "):
+        text_encoder(folder, pooling="pooler")
+    loaded = text_encoder(folder).model.state_dict()  # mean pooling drops the pooler: it need not be saved
+    assert all(torch.equal(loaded[k], saved[k]) for k in loaded)
+    folder, saved = without(tiny_whisper_dir(), "decoder.")  # only Whisper's encoder is used
+    assert audio_encoder(folder).dim == 16
 
 
 class RunsCode:
@@ -229,6 +251,17 @@ def test_ast_tokens_are_two_prefix_tokens_then_frequency_by_time_patches():
     assert torch.equal(out.pooled, out.tokens[:, 0]) and out.mask.all()
     with pytest.raises(MMKitError, match=r"pooling 'cls' needs a class token, which wav2vec2 has not"):
         audio_encoder(tiny_wav2vec2_dir(), pooling="cls")
+
+
+def test_ast_masks_the_time_patches_past_the_clip():
+    encoder = audio_encoder(tiny_ast_dir(), clip_seconds=0.3).eval()  # 28 of the tiny model's 100 frames
+    features = encoder.preprocess(Waveform(tone(0.3, 16000), 16000))
+    assert features["attention_mask"].tolist() == [1] * 28 + [0] * 72
+    out = encoder(default_collate([features]))
+    # Time patches start every 10 frames: the first three start inside the clip, in both frequency rows.
+    columns = [True] * 3 + [False] * 6
+    assert out.grid == (2, 9) and out.mask[0].tolist() == [True, True] + columns + columns
+    assert torch.allclose(out.pooled, out.tokens[out.mask].mean(0, keepdim=True), atol=1e-6)
 
 
 def test_a_hub_id_without_network_fails_in_one_line(tiny_recipe, tmp_path):

@@ -50,6 +50,20 @@ def test_torchvision_loads_a_weights_file_by_path(tmp_path, suffix):
     assert same_weights(encoder.model, weights) and "fc.weight" not in encoder.model.state_dict()
 
 
+def test_torchvision_googlenet_from_a_file_takes_inputs_as_with_published_weights(tmp_path):
+    from torchvision.models import googlenet
+
+    # torchvision's googlenet(weights=...) takes its inputs with transform_input
+    reference = googlenet(transform_input=True, aux_logits=False, init_weights=False).eval()
+    save_file(reference.state_dict(), tmp_path / "googlenet.safetensors")
+    encoder = build("image_encoders", "torchvision", model_name="googlenet",
+                    weights=str(tmp_path / "googlenet.safetensors"), image_size=64).eval()
+    reference.fc = torch.nn.Identity()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(encoder(images).pooled, reference(images), atol=1e-5)
+
+
 def test_torchvision_refuses_weights_that_do_not_fit_by_name(tmp_path):
     weights = torchvision_resnet18()
     del weights["layer4.1.bn2.weight"]
@@ -230,6 +244,37 @@ def test_open_clip_shorter_context_keeps_the_first_positions(tiny_models, tmp_pa
         build("text_encoders", "open_clip", model_name="mmkit-tiny-vit", context_length=32)
 
 
+@pytest.fixture(scope="module")
+def tiny_coca(tiny_models, tmp_path_factory) -> str:
+    """A tiny CoCa model registered with open_clip: its text tower appends a class token."""
+    import json
+
+    import open_clip
+
+    from tiny_vision import CONFIGS, TEXT
+
+    folder = tmp_path_factory.mktemp("coca")
+    text = {**TEXT, "embed_cls": True, "output_tokens": True}
+    config = {"embed_dim": 16, "custom_text": True, "text_cfg": text, **CONFIGS["mmkit-tiny-vit"],
+              "multimodal_cfg": {"context_length": 16, "width": 32, "heads": 2, "layers": 1}}
+    (folder / "mmkit-tiny-coca.json").write_text(json.dumps(config))
+    open_clip.add_model_config(folder)
+    return "mmkit-tiny-coca"
+
+
+def test_open_clip_coca_text_pooled_is_encode_text_in_any_batch(tiny_coca, tmp_path):
+    model, path = saved_open_clip(tiny_coca, tmp_path)
+    encoder = build("text_encoders", "open_clip", model_name=tiny_coca, pretrained=str(path)).eval()
+    alone, among = encoder.inputs(TEXTS[2:]), encoder.inputs(TEXTS)
+    with torch.no_grad():  # the class token sits after the whole context, as in open_clip
+        expected = model.encode_text(alone.where(alone != encoder.pad_id, 0), normalize=False)
+        assert torch.allclose(encoder(alone).pooled, expected, atol=1e-5)
+        assert torch.allclose(encoder(among).pooled[2:], expected, atol=1e-5)
+    short = build("text_encoders", "open_clip", model_name=tiny_coca, pretrained=str(path), context_length=8).eval()
+    with torch.no_grad():  # a shorter context keeps the class token's own position
+        assert torch.allclose(short(short.inputs(TEXTS[2:])).pooled, expected, atol=1e-5)
+
+
 # Prefix and grid of each tiny tower: 32 px / 8 px patches; 64 px / the ResNet's stride of 32;
 # timm's test_vit: a class token, then 32 px / 16 px patches.
 TOKENS = {"mmkit-tiny-vit": (0, (4, 4)), "mmkit-tiny-rn": (0, (2, 2)), "mmkit-tiny-timm": (1, (2, 2))}
@@ -301,3 +346,85 @@ def test_open_clip_names_what_it_does_not_build():
         build("image_encoders", "open_clip", model_name="ViT-B-23")
     with pytest.raises(MMKitError, match="its text tower is the Hugging Face model 'roberta-base'"):
         build("text_encoders", "open_clip", model_name="roberta-ViT-B-32")
+
+
+# timm
+
+
+def timm_weights_file(folder: Path, name: str, prefix: str = "", **args) -> tuple[dict[str, torch.Tensor], Path]:
+    """A timm model's whole state dict (classifier included), random, saved as safetensors under ``prefix``."""
+    import timm
+
+    weights = timm.create_model(name, **args).state_dict()
+    path = folder / f"{name}{prefix.strip('.')}.safetensors"
+    save_file({prefix + k: v.contiguous() for k, v in weights.items()}, path)
+    return weights, path
+
+
+def test_timm_refuses_weights_that_do_not_fit_by_name(tmp_path):
+    weights, whole = timm_weights_file(tmp_path, "test_resnet")
+    part = tmp_path / "part.safetensors"
+    save_file({k: v.contiguous() for k, v in weights.items() if not k.startswith("layer4.")}, part)
+    _, prefixed = timm_weights_file(tmp_path, "test_resnet", prefix="encoders.image.model.")
+    with pytest.raises(MMKitError, match=r"^timm model 'test_resnet': the pretrained weights do not fit the model: "
+                                         r"missing: layer4\.0\.conv1\.weight, "):
+        build("image_encoders", "timm", model_name="test_resnet", pretrained=str(part))
+    with pytest.raises(MMKitError, match=r"missing: conv1\.0\.weight, .*; unexpected: encoders\.image\.model\."):
+        build("image_encoders", "timm", model_name="test_resnet", pretrained=str(prefixed))
+    encoder = build("image_encoders", "timm", model_name="test_resnet", image_size=32, pretrained=str(whole))
+    assert same_weights(encoder.model, weights) and "fc.weight" not in encoder.model.state_dict()
+
+
+def test_timm_vit_weights_load_at_another_image_size(tmp_path):
+    """Loaded by timm, so its checkpoint filter resamples the position embedding to the image size."""
+    weights, path = timm_weights_file(tmp_path, "test_vit", img_size=32)
+    encoder = build("image_encoders", "timm", model_name="test_vit", image_size=64, pretrained=str(path))
+    assert encoder.model.pos_embed.shape[1] == 1 + 4 * 4 != weights["pos_embed"].shape[1]
+    assert torch.equal(encoder.model.blocks[0].attn.qkv.weight, weights["blocks.0.attn.qkv.weight"])
+
+
+def test_timm_swin_tokens_are_its_channels_last_map_row_by_row():
+    encoder = build("image_encoders", "timm", model_name="swin_tiny_patch4_window7_224", image_size=32,
+                    model_args={"embed_dim": 16, "depths": [1, 1], "num_heads": [1, 2], "window_size": 4}).eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():  # eval: no stochastic depth between the two passes
+        out, feature_map = encoder(images), encoder.model.forward_features(images)  # [B, H', W', C]
+    assert out.tokens.shape == (2, 16, encoder.token_dim) and out.grid == (4, 4) and out.prefix == 0
+    assert torch.equal(out.tokens[:, 1], feature_map[:, 0, 1])  # row by row: token 1 is row 0, column 1
+
+
+def picture_256() -> Image.Image:
+    """A fixed 256x256 picture of noise, on which resizings and crops of any kind differ."""
+    pixels = torch.randint(0, 256, (256, 256, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    return Image.fromarray(pixels.numpy())
+
+
+def timm_eval_transform(tagged: str, image_size: int) -> torch.Tensor:
+    """timm's own eval transform of ``picture_256`` for a model's pretrained tag, at ``image_size``."""
+    from timm.data import create_transform, resolve_data_config
+    from timm.models import get_pretrained_cfg
+
+    config = resolve_data_config({"img_size": image_size}, pretrained_cfg=get_pretrained_cfg(tagged).to_dict())
+    return create_transform(**config)(picture_256())
+
+
+def test_timm_pretrained_preprocess_is_timms_eval_transform_for_the_weights(tmp_path):
+    _, path = timm_weights_file(tmp_path, "test_convnext")  # bicubic, 95 % center crop, mean and std 0.5
+    encoder = build("image_encoders", "timm", model_name="test_convnext", image_size=64, pretrained=str(path))
+    pixels = encoder.preprocess(picture_256())
+    assert pixels.dtype == torch.uint8 and pixels.shape == (3, 64, 64)
+    assert torch.equal(encoder.on_device(pixels[None])[0], timm_eval_transform("test_convnext.r160_in1k", 64))
+    assert torch.equal(pickle.loads(pickle.dumps(encoder.preprocess))(picture_256()), pixels)
+
+
+def test_timm_hub_weights_of_another_tag_bring_that_tags_transform(tmp_path, monkeypatch):
+    """efficientnet_b0's default tag (ra_in1k) normalises with ImageNet's mean and std; ra4_e3600_r224_in1k with 0.5."""
+    import mmkit.encoders.timm_image as timm_image
+
+    _, path = timm_weights_file(tmp_path, "efficientnet_b0")
+    monkeypatch.setattr(timm_image, "hub_file", lambda repo, *args, **kwargs: path)
+    encoder = build("image_encoders", "timm", model_name="efficientnet_b0", image_size=64,
+                    pretrained="timm/efficientnet_b0.ra4_e3600_r224_in1k")
+    expected = timm_eval_transform("efficientnet_b0.ra4_e3600_r224_in1k", 64)
+    assert not torch.equal(expected, timm_eval_transform("efficientnet_b0", 64))
+    assert torch.equal(encoder.on_device(encoder.preprocess(picture_256())[None])[0], expected)

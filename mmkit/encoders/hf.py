@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import pickle
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -51,7 +52,7 @@ class HFTextEncoder(Encoder):
 
         what = f"hf text encoder {model!r}"
         folder = model_folder(model, what)
-        backbone = load_model(folder, pretrained, what)
+        backbone = load_model(folder, pretrained, what, optional=() if pooling == "pooler" else ("pooler.",))
         tokenizer = from_folder(AutoTokenizer, folder, what)
         add_pad_and_mask_tokens(tokenizer, backbone)
         self.model = encoder_only(backbone)
@@ -109,8 +110,8 @@ class HFAudioEncoder(Encoder):
     with its own feature extractor; clips are resampled to the rate it expects.
 
     Tokens are frames (a 1 x frames grid) or, for AST, its class and distillation tokens then
-    the frequency x time patches. Whisper pads every clip to its fixed window (30 s for the
-    released models); the frames past the clip are masked out.
+    the frequency x time patches. Whisper and AST pad every clip to their fixed window (30 s and
+    about 10 s for the released models); the tokens past the clip are masked out.
 
     Args:
         model: a hub id ("facebook/wav2vec2-base") or a local folder saved with save_pretrained.
@@ -131,21 +132,22 @@ class HFAudioEncoder(Encoder):
         self.model = encoder_only(load_model(folder, pretrained, what))
         config = self.model.config
         if config.model_type == AST_MODEL_TYPE:  # cls + distillation tokens, then frequency x time patches
-            self.prefix, self.rows = 2, self.model.embeddings.get_shape(config)[0]
+            self.prefix, self.rows, self.time_stride = 2, self.model.embeddings.get_shape(config)[0], config.time_stride
         else:  # a sequence of frames
-            self.prefix, self.rows = 0, 1
+            self.prefix, self.rows, self.time_stride = 0, 1, None
         if pooling == "cls" and self.prefix == 0:
             raise MMKitError(f"{what}: pooling 'cls' needs a class token, which {config.model_type} has not; "
                              "use pooling = 'mean'")
         extractor = from_folder(AutoFeatureExtractor, folder, what)
         self.input_name = extractor.model_input_names[0]
         self.pooling = pooling
-        self.preprocess = AudioFeatures(extractor, clip_seconds, frame_mask=config.model_type == "whisper")
+        frame_mask = config.model_type in ("whisper", AST_MODEL_TYPE)
+        self.preprocess = AudioFeatures(extractor, clip_seconds, frame_mask=frame_mask)
         self.dim = config.hidden_size
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> Encoded:
         tokens = self.model(inputs[self.input_name]).last_hidden_state
-        mask = clip_mask(inputs.get("attention_mask"), tokens)
+        mask = clip_mask(inputs.get("attention_mask"), tokens, self.prefix, self.rows, self.time_stride)
         pooled = tokens[:, 0] if self.pooling == "cls" else masked_mean(tokens, mask)
         grid = (self.rows, (tokens.shape[1] - self.prefix) // self.rows)
         return Encoded(tokens=tokens, pooled=pooled, mask=mask, grid=grid, prefix=self.prefix)
@@ -154,8 +156,8 @@ class HFAudioEncoder(Encoder):
 class AudioFeatures:
     """Waveform -> the feature extractor's inputs for one clip (a dict of tensors): mixed to
     mono, resampled to the extractor's rate, padded with silence or cut to ``clip_seconds``.
-    With ``frame_mask`` it also gives which feature frames hold the clip (Whisper pads
-    every clip to its window)."""
+    With ``frame_mask`` it also gives which feature frames hold the clip (as "attention_mask":
+    Whisper and AST pad every clip to their window)."""
 
     def __init__(self, extractor: Any, clip_seconds: float, frame_mask: bool):
         self.extractor = extractor
@@ -165,16 +167,30 @@ class AudioFeatures:
     def __call__(self, clip: Waveform) -> dict[str, torch.Tensor]:
         features = self.extractor(self.fit(clip).numpy(), sampling_rate=self.fit.sample_rate, return_tensors="pt",
                                   return_attention_mask=self.frame_mask)
-        return {name: value[0] for name, value in features.items()}
+        features = {name: value[0] for name, value in features.items()}
+        if self.frame_mask and "attention_mask" not in features:  # AST's extractor pads without saying where
+            frames = fbank_frames(self.fit.length, self.fit.sample_rate)
+            features["attention_mask"] = (torch.arange(self.extractor.max_length) < frames).long()
+        return features
 
 
-def clip_mask(frames: torch.Tensor | None, tokens: torch.Tensor) -> torch.Tensor:
-    """Which tokens hold the clip: all, or those whose feature frames do (each token
-    strides over a fixed number of frames)."""
+def fbank_frames(samples: int, rate: int) -> int:
+    """How many Kaldi filter-bank frames (25 ms windows every 10 ms, as AST's feature extractor
+    takes them) ``samples`` give."""
+    window, hop = int(rate * 0.025), int(rate * 0.010)
+    return 1 + (samples - window) // hop if samples >= window else 0
+
+
+def clip_mask(frames: torch.Tensor | None, tokens: torch.Tensor, prefix: int, rows: int,
+              stride: int | None) -> torch.Tensor:
+    """Which tokens hold the clip: all without a frame mask; else the prefix tokens and, in each of
+    the ``rows``, the tokens whose first feature frame does (each token strides over ``stride``
+    frames, or over the frames evenly)."""
     if frames is None:
         return torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
-    stride = frames.shape[1] // tokens.shape[1]
-    return frames[:, ::stride][:, : tokens.shape[1]].bool()
+    columns = (tokens.shape[1] - prefix) // rows
+    starts = frames[:, :: stride or frames.shape[1] // columns][:, :columns].bool()
+    return torch.cat([starts.new_ones(len(starts), prefix), starts.repeat(1, rows)], dim=1)
 
 
 def model_folder(model: str, what: str) -> Path:
@@ -217,21 +233,36 @@ def from_folder(auto_class: Any, folder: Path, what: str, **options: Any) -> Any
         raise MMKitError(f"{what}: cannot load {auto_class.__name__} from {folder}: {one_line(error)}") from None
 
 
-def load_model(folder: Path, pretrained: bool, what: str) -> nn.Module:
+def load_model(folder: Path, pretrained: bool, what: str, optional: tuple[str, ...] = ()) -> nn.Module:
     """The folder's model in float32 and in training mode, like any freshly built module:
-    its saved weights (safetensors, or .bin through torch.load(weights_only=True)), or
-    without ``pretrained`` a random init from its config."""
+    its saved weights (safetensors, or .bin through torch.load(weights_only=True)), all of them
+    but the ``optional`` ones (name prefixes), or without ``pretrained`` a random init from its config."""
     from transformers import AutoConfig, AutoModel
 
     if pretrained:
         try:
-            model = from_folder(AutoModel, folder, what, dtype=torch.float32, weights_only=True)
+            model, info = from_folder(AutoModel, folder, what, dtype=torch.float32, weights_only=True,
+                                      output_loading_info=True)
         except pickle.UnpicklingError:
             raise MMKitError(f"{what}: the weights in {folder} need pickled Python objects to load, which mmkit "
                              "refuses (loading them could run code); save them as model.safetensors") from None
+        refuse_missing_weights(model, info["missing_keys"], optional, folder, what)
     else:
         model = AutoModel.from_config(from_folder(AutoConfig, folder, what))
     return model.train()
+
+
+def refuse_missing_weights(model: nn.Module, missing: Iterable[str], optional: tuple[str, ...], folder: Path,
+                           what: str) -> None:
+    """Refuse saved weights that leave part of what mmkit uses at random (transformers only prints
+    a table): any tensor of the encoder missing, but those named ``optional``."""
+    tensors = model.state_dict(keep_vars=True)
+    used = {id(tensor) for tensor in encoder_only(model).state_dict(keep_vars=True).values()}
+    missing = sorted(k for k in missing if k in tensors and id(tensors[k]) in used and not k.startswith(optional))
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise MMKitError(f"{what}: the weights in {folder} do not fit the model, they lack {', '.join(missing[:3])}"
+                         f"{more}; save the whole model with save_pretrained, or set pretrained = false")
 
 
 def encoder_only(model: nn.Module) -> nn.Module:

@@ -145,7 +145,9 @@ class OpenClipTextEncoder(Encoder):
         self.vocab_size = self.text.vocab_size
         self.dim = self.text.output_dim if self.text.text_projection is not None else self.text.width
         self.preprocess = OpenClipTokenize(tokenizer, self.pad_id)
-        self.collate = TrimPadding(self.pad_id)
+        # A CoCa class token is appended after the whole context, the position it has in open_clip;
+        # a batch cut shorter would move it, so such towers take every batch at full width.
+        self.collate = TrimPadding(self.pad_id) if self.text.cls_emb is None else None
 
     def words(self, ids: list[int]) -> list[str]:
         from mmkit.encoders.text import bpe_words
@@ -236,10 +238,13 @@ def tower_weights(state: dict[str, torch.Tensor], tower: str) -> dict[str, torch
 
 def fit_positions(state: dict[str, torch.Tensor], text: nn.Module) -> dict[str, torch.Tensor]:
     """A shorter context keeps the first positions of a longer one: under causal attention their
-    features are what the longer context gives them."""
+    features are what the longer context gives them. A CoCa class token keeps its last position,
+    where it sees the same unpadded text."""
     positions = state.get("positional_embedding")
-    if positions is not None and positions.shape[0] > text.positional_embedding.shape[0]:
-        state = {**state, "positional_embedding": positions[: text.positional_embedding.shape[0]]}
+    wanted = text.positional_embedding.shape[0]
+    if positions is not None and positions.shape[0] > wanted:
+        kept = positions[:wanted] if text.cls_emb is None else torch.cat([positions[: wanted - 1], positions[-1:]])
+        state = {**state, "positional_embedding": kept}
     return state
 
 
@@ -254,12 +259,14 @@ def open_clip_tokenizer(name: str, context_length: int, what: str) -> Any:
 
 def add_mask_and_pad_tokens(text: nn.Module) -> tuple[int, int]:
     """Grow the token embedding by two rows: a mask token that no text tokenizes to, and
-    padding of its own; their ids."""
+    padding of its own, which starts as open_clip's padding (id 0): open_clip's CoCa mask lets the
+    class token see the first padding token; their ids."""
     old = text.token_embedding
     grown = nn.Embedding(old.num_embeddings + 2, old.embedding_dim)
     with torch.no_grad():
         grown.weight[:-2] = old.weight
-        nn.init.normal_(grown.weight[-2:], std=0.02)  # as open_clip initialises token embeddings
+        nn.init.normal_(grown.weight[-2], std=0.02)  # as open_clip initialises token embeddings
+        grown.weight[-1] = old.weight[0]
     text.token_embedding = grown
     text.vocab_size = grown.num_embeddings
     return old.num_embeddings, old.num_embeddings + 1

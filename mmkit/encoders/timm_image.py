@@ -9,11 +9,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmkit.encoders.base import (IMAGENET_MEAN, IMAGENET_STD, Encoded, Encoder, Normalize, feature_map_cells,
-                                 resize_crop)
+from mmkit.encoders.base import (IMAGENET_MEAN, IMAGENET_STD, Encoded, Encoder, Normalize, PixelTensor,
+                                 feature_map_cells, resize_crop, to_rgb)
 from mmkit.errors import MMKitError, one_line
 from mmkit.hub import hub_file
-from mmkit.weights import load_weights, weights_file
+from mmkit.weights import fit_problems, load_weights, weights_file
 
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
@@ -26,7 +26,8 @@ class TimmImageEncoder(Encoder):
         pretrained: false, true (timm's hub weights for the name, downloaded once), a hub repo id
             ("timm/resnet18.a1_in1k") or a local weights file or folder (.safetensors, or .bin/.pt
             holding only tensors).
-        image_size: side in pixels that images are resized and center-cropped to.
+        image_size: side in pixels that images are resized and center-cropped to (pretrained weights
+            resize, crop and normalise as timm's eval transform for them does).
         model_args: extra arguments for timm.create_model, e.g. {depth = 4, patch_size = 8}.
     """
 
@@ -40,7 +41,7 @@ class TimmImageEncoder(Encoder):
         super().__init__()
         self.model = create_timm_model(model_name, pretrained, image_size, model_args or {})
         self.dim = getattr(self.model, "head_hidden_size", None) or self.model.num_features  # what forward_head gives
-        self.preprocess, self.on_device = resize_crop(image_size), model_normalize(self.model)
+        self.preprocess, self.on_device = image_transform(self.model, image_size, bool(pretrained), model_name)
         self.cell = timm_cell(self.model)
 
     @property
@@ -69,6 +70,8 @@ def timm_tokens(model: nn.Module, features: torch.Tensor,
                 size: tuple[int, int]) -> tuple[torch.Tensor, int, tuple[int, int] | None]:
     """Tokens, prefix count and grid of a timm model's forward_features: a CNN's feature-map
     cells, or a ViT's prefix tokens then its patches."""
+    if features.ndim == 4 and getattr(model, "output_fmt", "NCHW") == "NHWC":  # Swin: channels last
+        return features.flatten(1, 2), 0, tuple(features.shape[1:3])
     if features.ndim == 4:
         tokens, grid = feature_map_cells(features)
         return tokens, 0, grid
@@ -90,27 +93,63 @@ def patch_grid(model: nn.Module, size: tuple[int, int], patches: int) -> tuple[i
 
 def create_timm_model(name: str, pretrained: bool | str, image_size: int, args: dict[str, Any]) -> nn.Module:
     """timm.create_model with a headless model, the image size where the model takes one,
-    weights read by mmkit (never unpickled), and one-line errors."""
+    weights read by mmkit (never unpickled) and loaded strictly, and one-line errors."""
     import timm
 
     if not timm.is_model(name):
         raise MMKitError(f"unknown timm model {name!r}; see timm.list_models('*{name[:4]}*')")
     what = f"timm model {name!r}"
-    overlay = {"state_dict": load_weights(timm_weights(name, pretrained, what), what)} if pretrained else None
-    kwargs = dict(pretrained=bool(pretrained), pretrained_cfg_overlay=overlay, num_classes=0, **args)
+    kwargs: dict[str, Any] = dict(num_classes=0, **args)
+    if pretrained:
+        weights = headless(load_weights(timm_weights(name, pretrained, what), what), name)
+        # timm's own load, for its checkpoint filter (a ViT's position embedding resampled to image_size);
+        # num_classes 0 in the weights' config too, or timm loads leniently (strict=False) for a new head
+        kwargs.update(pretrained=True, pretrained_cfg=hub_tag(name, pretrained),
+                      pretrained_cfg_overlay={"state_dict": weights, "num_classes": 0})
     try:
-        try:
-            return timm.create_model(name, img_size=image_size, **kwargs)
-        except TypeError as error:  # CNNs take any size and have no img_size argument
-            if "img_size" not in str(error):
-                raise
-            return timm.create_model(name, **kwargs)
+        return sized_model(name, image_size, kwargs)
     except TypeError as error:
         raise MMKitError(f"{what}: bad model_args: {error}") from None
     except RuntimeError as error:  # load_state_dict: names or shapes that do not fit
         if not pretrained:
             raise
-        raise MMKitError(f"{what}: the pretrained weights do not fit the model: {one_line(error)}") from None
+        problems = fit_problems(sized_model(name, image_size, {**kwargs, "pretrained": False}), weights)
+        raise MMKitError(f"{what}: the pretrained weights do not fit the model: "
+                         f"{problems or one_line(error)}") from None
+
+
+def sized_model(name: str, image_size: int, kwargs: dict[str, Any]) -> nn.Module:
+    """timm.create_model at ``image_size`` where the model takes an img_size argument."""
+    import timm
+
+    try:
+        return timm.create_model(name, img_size=image_size, **kwargs)
+    except TypeError as error:  # CNNs take any size and have no img_size argument
+        if "img_size" not in str(error):
+            raise
+        return timm.create_model(name, **kwargs)
+
+
+def headless(weights: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    """The weights without the classifier timm names for the model, which the encoder is built without."""
+    from timm.models import get_arch_pretrained_cfgs
+
+    heads = next((cfg.classifier for cfg in get_arch_pretrained_cfgs(name).values()), None) or ()
+    heads = (heads,) if isinstance(heads, str) else heads
+    dropped = {f"{head}.{part}" for head in heads for part in ("weight", "bias")}
+    return {k: v for k, v in weights.items() if k not in dropped}
+
+
+def hub_tag(name: str, pretrained: bool | str) -> str | None:
+    """The timm tag of hub weights "timm/<model>.<tag>" for this model, so that the model carries
+    their own config (mean, std, resizing) rather than its default tag's; None otherwise."""
+    from timm.models import get_arch_pretrained_cfgs, split_model_name_tag
+
+    if not (isinstance(pretrained, str) and pretrained.startswith("timm/") and not Path(pretrained).exists()):
+        return None
+    tagged = pretrained.removeprefix("timm/")
+    tag = split_model_name_tag(tagged)[1]
+    return tag if tag and tagged in get_arch_pretrained_cfgs(name) else None
 
 
 def timm_weights(name: str, pretrained: bool | str, what: str) -> Path:
@@ -128,6 +167,24 @@ def timm_weights(name: str, pretrained: bool | str, what: str) -> Path:
     return hub_file(repo, ("model.safetensors", "pytorch_model.bin"), f"{what}: pretrained weights could not be loaded",
                     advice="offline, download them once with network access (they are cached), "
                            "set pretrained to a local weights file, or set pretrained = false")
+
+
+def image_transform(model: nn.Module, image_size: int, pretrained: bool, name: str) -> tuple[Any, Normalize]:
+    """Pretrained weights: timm's eval transform for their config at ``image_size`` (resizing, crop,
+    interpolation, mean and std), its resizing to uint8 pixels (preprocess) and its ToTensor +
+    Normalize on the device (on_device; the same numbers). Random weights: resize and center-crop."""
+    from timm.data import create_transform, resolve_model_data_config
+    from torchvision import transforms
+
+    if not pretrained:
+        return resize_crop(image_size), model_normalize(model)
+    config = resolve_model_data_config(model, args={"img_size": image_size})
+    *resize, to_tensor, normalize = steps = create_transform(**config, is_training=False).transforms
+    if not (isinstance(normalize, transforms.Normalize) and type(to_tensor).__name__.endswith("ToTensor")):
+        raise MMKitError(f"timm model {name!r}: timm's eval transform no longer ends in ToTensor + Normalize "
+                         f"({', '.join(type(step).__name__ for step in steps)}); mmkit needs updating for it")
+    return (transforms.Compose([transforms.Lambda(to_rgb), *resize, PixelTensor()]),
+            Normalize(tuple(normalize.mean.tolist()), tuple(normalize.std.tolist())))
 
 
 def model_normalize(model: nn.Module) -> Normalize:

@@ -41,7 +41,7 @@ class TorchvisionImageEncoder(Encoder):
         check_model_name(model_name)
         published = published_weights(model_name, weights, what)
         state = load_weights(weights_path(published, weights, what), what) if weights else None
-        self.model = build_model(model_name, published, image_size)
+        self.model = build_model(model_name, published, image_size, pretrained=state is not None)
         self.vit = is_vit(self.model)
         self.tap = FeatureTap(*token_source(self.model))  # found while the classifier still marks the trunk's end
         classifier, dropped = drop_classifier(self.model, what)
@@ -150,10 +150,11 @@ def torch_hub_file(url: str, what: str) -> Path:
     return path
 
 
-def build_model(name: str, published: Any, image_size: int) -> nn.Module:
+def build_model(name: str, published: Any, image_size: int, pretrained: bool) -> nn.Module:
     """The model with random weights, built as torchvision builds it for ``published``: a ViT
-    for the weights' input size (else ``image_size``), Inception-style models taking their inputs
-    as those weights were trained on."""
+    for the weights' input size (else ``image_size``); Inception-style models, when any weights
+    load (a local file too, which does not say how it was trained), taking their inputs as
+    torchvision's builders do for any weights."""
     from torchvision import models
 
     size = published.meta["min_size"][0] if published is not None else image_size
@@ -163,7 +164,7 @@ def build_model(name: str, published: Any, image_size: int) -> nn.Module:
         if "image_size" not in str(error):
             raise
         model = models.get_model(name)
-    if published is not None and hasattr(model, "transform_input"):
+    if pretrained and hasattr(model, "transform_input"):
         model.transform_input = True
     return model
 
