@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from mmkit.errors import MMKitError
+
+if TYPE_CHECKING:
+    import pluggy
 
 
 class _Group(click.Group):
@@ -211,18 +214,31 @@ def check(source: str, overrides: tuple[str, ...], columns: tuple[str, ...], wor
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `mmkit` script: adds plugins' commands, then runs."""
-    from mmkit.errors import one_line
     from mmkit.plugins import loaded_manager
 
-    manager = loaded_manager()[0]
-    for impl in manager.hook.register_commands.get_hookimpls():
-        try:
-            impl.function(cli)
-        except Exception as error:  # one plugin's broken command must not take the CLI down
-            name = manager.get_name(impl.plugin)
-            click.echo(f'mmkit: plugin "{name}" failed in register_commands: {one_line(error)}', err=True)
+    _add_plugin_commands(loaded_manager()[0])
     try:
         cli.main(args=argv, prog_name="mmkit")
     except KeyboardInterrupt:
         click.echo("mmkit: interrupted", err=True)
         sys.exit(130)
+
+
+def _add_plugin_commands(manager: pluggy.PluginManager) -> None:
+    """Let each plugin add its commands; a name already taken (a builtin's, an earlier plugin's)
+    keeps its command, and the clash is reported, so no plugin silently replaces `mmkit run`."""
+    from mmkit.errors import one_line
+
+    owners = dict.fromkeys(cli.commands, "mmkit")
+    for impl in manager.hook.register_commands.get_hookimpls():
+        plugin, before = manager.get_name(impl.plugin), dict(cli.commands)
+        try:
+            impl.function(cli)
+        except Exception as error:  # one plugin's broken command must not take the CLI down
+            click.echo(f'mmkit: plugin "{plugin}" failed in register_commands: {one_line(error)}', err=True)
+        for name, command in list(cli.commands.items()):
+            if name in before and command is not before[name]:
+                cli.commands[name] = before[name]
+                click.echo(f'mmkit: plugin "{plugin}" registers command "{name}", already registered by '
+                           f"{owners[name]}; ignored", err=True)
+            owners.setdefault(name, f'plugin "{plugin}"')

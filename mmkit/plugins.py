@@ -70,8 +70,8 @@ def plugin_manager(problems: list[str]) -> tuple[pluggy.PluginManager, dict[str,
         dist = entry.dist.name if entry.dist else "?"
         if manager.has_plugin(entry.name):
             if dists.get(entry.name) != dist:  # not merely one distribution seen twice on sys.path
-                problems.append(f'plugin "{entry.name}" of {dist} has the name of a plugin of '
-                                f'{dists.get(entry.name)}; ignored')
+                taken = f"a plugin of {dists[entry.name]}" if entry.name in dists else "a builtin plugin of mmkit"
+                problems.append(f'plugin "{entry.name}" of {dist} has the name of {taken}; ignored')
             continue
         try:
             manager.register(entry.load(), name=entry.name)

@@ -154,13 +154,14 @@ def _load_tree(path: Path, seen: tuple[Path, ...], origins: dict[str, str]) -> d
 
 
 def merge(base: dict[str, Any], top: dict[str, Any], path: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Deep-merge two tables, ``top`` winning. A layer that names another
-    component drops the old one's params (not data.on_error, nor [data.val] unless it brings
-    its own, nor a part's freeze, lora, init_from and lr_scale), and a layer that sets one of
-    train.epochs / train.max_steps drops the other."""
+    """Deep-merge two tables, ``top`` winning; an empty table in ``top`` replaces (clears) the
+    one below. A layer that names another component drops the old one's params and its
+    [data.example] (files in the old dataset's format), not data.on_error, nor [data.val] unless
+    it brings its own, nor a part's freeze, lora, init_from and lr_scale; a layer that sets one
+    of train.epochs / train.max_steps drops the other."""
     out = copy.deepcopy(base)
     if path and path[0] != "run" and "name" in top and top["name"] != base.get("name"):
-        kept = tuple(k for k in DATA_KEYS if k not in top) if path == ("data",) else \
+        kept = tuple(k for k in ("val", "on_error") if k not in top) if path == ("data",) else \
             PART_KEYS if path[0] == "model" else ()
         out = {key: out[key] for key in kept if key in out}
     if path == ("train",):
@@ -168,7 +169,7 @@ def merge(base: dict[str, Any], top: dict[str, Any], path: tuple[str, ...] = ())
             if top.get(one) and other not in top:  # max_steps = 0 means "use epochs": keep them
                 out.pop(other, None)
     for key, value in top.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        if isinstance(value, dict) and value and isinstance(out.get(key), dict):
             out[key] = merge(out[key], value, path + (key,))
         else:
             out[key] = copy.deepcopy(value)
@@ -202,7 +203,7 @@ def check_recipe(recipe: Recipe, registry: Registry) -> None:
         _check_table(problems, "data", {k: data[k] for k in DATA_KEYS if k in data and k != "val"},
                      read_params("", DataSpec))
         if isinstance(data.get("example"), dict):
-            _check_table(problems, "data.example", data["example"], read_params("", Example))
+            _check_example(problems, registry, data["example"])
     if isinstance(data, dict) and "val" in data:
         if not isinstance(data["val"], dict):
             problems.add("data.val", f"expected a table of dataset parameters, got {data['val']!r}")
@@ -277,6 +278,20 @@ def _check_table(problems: _Problems, prefix: str, table: Any, params: dict[str,
             problems.add(f"{prefix}.{name}", f"missing; expected {param.type_name}")
 
 
+def _check_example(problems: _Problems, registry: Registry, example: dict[str, Any]) -> None:
+    """[data.example]'s keys, the dataset it generates, and that dataset's params (but the
+    num_samples and split it is given for each split), so a typo fails at validate, not mid-run."""
+    _check_table(problems, "data.example", example, read_params("", Example))
+    name, params = example.get("name"), example.get("params", {})
+    if not isinstance(name, str):
+        return
+    if not registry.has("datasets", name):
+        problems.add("data.example.name", registry.unknown_message("datasets", name))
+    elif isinstance(params, dict):
+        schema = {k: p for k, p in registry.get("datasets", name).params.items() if k not in ("num_samples", "split")}
+        _check_table(problems, "data.example.params", params, schema)
+
+
 def _built_from_encoders(registry: Registry, table: Any) -> str | None:
     """A fusion head written for the old contract (handed ``encoders``): say what changed."""
     name = table.get("name") if isinstance(table, dict) else None
@@ -304,7 +319,8 @@ def _check_component(problems: _Problems, registry: Registry, prefix: str, table
         return
     name = table.get("name")
     if not isinstance(name, str):
-        problems.add(f"{prefix}.name", f"missing; name a component, see `mmkit list {kind}`")
+        what = "missing; name a component" if name is None else f"expected a string naming a component, got {name!r}"
+        problems.add(f"{prefix}.name", f"{what}, see `mmkit list {kind}`")
         return
     if not registry.has(kind, name):
         problems.add(f"{prefix}.name", registry.unknown_message(kind, name))

@@ -138,9 +138,6 @@ class DataSpec:
     on_error: Literal["raise", "skip"] = "raise"
     example: dict[str, Any] | None = None
 
-    def problems(self) -> dict[str, str]:
-        return {}
-
 
 DATA_KEYS = ("val", *(f.name for f in fields(DataSpec)))
 

@@ -24,13 +24,14 @@ def gru_site(tmp_path_factory) -> Path:
     return site
 
 
-def fake_installed(site: Path, dist: str, module: str, source: str) -> None:
-    """Lay out an installed distribution (module + dist-info with an mmkit entry point)."""
+def fake_installed(site: Path, dist: str, module: str, source: str, entry: str | None = None) -> None:
+    """Lay out an installed distribution (module + dist-info with an mmkit entry point, named
+    ``entry`` or as the distribution)."""
     (site / f"{module}.py").write_text(source)
     info = site / f"{dist.replace('-', '_')}-1.0.dist-info"
     info.mkdir()
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text(f"[mmkit]\n{dist} = {module}\n")
+    (info / "entry_points.txt").write_text(f"[mmkit]\n{entry or dist} = {module}\n")
 
 
 def test_installed_plugin_is_listed_and_documented(gru_site):
@@ -151,6 +152,25 @@ def test_plugin_commands_are_added(tmp_path):
     assert said.returncode == 0 and said.stdout == "hello from a plugin\n"
 
 
+def test_plugin_commands_cannot_replace_a_builtin_or_an_earlier_plugins(tmp_path):
+    def source(said: str) -> str:
+        return ("import click\nfrom mmkit import hookimpl\n@hookimpl\ndef register_commands(cli):\n"
+                f"    @cli.command()\n    def run():\n        click.echo({said!r})\n"
+                f"    @cli.command()\n    def hello():\n        click.echo({said!r})\n")
+
+    fake_installed(tmp_path, "first", "first_plugin", source("first"))
+    fake_installed(tmp_path, "second", "second_plugin", source("second"))
+    env = {"PYTHONPATH": str(tmp_path), "MMKIT_PLUGINS": "first,second"}
+    said = run_mmkit("hello", env=env)
+    assert said.returncode == 0 and said.stdout == "first\n"
+    assert said.stderr.splitlines() == [
+        'mmkit: plugin "first" registers command "run", already registered by mmkit; ignored',
+        'mmkit: plugin "second" registers command "run", already registered by mmkit; ignored',
+        'mmkit: plugin "second" registers command "hello", already registered by plugin "first"; ignored',
+    ]
+    assert "Train and evaluate RECIPE" in run_mmkit("run", "--help", env=env).stdout
+
+
 def test_plugin_taking_a_used_name_is_reported_and_ignored(tmp_path):
     source = (
         "from mmkit import hookimpl\n"
@@ -169,6 +189,14 @@ def test_plugin_taking_a_used_name_is_reported_and_ignored(tmp_path):
                                      'already registered by plugin "mmkit.encoders"; ignored')
     assert "transformer" in listed.stdout and "[mmkit.encoders]" in listed.stdout
     assert "clash_free" in listed.stdout
+
+
+def test_an_entry_point_named_like_a_builtin_is_reported_and_ignored(tmp_path):
+    fake_installed(tmp_path, "shadow", "shadow_plugin", "raise RuntimeError('never imported')\n", entry="mmkit.data")
+    listed = run_mmkit("list", "datasets", env={"PYTHONPATH": str(tmp_path), "MMKIT_PLUGINS": "mmkit.data"})
+    assert listed.returncode == 0 and "synthetic_shapes" in listed.stdout
+    assert listed.stderr.strip() == ('mmkit: plugin "mmkit.data" of shadow has the name of a builtin plugin of mmkit; '
+                                     "ignored")
 
 
 SLOW_DATA = '''

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
 import re
+import shlex
 import textwrap
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_mmkit
+from conftest import ROOT, TINY_MODEL, run_mmkit
 from mmkit.errors import MMKitError, RecipeError
 from mmkit.plugins import get_registry
 from mmkit.components import build_parts
@@ -88,6 +90,36 @@ def test_an_inline_table_override_replaces_the_table(tmp_path, tiny_recipe):
     assert merged.table("model", "image")["model_args"] == {"depth": 1, "num_heads": 1}
 
 
+def test_an_empty_table_in_a_file_clears_the_inherited_one(tmp_path, tiny_recipe):
+    tiny_recipe.write_text(tiny_recipe.read_text().replace('image_size = 32\n\n[model.text]',
+                                                           'image_size = 32\nmodel_args = { depth = 4 }\n\n[model.text]'))
+    child = write(tmp_path / "child.toml", 'extends = "tiny.toml"\n[model.image]\nmodel_args = {}\n')
+    assert load_recipe(child).table("model", "image")["model_args"] == {}
+    assert load_recipe(tiny_recipe).table("model", "image")["model_args"] == {"depth": 4}
+
+
+def test_a_dataset_switch_in_a_file_drops_the_old_datasets_example_files(tmp_path):
+    write(tmp_path / "files.toml", """
+        [data]
+        name = "manifest"
+        path = "data/shapes.csv"
+        on_error = "skip"
+        example = { name = "synthetic_shapes", train = 40, val = 8 }
+        [data.val]
+        path = "data/val.csv"
+    """ + TINY_MODEL)
+    child = write(tmp_path / "child.toml", """
+        extends = "files.toml"
+        [data]
+        name = "synthetic_shapes"
+        num_samples = 8
+        [data.val]
+    """)
+    recipe = load_recipe(child)
+    assert recipe.table("data") == {"name": "synthetic_shapes", "num_samples": 8, "on_error": "skip", "val": {}}
+    check_recipe(recipe, get_registry())
+
+
 def test_setting_epochs_drops_max_steps_from_the_layers_below(tmp_path, tiny_recipe):
     assert load_recipe(tiny_recipe, ["train.epochs=3"]).spec("train").max_steps is None
     child = write(tmp_path / "child.toml", 'extends = "tiny.toml"\n[train]\nepochs = 2\n')
@@ -138,6 +170,12 @@ def test_missing_pieces_are_named(tmp_path):
     assert f"{bare}: task: missing table" in found
     assert any("model: expected at least one of [model.image]" in p for p in found)
     assert f"{bare}: data.val.num_sample: unknown key; did you mean 'num_samples'?" in found
+
+
+def test_a_component_name_that_is_not_a_string_is_named_as_such(tiny_recipe):
+    assert problems(tiny_recipe, "task.name=3") == [
+        f"{tiny_recipe} (command line): task.name: expected a string naming a component, got 3, "
+        "see `mmkit list tasks`"]
 
 
 def test_values_that_cannot_work_are_refused(tiny_recipe):
@@ -222,6 +260,28 @@ def test_shipped_recipes_validate(path):
     check_recipe(load_recipe(path), get_registry())
 
 
+def header_commands() -> list:
+    """Each `mmkit run` command a shipped recipe's header comment shows, as its recipe and overrides."""
+    commands = []
+    for path in sorted((ROOT / "recipes").glob("*.toml")):
+        header = itertools.takewhile(lambda line: line.startswith("#"), path.read_text().splitlines())
+        for line in "\n".join(line[1:] for line in header).replace("\\\n", " ").splitlines():
+            if line.split()[:2] == ["mmkit", "run"]:
+                args = shlex.split(line, comments=True)
+                commands.append(pytest.param(ROOT / args[2], args[3:], id=" ".join(args[2:])))
+    return commands
+
+
+@pytest.mark.parametrize("path, overrides", header_commands())
+def test_the_commands_in_recipe_headers_validate(path, overrides):
+    recipe = load_recipe(path, overrides)
+    check_recipe(recipe, get_registry())
+    changes_model = any(o.startswith("model.") for o in overrides)
+    downloads = any("pretrained=true" in o or "init_from" in o for o in overrides)
+    if changes_model and not downloads:  # a model's own arguments are checked only when it is built
+        build_parts(recipe, get_registry())
+
+
 @pytest.mark.parametrize("override, says", [
     ("data.image_size=0", "data (synthetic_shapes): cannot build: ValueError: image_size must be at least 16 pixels"),
     ("data.num_samples=0", "data (synthetic_shapes): cannot build: ValueError: num_samples must be at least 1"),
@@ -259,6 +319,17 @@ def test_data_keys_mmkit_applies_are_checked_and_kept_across_a_dataset_switch(tm
     """)
     assert load_recipe(grandchild).data().on_error == "skip"
     assert "on_error" not in load_recipe(grandchild).params("data")
+
+
+def test_typos_in_data_example_are_named_at_validate():
+    manifest = ROOT / "recipes" / "clip_retrieval_manifest.toml"
+    cli = f"{manifest} (command line)"
+    assert problems(manifest, "data.example.name=synthetic_shape") == [
+        f"{cli}: data.example.name: unknown dataset 'synthetic_shape'; did you mean 'synthetic_shapes'? "
+        "see `mmkit list datasets`"]
+    assert problems(manifest, "data.example.params.imgsize=3", "data.example.params.seed=x") == [
+        f"{cli}: data.example.params.imgsize: unknown key; did you mean 'image_size'?",
+        f"{cli}: data.example.params.seed: expected int, got 'x'"]
 
 
 def test_a_dataset_cannot_declare_a_key_mmkit_applies_to_every_data_table():
