@@ -7,7 +7,7 @@ import itertools
 import json
 import textwrap
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -253,8 +253,9 @@ def attention_maps(inputs: list[torch.Tensor], words: list[list[str]], maps: lis
     return fig
 
 
-def write_report(folder: Path, summary: dict[str, Any], figures: dict[str, Any]) -> Path:
-    """Save each figure as PNG beside report.html, which shows them under the summary."""
+def write_report(folder: Path, summary: dict[str, Any], figures: dict[str, Any], notes: Sequence[str] = ()) -> Path:
+    """Save each figure as PNG beside report.html, which shows them under the summary (and
+    ``notes``, e.g. why a figure is missing)."""
     images = []
     for name, fig in figures.items():
         fig.savefig(folder / f"{name}.png", dpi=100)
@@ -267,7 +268,7 @@ def write_report(folder: Path, summary: dict[str, Any], figures: dict[str, Any])
 <title>mmkit run {html.escape(summary["name"])}</title>
 <style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:2px 12px}}img{{max-width:100%}}</style></head>
 <body><h1>Run {html.escape(summary["name"])}</h1>
-<p>{html.escape(_what(summary))}</p>
+<p>{html.escape(_what(summary))}</p>{"".join(f"<p>{html.escape(note)}</p>" for note in notes)}
 <table><tr><th>held-out metric</th><th>value</th><th>chance</th></tr>{rows}</table>
 {"".join(images)}
 <h2>summary.json</h2><pre>{html.escape(json.dumps(summary, indent=2))}</pre></body></html>"""

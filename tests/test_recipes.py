@@ -47,6 +47,8 @@ def test_each_recipe_runs_end_to_end(recipe, tmp_path, monkeypatch):
     assert f"run folder: {folder}" in done.stdout
     for name in ("recipe.toml", "metrics.jsonl", "model.safetensors", "report.html", "checkpoints/step_00000004"):
         assert (folder / name).exists(), name
+    streamed = load_recipe(recipe).table("data")["name"] == "webdataset"  # no figure of held-out samples: said
+    assert ("The held-out set is streamed, so the figures" in (folder / "report.html").read_text()) == streamed
     if writes_files(recipe):
         assert "writing [data.example]: synthetic_shapes, 64 train + 32 val samples" in done.stdout
         assert summary["skipped_samples"]["train"]["samples"] == 0

@@ -125,7 +125,6 @@ class Run:
         set (the run's own recipe, or with data or evaluation settings overridden); writes
         summary.json, the task's figures and report.html to a new ``run``/eval folder."""
         from accelerate.utils import set_seed
-        from torch.utils.data import IterableDataset
 
         from mmkit.components import build_parts
         from mmkit.data.examples import write_example
@@ -166,8 +165,8 @@ class Run:
                        **split_chance(metrics), **({"fit": fitted} if fitted else {}), "skipped_samples": skipped,
                        "versions": self.versions}
             _write_json(self.paths.summary, summary)
-            raw = None if isinstance(parts.val_set, IterableDataset) else Readable(parts.val_set, problems)
-            write_report(self.paths.folder, summary, parts.task.figures(raw, outputs))
+            raw, notes = readable(parts.val_set, problems)
+            write_report(self.paths.folder, summary, parts.task.figures(raw, outputs), notes)
         accelerator.wait_for_everyone()
         accelerator.end_training()
         return summary
@@ -381,18 +380,28 @@ class Run:
 
     def _report(self, parts: Any, outputs: dict[str, Any] | None, val_problems: Any, tracker: Any,
                 summary: dict[str, Any]) -> None:
-        from torch.utils.data import IterableDataset
-
         from mmkit.report import throughput, training_curves, write_report
 
         records = tracker.records()
         trained = any("train/loss" in record for record in records)  # a linear probe takes no steps
         figures = {"training_curves": training_curves(records, parts.task.headline()),
                    "throughput": throughput(records)} if trained else {}
+        notes: list[str] = []
         if outputs is not None:
-            raw = None if isinstance(parts.val_set, IterableDataset) else Readable(parts.val_set, val_problems)
+            raw, notes = readable(parts.val_set, val_problems)
             figures |= parts.task.figures(raw, outputs)
-        write_report(self.paths.folder, summary, figures)
+        write_report(self.paths.folder, summary, figures, notes)
+
+
+def readable(val_set: Any, problems: Any) -> tuple[Readable | None, list[str]]:
+    """The held-out samples the report's figures may draw (none from a stream, which cannot be
+    indexed), and the report's note when they are missing."""
+    from torch.utils.data import IterableDataset
+
+    if isinstance(val_set, IterableDataset):
+        return None, ["The held-out set is streamed, so the figures that draw its samples (retrieval "
+                      "examples, attention maps) are left out; a manifest or folder held-out set has them."]
+    return Readable(val_set, problems), []
 
 
 class Readable:
