@@ -83,6 +83,8 @@ def test_extensions_are_matched_in_any_case(root):
      r"image folder .*photos has no .jpg, .jpeg, .*\.webp files in its class sub-folders \(cat\)"),
     ({"cat/a.jpg": b"x"}, {"caption": "a photo of a {name}"},
      r"image folder .*photos: caption 'a photo of a \{name\}' does not format"),
+    ({"cat/a.jpg": b"x"}, {"caption": "a photo of a label"},
+     r"image folder .*photos: caption 'a photo of a label' does not name the class; write \{label\} where it goes"),
     ({"cat/a.jpg": b"x"}, {"classes": []}, r"image folder .*photos: classes must name each class once"),
 ])
 def test_a_folder_without_classes_or_images_fails_construction_in_one_line(tmp_path, layout, params, message):

@@ -97,7 +97,7 @@ def list_images(root: Path, folder: str, suffixes: tuple[str, ...]) -> list[str]
 
 
 def check_caption(caption: str, source: str) -> None:
-    """Refuse a caption template that does not format with a class name alone."""
+    """Refuse a caption template that does not format with a class name alone, or leaves it out."""
     try:
         text = caption.format(label="x")
     except (AttributeError, KeyError, IndexError, ValueError) as error:
@@ -105,6 +105,9 @@ def check_caption(caption: str, source: str) -> None:
                          'write it like "a photo of a {label}"') from None
     if not text.strip():
         raise MMKitError(f"image folder {source}: caption is empty; write it like \"a photo of a {{label}}\"")
+    if text == caption.format(label="y"):  # every class would get the same text
+        raise MMKitError(f"image folder {source}: caption {caption!r} does not name the class; write {{label}} "
+                         'where it goes, like "a photo of a {label}"')
 
 
 def write_image_folder(samples: Iterable[dict[str, Any]], root: str | Path, class_names: Sequence[str]) -> Path:
