@@ -44,7 +44,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 from common import data_folder, load_average, machine, write_results  # noqa: E402
 
-from mmkit.engine.flops import mfu  # noqa: E402
+from mmkit.engine.flops import counted_attention, mfu  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = {"embed_dim": 128,
@@ -61,12 +61,20 @@ PRESETS = {  # what each device trains unless the command line says otherwise
              "lr": 5e-4, "warmup": 50, "beta2": 0.98, "eps": 1e-6},  # open_clip's settings for ViTs
 }
 OPTIMIZER = {"weight_decay": 0.1, "beta1": 0.9}  # the same for both presets
-OPEN_CLIP_LAUNCHER = """import sys, open_clip
+OPEN_CLIP_LAUNCHER = """import logging, sys, time, open_clip
+import open_clip_train.train
 if sys.argv[1] != "-":
     open_clip.add_model_config(sys.argv[1])
+class Stamped:  # each training log line stamped with when it was written: its times print to the ms only
+    def __getattr__(self, name):
+        return getattr(logging, name)
+    def info(self, message, *args, **kwargs):
+        logging.info(f"at {time.perf_counter():.6f} {message}", *args, **kwargs)
+open_clip_train.train.logging = Stamped()
 from open_clip_train.main import main
 main(sys.argv[2:])
 """
+SAME_IMAGES = ["--aug-cfg", "scale=(1.0,1.0)"]  # the whole (square) image, as mmkit's preprocess takes it
 
 
 def write_data(folder: Path, samples: int, image_size: int, processes: int = 1) -> Path:
@@ -105,7 +113,7 @@ def open_clip_command(csv: Path, args: argparse.Namespace, logs: Path, compiled:
     config, model = "-", args.model
     if args.model == "small":
         config, model = str(small_config(logs)), "mmkit-bench-small"
-    epochs = max(1, round(args.steps * args.batch_size / args.samples))
+    epochs = args.steps * args.batch_size // args.samples  # main() refuses a fraction of an epoch
     precision = {"fp32": "fp32", "bf16": "amp_bf16"}[args.precision]
     return [sys.executable, str(launcher), config, "--train-data", csv.name, "--dataset-type", "csv",
             "--csv-separator", ",", "--csv-img-key", "image", "--csv-caption-key", "text",
@@ -115,7 +123,7 @@ def open_clip_command(csv: Path, args: argparse.Namespace, logs: Path, compiled:
             "--beta2", str(args.beta2), "--eps", str(args.eps),
             "--precision", precision, "--device", args.device, "--log-every-n-steps", str(args.log_every),
             "--save-frequency", "0", "--zeroshot-frequency", "0", "--val-frequency", "0",
-            "--logs", str(logs), "--name", f"open_clip-{time.time_ns()}", "--seed", "0",
+            "--logs", str(logs), "--name", f"open_clip-{time.time_ns()}", "--seed", "0", *SAME_IMAGES,
             *(["--torchcompile"] if compiled else [])]
 
 
@@ -132,19 +140,23 @@ def run_open_clip(csv: Path, args: argparse.Namespace, logs: Path, compiled: boo
     return {"records": open_clip_log(output, args.batch_size), "peak_mib": peak}
 
 
-LINE = re.compile(r"Train Epoch: (\d+) \[\s*(\d+)/(\d+) .*?Data \(t\): ([\d.]+) Batch \(t\): ([\d.]+),"
-                  r".*? Loss: ([\d.]+) ")
+LINE = re.compile(r"at ([\d.]+) Train Epoch: (\d+) \[\s*(\d+)/(\d+) .*?Data \(t\): ([\d.]+) "
+                  r"Batch \(t\): ([\d.]+),.*? Loss: ([\d.]+) ")
 
 
 def open_clip_log(output: str, batch_size: int) -> list[dict[str, float]]:
-    """open_clip_train's log lines as records: the step, samples/s over the steps since the
-    previous line (its batch and data times are averages reset at each line), the share of
-    that time spent waiting for data, and the loss at that step."""
-    records = []
-    for epoch, seen, per_epoch, data_time, batch_time, loss in LINE.findall(output):
-        step = int(epoch) * (int(per_epoch) // batch_size) + int(seen) // batch_size
-        records.append({"step": step, "samples_per_s": batch_size / float(batch_time),
-                        "data_share": float(data_time) / float(batch_time), "loss": float(loss)})
+    """open_clip_train's log lines (stamped by the launcher) as records: the step, samples/s
+    over the steps since the previous line, from the lines' stamps (its own batch time prints
+    to the millisecond: 1.5% apart at 70 ms; the first line, with none before it, from that),
+    the share of that time spent waiting for data (its averages reset at each line), and the
+    loss at that step."""
+    records, before = [], None
+    for stamp, epoch, seen, per_epoch, data_time, batch_time, loss in LINE.findall(output):
+        step, now = int(epoch) * (int(per_epoch) // batch_size) + int(seen) // batch_size, float(stamp)
+        rate = batch_size / float(batch_time) if before is None else batch_size * (step - before[0]) / (now - before[1])
+        records.append({"step": step, "samples_per_s": rate, "data_share": float(data_time) / float(batch_time),
+                        "loss": float(loss)})
+        before = step, now
     return records
 
 
@@ -165,7 +177,7 @@ def open_clip_flops(args: argparse.Namespace, manifest: Path, logs: Path, rows: 
         captions = [row["text"] for _, row in zip(range(rows), csv.DictReader(file))]
     text = open_clip.get_tokenizer(name)(captions)
     images = torch.randn(rows, 3, args.image_size, args.image_size)
-    with FlopCounterMode(display=False) as counter:
+    with counted_attention(), FlopCounterMode(display=False) as counter:
         open_clip.ClipLoss()(*model(images, text)).backward()  # image and text features, logit scale
     return counter.get_total_flops() / rows
 
@@ -341,6 +353,9 @@ def main() -> None:
         if getattr(args, key, None) is None:  # the preset's, where the command line is silent
             setattr(args, key, value)
     args.samples = args.samples or args.steps * args.batch_size
+    if args.samples % args.batch_size or args.steps * args.batch_size % args.samples:
+        parser.error(f"--steps {args.steps} x --batch-size {args.batch_size} must be whole passes over --samples "
+                     f"{args.samples} of whole batches: open_clip_train counts epochs, mmkit steps")
     if not 0 <= args.profile < args.steps - args.skip:
         parser.error(f"--profile {args.profile}: from 0 to {args.steps - args.skip - 1} here (--steps {args.steps} "
                      f"- --skip {args.skip} - 1: the rate needs a logged step after the skipped ones and before the "
@@ -351,22 +366,29 @@ def main() -> None:
         trainers |= {"open_clip_train --torchcompile": (run_open_clip, True), "mmkit train.compile": (run_mmkit, True)}
     trainers["mmkit"] = (run_mmkit, False)
     runs: dict[str, dict[str, Any]] = {}
+    failed: dict[str, str] = {}
     with data_folder(args.folder, "mmkit-throughput-") as folder:
         csv = write_data(folder, args.samples, args.image_size, os.cpu_count() or 1)
         counted = {"open_clip_train": open_clip_flops(args, csv, folder)}
         before = load_average()
         for name, (trainer, compiled) in trainers.items():
             started = time.perf_counter()
-            runs[name] = trainer(csv, args, folder, compiled)
-            runs[name]["seconds"] = time.perf_counter() - started  # start-up and compilation included
-            if name.startswith("mmkit"):  # the same count eager and compiled
-                counted["mmkit"] = runs[name]["summary"]["flops_per_sample"]
-            results = compared(runs, args, before, counted)  # written after each trainer: a cut-off run keeps its numbers
-            write_results(results, args.json)
+            try:
+                runs[name] = trainer(csv, args, folder, compiled)
+                runs[name]["seconds"] = time.perf_counter() - started  # start-up and compilation included
+                if name.startswith("mmkit"):  # the same count eager and compiled
+                    counted["mmkit"] = runs[name]["summary"]["flops_per_sample"]
+            except SystemExit as failure:  # a trainer that fails costs its own numbers, not the others'
+                failed[name] = str(failure)
+                print(f"{name} failed: {failure}", file=sys.stderr)
+            results = compared(runs, args, before, counted) | ({"failed": failed} if failed else {})
+            write_results(results, args.json)  # after each trainer: a cut-off run keeps its numbers
             loss_plot(runs, Path(args.json).with_suffix(".png"))
     for key, value in results.items():
-        if key != "loss":
+        if key not in ("loss", "failed"):
             print(f"{key}: {value}")
+    if failed:
+        raise SystemExit(f"failed: {', '.join(failed)} (their output is above and in the JSON's 'failed')")
 
 
 def compared(runs: dict[str, dict[str, Any]], args: argparse.Namespace, before: list[float],

@@ -11,8 +11,9 @@
 #            was in each mmkit run's last 6 steps (their ops tables land beside the JSON). After
 #            failed tests it profiles nothing: a profiler at odds with CUDA graphs must not cost
 #            the rates
-#   loading  loading.py with the benchmark's 12 workers: how many 224 px images/s the loader gives a
-#            CPU run (normalised in the workers) and a GPU run (uint8 batches), against ImageFolder
+#   loading  loading.py with the benchmark's 12 workers and 224 px JPEGs taken whole (as the bench's
+#            are): how many images/s the loader gives a CPU run (normalised in the workers) and a GPU
+#            run (uint8 batches), against ImageFolder
 # Output lands in the folder given (default gpu-checks/); name the stages to run (default tests
 # and bench, in that order). A device call runs 10 minutes at most and a session may have
 # only one, so the stages share TOTAL_SECONDS (default 580): each is capped at its own limit and
@@ -62,7 +63,7 @@ if [[ " $stages " == *" bench "* ]]; then
 fi
 if [[ " $stages " == *" loading "* ]]; then
     capped loading "${LOADING_SECONDS:-120}" "$out/loading.log" python3 benchmarks/loading.py --workers 12 \
-        --images 4000 --repeats 2 --json "$out/loading.json"
+        --images 4000 --repeats 2 --image-size 224 --crop 224 --json "$out/loading.json"
     grep -A4 "^loader" "$out/loading.log" 2>/dev/null || tail -5 "$out/loading.log" 2>/dev/null
 fi
 exit $status

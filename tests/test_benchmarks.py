@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
+import torch
 
 from conftest import ROOT
 
@@ -18,19 +19,41 @@ def throughput():
 
 
 def test_open_clip_log_lines_become_steps_rates_data_shares_and_losses():
-    log = ("2026-11-26,12:00:01 | INFO | Train Epoch: 0 [   256/16384 (2%)] Data (t): 0.512 Batch (t): 1.024, 250.000/s, "
-           "250.000/s/gpu LR: 0.000100 Logit Scale: 14.286 Contrastive_loss: 5.5452 (5.5452) Loss: 5.5452 (5.5452)\n"
-           "2026-11-26,12:00:02 | INFO | Train Epoch: 0 [ 2816/16384 (17%)] Data (t): 0.010 Batch (t): 0.080, 3300.12/s, "
-           "3300.12/s/gpu LR: 0.000200 Logit Scale: 14.290 Contrastive_loss: 5.4010 (5.4700) Loss: 5.4010 (5.4700)\n"
-           "2026-11-26,12:00:09 | INFO | Train Epoch: 2 [ 5376/16384 (33%)] Data (t): 0.020 Batch (t): 0.064, 4100.00/s, "
-           "4100.00/s/gpu LR: 0.000300 Logit Scale: 14.300 Contrastive_loss: 4.9000 (5.0100) Loss: 4.9000 (5.0100)\n")
+    log = ("2026-11-26,12:00:01 | INFO | at 100.000000 Train Epoch: 0 [   256/16384 (2%)] Data (t): 0.512 Batch (t): "
+           "1.024, 250.000/s, 250.000/s/gpu LR: 0.000100 Logit Scale: 14.286 Contrastive_loss: 5.5452 (5.5452) "
+           "Loss: 5.5452 (5.5452)\n"
+           "2026-11-26,12:00:02 | INFO | at 100.800000 Train Epoch: 0 [ 2816/16384 (17%)] Data (t): 0.010 Batch (t): "
+           "0.081, 3300.12/s, 3300.12/s/gpu LR: 0.000200 Logit Scale: 14.290 Contrastive_loss: 5.4010 (5.4700) "
+           "Loss: 5.4010 (5.4700)\n"
+           "2026-11-26,12:00:09 | INFO | at 109.632000 Train Epoch: 2 [ 5376/16384 (33%)] Data (t): 0.020 Batch (t): "
+           "0.064, 4100.00/s, 4100.00/s/gpu LR: 0.000300 Logit Scale: 14.300 Contrastive_loss: 4.9000 (5.0100) "
+           "Loss: 4.9000 (5.0100)\n")
     records = throughput().open_clip_log(log, batch_size=256)
-    # step: 64 steps an epoch before it, plus the batches of its own; the rate is the batch over
-    # the interval's mean batch time (not the last step's rate the line also prints)
+    # step: 64 steps an epoch before it, plus the batches of its own; the rate is the samples since
+    # the line before over the time between their stamps (10 x 256 in 0.8 s, 138 x 256 in 8.832 s),
+    # the first line's from its mean batch time, not from the last step's rate the line also prints
     assert [r["step"] for r in records] == [1, 11, 2 * 64 + 21]
     assert [r["samples_per_s"] for r in records] == pytest.approx([250.0, 3200.0, 4000.0])
-    assert [r["data_share"] for r in records] == pytest.approx([0.5, 0.125, 0.3125])
+    assert [r["data_share"] for r in records] == pytest.approx([0.5, 0.010 / 0.081, 0.3125])
     assert [r["loss"] for r in records] == [5.5452, 5.4010, 4.9000]
+
+
+def test_open_clip_train_takes_the_same_pixels_as_mmkit(tmp_path):
+    import argparse
+
+    import open_clip
+    from open_clip_train.params import parse_args
+
+    from mmkit import build
+
+    bench = throughput()
+    args = argparse.Namespace(**bench.PRESETS["cuda"], device="cuda")
+    command = bench.open_clip_command(tmp_path / "data.csv", args, tmp_path, compiled=False)
+    settings = parse_args(command[3:])  # after the interpreter, the launcher and the model config
+    _, train_transform, _ = open_clip.create_model_and_transforms("ViT-B-32", aug_cfg=settings.aug_cfg)
+    image = build("datasets", "synthetic_shapes", num_samples=1, image_size=224)[0]["image"]
+    mmkit = build("image_encoders", "open_clip", model_name="ViT-B-32").inputs([image])
+    assert torch.allclose(train_transform(image).unsqueeze(0), mmkit, atol=1e-5)  # the whole image, no random crop
 
 
 def test_the_steady_rate_is_the_median_of_the_intervals_after_the_skipped_steps_and_before_the_profiled_ones():

@@ -27,6 +27,23 @@ def test_a_step_counts_the_forward_and_the_backward_products():
     assert flops == 480
 
 
+class Attention(Task):
+    def __init__(self):
+        super().__init__()
+        self.project = nn.Linear(8, 8, bias=False)
+
+    def training_step(self, batch):
+        q = self.project(batch["x"]).view(2, 1, 5, 8)
+        return {"loss/sum": nn.functional.scaled_dot_product_attention(q, q, q).sum()}
+
+
+def test_attention_is_counted_as_its_products_on_the_cpu_too():
+    # projection 2*10*8*8 = 1280 forward and 1280 for its weight's gradient (the batch needs none);
+    # attention QK^T and AV 2*2*5*5*8 = 800 each forward, their two gradients each backward: 1600 + 3200
+    flops = count_flops(Attention(), {"x": torch.randn(2, 5, 8)}, Accelerator(cpu=True))
+    assert flops == 1280 + 1280 + 1600 + 3200
+
+
 class Noisy(Task):
     def __init__(self):
         super().__init__()
