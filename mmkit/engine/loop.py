@@ -61,7 +61,7 @@ class Stopped(Exception):
 
 
 def fit(task: Task, feed: TrainFeed, val: Evaluation | None, train: TrainSpec, evaluation: EvalSpec,
-        accelerator: Any, tracker: Tracker, paths: RunPaths, plan: tuple[int | None, int],
+        accelerator: Any, tracker: Tracker, paths: RunPaths, plan: tuple[float | None, int],
         layout: dict[str, int], resume_from: Path | None, lr_scales: Mapping[torch.nn.Module, float] | None = None,
         ) -> FitResult:
     """Train ``task`` for the ``plan``'s (steps per epoch, total steps), evaluating, logging,

@@ -53,11 +53,11 @@ def multi_label_metrics(scores: torch.Tensor, targets: torch.Tensor, thresholds:
     if unscored.any():
         metrics = dict.fromkeys(metrics, float("nan"))
     per_label = _ratio(2 * true_positives.double(), (said + found).double()).masked_fill(unscored, float("nan"))
-    aurocs, errors = {}, {}
+    aurocs, errors, both = {}, {}, two_sided(targets)
     for index, (name, column, positives) in enumerate(zip(class_names, scores.T, actual.T)):
         rows = known[:, index]
         metrics[f"f1/{name}"] = per_label[index].item()
-        if 0 < positives[rows].sum() < rows.sum():
+        if both[index]:
             aurocs[name] = auroc(column[rows], positives[rows])
             errors[name] = calibration_error(column[rows], positives[rows])
     metrics["auroc_macro"] = sum(aurocs.values()) / len(aurocs) if aurocs else float("nan")
@@ -127,12 +127,11 @@ def auroc(scores: torch.Tensor, positives: torch.Tensor) -> float:
 def macro_auroc(scores: torch.Tensor, targets: torch.Tensor) -> float:
     """Mean one-vs-rest AUROC over the columns that have both positives and negatives (NaN if
     none); ``targets`` are booleans, or floats whose NaN entries are not known and left out."""
-    values = []
-    for column, target in zip(scores.T, targets.T):
-        rows = ~target.isnan() if target.is_floating_point() else torch.ones_like(target, dtype=torch.bool)
-        positives = target[rows].bool()
-        if 0 < positives.sum() < len(positives):
-            values.append(auroc(column[rows], positives))
+    targets, values = targets.double(), []  # booleans have no entry unknown
+    for column, target, both in zip(scores.T, targets.T, two_sided(targets)):
+        if both:
+            rows = ~target.isnan()
+            values.append(auroc(column[rows], target[rows].bool()))
     return sum(values) / len(values) if values else float("nan")
 
 
@@ -161,12 +160,8 @@ def chance_scores(labels: torch.Tensor, classes: int, multi_label: bool) -> torc
     """What a constant predictor gives every item: the held-out set's class frequencies
     (its argmax is the majority class; for multi-label, each label's prevalence among the
     known entries)."""
-    if multi_label:
-        check_multi_label_targets(labels)
-        frequency = labels.double().nanmean(0).nan_to_num(0)
-    else:
-        check_single_labels(labels, classes)
-        frequency = torch.bincount(labels, minlength=classes).double() / len(labels)
+    check_labels(labels, classes, multi_label)
+    frequency = labels.double().nanmean(0).nan_to_num(0) if multi_label else torch.bincount(labels, minlength=classes).double() / len(labels)
     return frequency.expand(len(labels), classes)
 
 
@@ -194,6 +189,14 @@ def multi_label_beside_chance(scores: torch.Tensor, targets: torch.Tensor, thres
         best = multi_label_metrics(chance, targets, best_thresholds(chance, targets, half), class_names)
         levels |= {key: value for key, value in best.items() if key.startswith("f1")}
     return metrics | {f"chance/{name}": value for name, value in levels.items()}
+
+
+def check_labels(labels: torch.Tensor, classes: int, multi_label: bool) -> None:
+    """Refuse labels no metric can score: ``check_multi_label_targets`` or ``check_single_labels``."""
+    if multi_label:
+        check_multi_label_targets(labels)
+    else:
+        check_single_labels(labels, classes)
 
 
 def check_single_labels(labels: torch.Tensor, classes: int) -> None:

@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 
 from mmkit.encoders.base import Encoder
 from mmkit.errors import MMKitError
-from mmkit.metrics.classification import check_multi_label_targets, check_single_labels, macro_auroc, two_sided
+from mmkit.metrics.classification import check_labels, macro_auroc, two_sided
 from mmkit.parts import freeze
 from mmkit.samples import DatasetInfo
 from mmkit.tasks.classification import Classification
@@ -82,10 +82,7 @@ class LinearProbe(Classification):
         features, labels = outputs["features"].double(), outputs["labels"]
         if len(labels) < 2:
             raise MMKitError(f"linear_probe: {len(labels)} training samples are too few to fit and choose a penalty")
-        if self.multi_label:  # on the CPU here, unlike a training step's labels
-            check_multi_label_targets(labels)
-        else:
-            check_single_labels(labels, self.info.num_classes)
+        check_labels(labels, self.info.num_classes, self.multi_label)  # on the CPU here, unlike a training step's
         fit_part, val_part = holdout_split(len(labels), self.val_fraction, SPLIT_SEED)
         if self.multi_label and not two_sided(labels[val_part].double()).any():
             raise MMKitError(f"linear_probe: the held-out share ({len(val_part)} of {len(labels)} training samples) "
