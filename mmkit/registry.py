@@ -191,7 +191,7 @@ def type_name(annotation: Any) -> str:
     if origin in (list, tuple):
         return f"list[{type_name(args[0])}]" if args else "list"
     if origin is dict:
-        return "table"
+        return f"table of {type_name(args[1])}" if args and args[1] is not Any else "table"
     return getattr(annotation, "__name__", str(annotation))
 
 
@@ -217,7 +217,7 @@ def check_type(value: Any, annotation: Any) -> bool:
             return len(value) == len(args) and all(map(check_type, value, args))
         return all(check_type(v, args[0]) for v in value) if args else True
     if origin in (dict, collections.abc.Mapping):
-        return isinstance(value, dict)
+        return isinstance(value, dict) and (not args or all(check_type(v, args[1]) for v in value.values()))
     if annotation is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if annotation is int:

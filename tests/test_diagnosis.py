@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import itertools
+import re
+
 import numpy as np
 import pytest
 
 from mmkit import build
-from mmkit.data.diagnosis import FINDINGS
+from mmkit.data.diagnosis import FINDINGS, SIDES, ZONES, draw_scan
 
 KEYWORD = {"nodule": "nodule", "effusion": "effusion", "consolidation": "onsolidation",
            "cardiomegaly": "eart", "pneumothorax": "pneumothorax"}
@@ -70,6 +73,34 @@ def test_the_images_show_the_findings():
     assert apices[labels[:, 4]].mean() < apices[~labels[:, 4]].mean() - 15  # pneumothorax: a dark apex
 
 
+def test_every_finding_drawn_shows_none_painted_over_by_another():
+    drawn = ("effusion", "pneumothorax", "consolidation", "nodule")
+    for side, zone, size, count, *shown in itertools.product(SIDES, ZONES, (0.5, 1.0), (1, 2), *[(None, False, True)] * 4):
+        findings = {name: {"side": side, "zone": zone, "size": size, "count": count, "faint": faint}
+                    for name, faint in zip(drawn, shown) if faint is not None}  # any of them, faint or not, in one place
+        scan = lambda shown: np.asarray(draw_scan(np.random.default_rng(1), np.random.default_rng(2), 64, shown),
+                                        dtype=np.float32)
+        whole = scan(findings)
+        for name in findings:
+            without = scan({n: where for n, where in findings.items() if n != name})
+            assert (np.abs(whole - without) >= 20).sum() >= 3, (name, findings)
+
+
+def test_the_report_does_not_depend_on_the_image_size():
+    assert [s["text"] for s in dataset(num_samples=40, image_size=32)] == [s["text"] for s in dataset(num_samples=40)]
+
+
+def test_a_hedge_names_the_place_the_finding_is_drawn():
+    places = {"effusion": re.compile(r"^Possible (small|moderate) (right|left) pleural effusion$"),
+              "pneumothorax": re.compile(r"^Possible (small )?(right|left) apical pneumothorax$"),
+              "nodule": re.compile(r"^Possible (a (small )?nodule|two nodules) in the (right|left) (upper|middle|lower) zone$"),
+              "consolidation": re.compile(r"^Possible consolidation in the (right|left) (upper|middle|lower) zone$")}
+    hedges = [s for sample in dataset(num_samples=600) for s in sample["text"].split(". ") if s.startswith("Possible")]
+    for name, place in places.items():
+        mine = [s for s in hedges if KEYWORD[name] in s]
+        assert mine and all(place.match(s) for s in mine), mine
+
+
 @pytest.mark.parametrize("params", [{"num_samples": 0}, {"image_size": 16}, {"prevalence": 1.5}])
 def test_bad_settings_are_refused(params):
     with pytest.raises(ValueError):
@@ -81,7 +112,7 @@ def test_a_hedged_finding_takes_the_uncertain_policy(policy, value):
     hedges = 0
     for plain, sample in zip(dataset(num_samples=150), dataset(num_samples=150, uncertain=policy)):
         for index, name in enumerate(FINDINGS):
-            is_hedged = f"Possible {name}" in sample["text"] or f"Possible small {name}" in sample["text"]
+            is_hedged = any(s.startswith("Possible") and KEYWORD[name] in s for s in sample["text"].split(". "))
             label = sample["label"][index].item()
             if is_hedged:
                 hedges += 1

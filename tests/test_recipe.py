@@ -29,6 +29,11 @@ def problems(recipe_path: Path, *overrides: str) -> list[str]:
     return caught.value.problems
 
 
+def test_a_table_parameter_s_values_are_checked(tiny_recipe):
+    assert problems(tiny_recipe, 'task={name="zero_shot", embed_dim=32, prompts={red=3}}') == [
+        f"{tiny_recipe} (command line): task.prompts: expected table of list[str] | none, got {{'red': 3}}"]
+
+
 def test_extends_merges_tables_and_overrides_win(tmp_path, tiny_recipe):
     child = write(tmp_path / "child.toml", """
         extends = "tiny.toml"

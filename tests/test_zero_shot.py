@@ -59,7 +59,7 @@ def test_a_finding_is_the_softmax_over_its_negative_and_positive_prompts():
     outputs = task.predict([{"image": images, "label": labels}])
     with torch.no_grad():
         image = task.embed({"image": images}, "image")
-        present, absent = task.class_embeddings(), task.class_embeddings(["no {}."])
+        present, absent = task.class_embeddings(), task.class_embeddings([["no nodule."], ["no effusion."]])
         pair = torch.stack([image @ absent.T, image @ present.T], dim=-1) / 0.5  # [items, findings, (no, yes)]
         expected = pair.softmax(dim=-1)[..., 1]
     assert torch.allclose(outputs["scores"], expected, atol=1e-5)
@@ -68,6 +68,30 @@ def test_a_finding_is_the_softmax_over_its_negative_and_positive_prompts():
     assert "threshold/nodule" not in metrics and set(metrics) >= {"auroc_macro", "f1/nodule", "ece/effusion"}
     task.calibrate(outputs)  # a training run's validation split: the thresholds are chosen there
     assert task.evaluate(outputs)["threshold/effusion"] == pytest.approx(outputs["scores"][1, 1].item())
+
+
+def test_a_class_with_prompts_of_its_own_uses_them_in_place_of_the_templates():
+    own = {"effusion": ["Impression: pleural effusion.", "Blunted costophrenic angle."]}
+    task = tiny_task(FINDINGS, templates=["Impression: {}."], negative_templates=["No {}."], prompts=own,
+                     negative_prompts={"nodule": ["No focal nodule."]})
+    assert task.class_prompts == [["Impression: nodule."], own["effusion"]]
+    assert task.negative_class_prompts == [["No focal nodule."], ["No effusion."]]
+    with torch.no_grad():
+        present, absent = task.prompts()
+        vectors = {t: task.class_embeddings([[t], [t]])[0] for t in {"Impression: nodule.", *own["effusion"], "No focal nodule."}}
+    assert torch.allclose(present[1], F.normalize(vectors[own["effusion"][0]] + vectors[own["effusion"][1]], dim=0),
+                          atol=1e-6)  # the unit vectors of its own two prompts, averaged
+    assert torch.allclose(present[0], vectors["Impression: nodule."], atol=1e-6)
+    assert torch.allclose(absent[0], vectors["No focal nodule."], atol=1e-6)
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"prompts": {"nodules": ["a nodule"]}}, r"zero_shot prompts names classes the data does not have: \['nodules'\]; "
+                                             r"its classes are nodule, effusion"),
+    ({"negative_prompts": {"effusion": []}}, r"zero_shot negative_prompts: \['effusion'\] need a prompt each")])
+def test_prompts_of_its_own_must_name_a_class_and_hold_a_prompt(params, message):
+    with pytest.raises(MMKitError, match=message):
+        tiny_task(FINDINGS, **params)
 
 
 def test_templates_need_one_place_for_the_name_and_data_needs_classes():

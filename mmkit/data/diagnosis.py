@@ -61,15 +61,21 @@ class SyntheticDiagnosis(Dataset):
     def __len__(self) -> int:
         return self.num_samples
 
+    def stream(self, *key: int) -> np.random.Generator:
+        """The random numbers of one part of the set: (1, patient) a build, (2, patient, study)
+        the findings, 3 the report's wording, 4 the image's noise."""
+        return np.random.default_rng([self.seed, SPLIT_STREAMS[self.split], *key])
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not 0 <= index < self.num_samples:
             raise IndexError(index)
         patient, study = self.studies[index]
-        build = np.random.default_rng([self.seed, SPLIT_STREAMS[self.split], 1, patient])
-        rng = np.random.default_rng([self.seed, SPLIT_STREAMS[self.split], 2, patient, study])
-        findings = draw_findings(rng, self.prevalence)
+        stream = self.stream
+        findings = draw_findings(stream(2, patient, study), self.prevalence)
+        # the noise and the wording draw from streams of their own: the report does not hang on the image size
+        image = draw_scan(stream(1, patient), stream(4, patient, study), self.image_size, findings)
         return {"id": f"{self.split}-{patient:05d}-{study}", "patient": f"{self.split}-{patient:05d}",
-                "image": draw_scan(build, rng, self.image_size, findings), "text": write_report(rng, findings),
+                "image": image, "text": write_report(stream(3, patient, study), findings),
                 "label": torch.tensor([self.uncertain if hedged(name, findings) else float(name in findings)
                                        for name in FINDINGS])}
 
@@ -107,9 +113,10 @@ def lung_box(side: str, size: int) -> tuple[float, float, float, float]:
     return left * size, 0.16 * size, (left + 0.30) * size, 0.84 * size
 
 
-def draw_scan(build: np.random.Generator, rng: np.random.Generator, size: int,
+def draw_scan(build: np.random.Generator, noise: np.random.Generator, size: int,
               findings: dict[str, dict[str, Any]]) -> Image.Image:
-    """The body, two dark lung fields, the heart, then each finding, blurred and noised."""
+    """The body, two dark lung fields, the heart, then each finding (in DRAWN_IN_ORDER, so
+    none hides another), blurred and noised."""
     image = Image.new("L", (size, size), 15)
     draw = ImageDraw.Draw(image)
     body = float(build.uniform(0.04, 0.08)) * size
@@ -118,10 +125,11 @@ def draw_scan(build: np.random.Generator, rng: np.random.Generator, size: int,
         draw.ellipse(lung_box(side, size), fill=45)
     heart = (0.34 if "cardiomegaly" in findings else 0.2 + float(build.uniform(0.0, 0.04))) * size
     draw.ellipse((size / 2 - heart / 2 - 0.04 * size, 0.5 * size, size / 2 + heart / 2, 0.86 * size), fill=175)
-    for name, where in findings.items():
-        DRAWERS.get(name, lambda *a: None)(draw, rng, size, where)
+    for name in DRAWN_IN_ORDER:
+        if name in findings:
+            DRAWERS[name](draw, size, findings[name])
     pixels = np.asarray(image.filter(ImageFilter.GaussianBlur(size / 96)), dtype=np.float32)
-    pixels += rng.normal(0, 6, pixels.shape)
+    pixels += noise.normal(0, 6, pixels.shape)
     return Image.fromarray(pixels.clip(0, 255).astype(np.uint8), "L")
 
 
@@ -131,7 +139,7 @@ def zone_centre(size: int, where: dict[str, Any]) -> tuple[float, float]:
     return (left + right) / 2, top + row * (bottom - top)
 
 
-def draw_nodule(draw: ImageDraw.ImageDraw, rng: np.random.Generator, size: int, where: dict[str, Any]) -> None:
+def draw_nodule(draw: ImageDraw.ImageDraw, size: int, where: dict[str, Any]) -> None:
     x, y = zone_centre(size, where)
     shade = 120 if where["faint"] else 215
     for i in range(where["count"]):
@@ -140,19 +148,19 @@ def draw_nodule(draw: ImageDraw.ImageDraw, rng: np.random.Generator, size: int, 
         draw.ellipse((x + dx - radius, y - radius, x + dx + radius, y + radius), fill=shade)
 
 
-def draw_effusion(draw: ImageDraw.ImageDraw, rng: np.random.Generator, size: int, where: dict[str, Any]) -> None:
+def draw_effusion(draw: ImageDraw.ImageDraw, size: int, where: dict[str, Any]) -> None:
     left, top, right, bottom = lung_box(where["side"], size)
     height = (0.12 + 0.18 * where["size"]) * (bottom - top)
-    draw.rectangle((left, bottom - height, right, bottom), fill=120 if where["faint"] else 165)
+    draw.rectangle((left, bottom - height, right, bottom), fill=80 if where["faint"] else 165)
 
 
-def draw_consolidation(draw: ImageDraw.ImageDraw, rng: np.random.Generator, size: int, where: dict[str, Any]) -> None:
+def draw_consolidation(draw: ImageDraw.ImageDraw, size: int, where: dict[str, Any]) -> None:
     x, y = zone_centre(size, where)
     half = (0.06 + 0.06 * where["size"]) * size
     draw.ellipse((x - half, y - half * 0.7, x + half, y + half * 0.7), fill=100 if where["faint"] else 140)
 
 
-def draw_pneumothorax(draw: ImageDraw.ImageDraw, rng: np.random.Generator, size: int, where: dict[str, Any]) -> None:
+def draw_pneumothorax(draw: ImageDraw.ImageDraw, size: int, where: dict[str, Any]) -> None:
     left, top, right, bottom = lung_box(where["side"], size)
     outer = left if where["side"] == "right" else right
     width = (0.25 + 0.25 * where["size"]) * (right - left)  # air without lung markings at the apex
@@ -163,10 +171,13 @@ def draw_pneumothorax(draw: ImageDraw.ImageDraw, rng: np.random.Generator, size:
 
 DRAWERS = {"nodule": draw_nodule, "effusion": draw_effusion, "consolidation": draw_consolidation,
            "pneumothorax": draw_pneumothorax}  # cardiomegaly: the heart is drawn wide
+# the broad ones first: a nodule drawn before an effusion or consolidation in its zone was painted over
+DRAWN_IN_ORDER = ("effusion", "pneumothorax", "consolidation", "nodule")
 
 
 def describe(name: str, where: dict[str, Any]) -> str:
-    """One report sentence for a present finding; hedged when it is faint."""
+    """One report sentence for a present finding; hedged when it is faint, naming the same
+    place (an effusion lies at the base and a pneumothorax at the apex, whatever their zone)."""
     side, zone = where["side"], where["zone"]
     small = "small " if where["size"] < 0.7 else ""
     statements = {
@@ -176,9 +187,8 @@ def describe(name: str, where: dict[str, Any]) -> str:
         "cardiomegaly": "The heart is enlarged (cardiomegaly).",
         "pneumothorax": f"{small.capitalize() or ''}{side} apical pneumothorax.".capitalize(),
     }
-    if hedged(name, {name: where}):
-        return f"Possible {small}{name} in the {side} {zone} zone."
-    return statements[name]
+    statement = statements[name]
+    return f"Possible {statement[0].lower()}{statement[1:]}" if hedged(name, {name: where}) else statement
 
 
 def write_report(rng: np.random.Generator, findings: dict[str, dict[str, Any]]) -> str:

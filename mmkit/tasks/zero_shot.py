@@ -21,8 +21,8 @@ DEFAULT_NEGATIVE_TEMPLATES = ("no {}.",)
 
 
 class ZeroShot(ClipRetrieval):
-    """Zero-shot classification: each class name is put through the prompt templates, the
-    prompts are embedded by the text tower and averaged into one unit vector per class (as
+    """Zero-shot classification: each class name is put through the prompt templates (or a
+    class has prompts of its own), the prompts are embedded by the text tower and averaged into one unit vector per class (as
     open_clip's zero-shot classifier), and an image (or clip) takes the class whose vector is
     most similar. It trains as clip_retrieval does (same parameters), so a clip_retrieval run's
     weights load into it: ``mmkit eval runs/clip_retrieval 'task={name="zero_shot", embed_dim=128}'``.
@@ -44,12 +44,17 @@ class ZeroShot(ClipRetrieval):
         project: as clip_retrieval's (false: the towers' pooled features are the embeddings).
         templates: prompts with "{}" where the class name goes, averaged per class.
         negative_templates: multi-label: the prompts saying a finding is absent.
+        prompts: a class's own prompts, in place of the templates for it: the words the
+            training text uses ({nodule = ["Impression: pulmonary nodule."]}).
+        negative_prompts: multi-label: a finding's own absent prompts ({cardiomegaly =
+            ["Heart size is normal."]}), in place of the negative templates for it.
     """
 
     def __init__(self, encoders: dict[str, Encoder], data: DatasetInfo | None = None,
                  modalities: list[str] | None = None, embed_dim: int = 256, temperature: float = 0.07,
                  learn_temperature: bool = True, templates: list[str] = list(DEFAULT_TEMPLATES),
-                 negative_templates: list[str] = list(DEFAULT_NEGATIVE_TEMPLATES), project: bool = True):
+                 negative_templates: list[str] = list(DEFAULT_NEGATIVE_TEMPLATES), project: bool = True,
+                 prompts: dict[str, list[str]] | None = None, negative_prompts: dict[str, list[str]] | None = None):
         modalities = list(modalities or sorted(encoders, key=lambda m: m == "text"))
         super().__init__(encoders, modalities, embed_dim, temperature, learn_temperature, project)
         if self.modalities[1] != "text":
@@ -61,18 +66,20 @@ class ZeroShot(ClipRetrieval):
             raise MMKitError(f"each zero_shot template needs one {{}} for the class name: {bad}")
         if not templates or (data.label_kind == "multi" and not negative_templates):
             raise MMKitError("zero_shot: templates (and negative_templates, for multi-label data) need a prompt each")
-        self.info, self.templates, self.negative_templates = data, list(templates), list(negative_templates)
-        self.multi_label = data.label_kind == "multi"
+        self.info, self.multi_label = data, data.label_kind == "multi"
+        self.class_prompts = per_class_prompts(data.class_names, templates, prompts or {}, "prompts")
+        self.negative_class_prompts = per_class_prompts(data.class_names, negative_templates, negative_prompts or {},
+                                                        "negative_prompts")
         # NaN until chosen on a training run's validation split; not saved, so the weights stay a clip_retrieval run's
         self.register_buffer("thresholds", torch.full((data.num_classes,), float("nan")), persistent=False)
 
-    def class_embeddings(self, templates: list[str] | None = None) -> torch.Tensor:
-        """[classes, embed_dim]: each class's prompts (``templates``, by default the task's)
-        embedded, normalised, averaged, normalised."""
-        text, templates = self.encoders["text"], self.templates if templates is None else templates
-        prompts = [template.format(name) for name in self.info.class_names for template in templates]
-        embedded = self.embed({"text": text.inputs(prompts, self.logit_scale.device)}, "text")
-        per_class = embedded.view(len(self.info.class_names), len(templates), -1).mean(dim=1)
+    def class_embeddings(self, prompts: list[list[str]] | None = None) -> torch.Tensor:
+        """[classes, embed_dim]: each class's prompts (by default the task's) embedded,
+        normalised, averaged, normalised."""
+        text, prompts = self.encoders["text"], self.class_prompts if prompts is None else prompts
+        flat = [prompt for own in prompts for prompt in own]
+        embedded = self.embed({"text": text.inputs(flat, self.logit_scale.device)}, "text")
+        per_class = torch.stack([own.mean(dim=0) for own in embedded.split([len(own) for own in prompts])])
         return F.normalize(per_class, dim=-1)
 
     @torch.no_grad()
@@ -90,7 +97,7 @@ class ZeroShot(ClipRetrieval):
 
     def prompts(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The class vectors, and for multi-label the vectors of the negative prompts."""
-        return self.class_embeddings(), self.class_embeddings(self.negative_templates) if self.multi_label else None
+        return self.class_embeddings(), self.class_embeddings(self.negative_class_prompts) if self.multi_label else None
 
     def scores(self, batch: dict[str, Any], prompts: tuple[torch.Tensor, torch.Tensor | None] | None = None,
                ) -> torch.Tensor:
@@ -141,6 +148,17 @@ class ZeroShot(ClipRetrieval):
         return {"per_class_accuracy": class_accuracy_bars({n: accuracy[f"accuracy/{n}"] for n in names
                                                             if f"accuracy/{n}" in accuracy}),
                 "confusion_matrix": confusion_heatmap(confusion_matrix(scores.argmax(1), labels, len(names)), names)}
+
+
+def per_class_prompts(names: tuple[str, ...], templates: list[str], own: dict[str, list[str]], key: str,
+                      ) -> list[list[str]]:
+    """Each class's prompts: its own where ``own`` names it, else the templates filled with its name."""
+    if unknown := sorted(set(own) - set(names)):
+        raise MMKitError(f"zero_shot {key} names classes the data does not have: {unknown}; its classes are "
+                         f"{', '.join(names)}")
+    if empty := [name for name, prompts in own.items() if not prompts]:
+        raise MMKitError(f"zero_shot {key}: {empty} need a prompt each (or leave them out to use the templates)")
+    return [list(own[name]) if name in own else [template.format(name) for template in templates] for name in names]
 
 
 def per_class_accuracy(scores: torch.Tensor, labels: torch.Tensor, names: tuple[str, ...]) -> dict[str, float]:
