@@ -79,6 +79,27 @@ def test_a_final_evaluation_that_fails_leaves_the_trained_weights_for_mmkit_eval
     assert summary["metrics"]["image_to_text/R@1"] >= 0 and load_file(folder / "model.safetensors").keys() == trained.keys()
 
 
+def test_an_evaluation_that_fails_mid_run_keeps_the_steps_trained_for_resume(tiny_recipe, monkeypatch, capsys):
+    from mmkit.engine.evaluation import Evaluation
+
+    def bad_row(self, task, accelerator, outputs=None, calibrate=False):
+        raise MMKitError("val.csv row 7: images/000005.jpg: missing file")
+
+    settings = ["train.max_steps=8", "train.checkpoint_every=0", "eval.every=4"]  # no checkpoint would be due
+    Run(load_recipe(tiny_recipe, [*settings, "run.name=straight"])).fit()
+    with monkeypatch.context() as patched:
+        patched.setattr(Evaluation, "metrics", bad_row)
+        with pytest.raises(MMKitError, match="row 7"):
+            Run(load_recipe(tiny_recipe, settings)).fit()
+    runs = tiny_recipe.parent / "runs"
+    assert "the evaluation at step 4 did not finish; checkpoint step 4 written" in capsys.readouterr().out
+    assert latest_checkpoint(runs / "tiny" / "checkpoints").name == "step_00000004"
+    Run(load_recipe(tiny_recipe, settings), resume=True).fit()  # the held-out data mended
+    assert [r["step"] for r in records(runs / "tiny") if "train/loss" in r] == [2, 4, 6, 8]
+    straight, resumed = weights(runs / "straight"), weights(runs / "tiny")
+    assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
 def test_a_run_logs_its_model_flops_utilisation(tiny_recipe):
     summary = Run(load_recipe(tiny_recipe)).fit()
     folder = tiny_recipe.parent / "runs" / "tiny"

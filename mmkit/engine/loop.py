@@ -163,13 +163,24 @@ class Trainer:
     def _evaluate_and_save(self, evaluate: Any) -> bool:
         """Held-out metrics where ``evaluate`` gives them, and a checkpoint where one is due
         (whether one was written)."""
-        if self.step < self.total and (metrics := evaluate(self.step)) is not None:
+        if self.step < self.total and (metrics := self._evaluate(evaluate)) is not None:
             self.tracker.log(self.step, metrics)
         every = self.train.checkpoint_every
         saved = bool(every) and (self.step % every == 0 or self.step == self.total)
         if saved:
             self._save()
         return saved
+
+    def _evaluate(self, evaluate: Any) -> dict[str, float] | None:
+        """``evaluate(step)``; where it fails (a bad held-out sample, a metric refused), a
+        checkpoint of this step first, so the steps since the last one are not lost."""
+        try:
+            return evaluate(self.step)
+        except Exception:
+            self._save()
+            tqdm.write(f"the evaluation at step {self.step} did not finish; checkpoint step {self.step} written: "
+                       "mend what it says below and run again with --resume to continue")
+            raise
 
     def _read_losses(self) -> list[int]:
         """The steps since the last read whose update was skipped (their loss not finite), now
