@@ -374,8 +374,12 @@ def main() -> None:
         for name, (trainer, compiled) in trainers.items():
             started = time.perf_counter()
             try:
-                runs[name] = trainer(csv, args, folder, compiled)
-                runs[name]["seconds"] = time.perf_counter() - started  # start-up and compilation included
+                run = trainer(csv, args, folder, compiled)
+                run["seconds"] = time.perf_counter() - started  # start-up and compilation included
+                until = profiled_steps(args)[0]  # a log too short to time fails this trainer, not the bench
+                run["rate"], run["data_share"] = (steady(run["records"], args.skip, until, key)
+                                                  for key in ("samples_per_s", "data_share"))
+                runs[name] = run
                 if name.startswith("mmkit"):  # the same count eager and compiled
                     counted["mmkit"] = runs[name]["summary"]["flops_per_sample"]
             except SystemExit as failure:  # a trainer that fails costs its own numbers, not the others'
@@ -395,15 +399,13 @@ def compared(runs: dict[str, dict[str, Any]], args: argparse.Namespace, before: 
              counted: dict[str, float]) -> dict[str, Any]:
     """The numbers of the trainers run so far: rates, ratios, FLOPs per sample and MFU (each
     trainer's own count, eager and compiled alike), memory, losses."""
-    until = profiled_steps(args)[0]
-    rates = {name: steady(run["records"], args.skip, until) for name, run in runs.items()}
+    rates = {name: run["rate"] for name, run in runs.items()}
     results = {**machine(), "load_average_before": before, "load_average_after": load_average(),
                "settings": {k: v for k, v in vars(args).items() if k not in ("json", "folder")} | OPTIMIZER,
                "samples_per_s": {name: round(rate, 1) for name, rate in rates.items()},
                "peak_memory_mib": {name: run["peak_mib"] for name, run in runs.items()},
                "wall_seconds": {name: round(run["seconds"], 1) for name, run in runs.items()},
-               "data_wait_share": {name: round(steady(run["records"], args.skip, until, "data_share"), 3)
-                                   for name, run in runs.items()},
+               "data_wait_share": {name: round(run["data_share"], 3) for name, run in runs.items()},
                "compile": {name: run["summary"]["compile"] for name, run in runs.items() if "summary" in run},
                "profile": {name: run["summary"]["profile"] for name, run in runs.items() if "summary" in run}}
     if mmkit := [name for name in runs if name.startswith("mmkit")]:
@@ -414,6 +416,7 @@ def compared(runs: dict[str, dict[str, Any]], args: argparse.Namespace, before: 
                     "mfu": {name: round(mfu(rate, counted[name.split()[0]], peak), 4) for name, rate in rates.items()}}
     results["loss"] = {name: [(r["step"], round(r["loss"], 4)) for r in run["records"]] for name, run in runs.items()}
     return results
+
 
 if __name__ == "__main__":
     main()
