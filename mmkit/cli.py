@@ -164,6 +164,27 @@ def plugins() -> None:
             click.echo(f"  {kind}: {', '.join(names)}")
 
 
+@cli.command(name="new-plugin")
+@click.argument("name")
+@click.option("--kind", default="image_encoders", show_default=True,
+              help="What it adds: image_encoders, text_encoders, audio_encoders, fusion_heads or datasets.")
+@click.option("--dir", "parent", type=click.Path(file_okay=False), default=".", show_default=True,
+              help="The folder to write the package folder NAME in.")
+def new_plugin(name: str, kind: str, parent: str) -> None:
+    """Write a plugin package NAME (e.g. mmkit-myencoder) with one working component of KIND,
+    its hook, entry point and test: install it and it is in `mmkit list` and in recipes."""
+    from pathlib import Path
+
+    from mmkit.plugins import get_registry
+    from mmkit.scaffold import new_plugin as write_plugin
+
+    folder, written, recipe = write_plugin(name, kind, Path(parent), get_registry())
+    click.echo(f"wrote {folder}:")
+    for path in written:
+        click.echo(f"  {path.relative_to(folder)}")
+    click.echo(f"next:\n  pip install -e {folder}\n  mmkit list\n  {recipe}\n  python -m pytest {folder / 'tests'}")
+
+
 @cli.group()
 def data() -> None:
     """Look over datasets before training on them."""
