@@ -93,7 +93,7 @@ def test_the_report_does_not_depend_on_the_image_size():
 def test_a_hedge_names_the_place_the_finding_is_drawn():
     places = {"effusion": re.compile(r"^Possible (small|moderate) (right|left) pleural effusion$"),
               "pneumothorax": re.compile(r"^Possible (small )?(right|left) apical pneumothorax$"),
-              "nodule": re.compile(r"^Possible (a (small )?nodule|two nodules) in the (right|left) (upper|middle|lower) zone$"),
+              "nodule": re.compile(r"^Possible ((small )?nodule|two nodules) in the (right|left) (upper|middle|lower) zone$"),
               "consolidation": re.compile(r"^Possible consolidation in the (right|left) (upper|middle|lower) zone$")}
     hedges = [s for sample in dataset(num_samples=600) for s in sample["text"].split(". ") if s.startswith("Possible")]
     for name, place in places.items():

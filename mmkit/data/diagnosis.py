@@ -188,7 +188,10 @@ def describe(name: str, where: dict[str, Any]) -> str:
         "pneumothorax": f"{small.capitalize() or ''}{side} apical pneumothorax.".capitalize(),
     }
     statement = statements[name]
-    return f"Possible {statement[0].lower()}{statement[1:]}" if hedged(name, {name: where}) else statement
+    if not hedged(name, {name: where}):
+        return statement
+    statement = statement.removeprefix("A ")  # "Possible small nodule ...", not "Possible a small nodule ..."
+    return f"Possible {statement[0].lower()}{statement[1:]}"
 
 
 def write_report(rng: np.random.Generator, findings: dict[str, dict[str, Any]]) -> str:
