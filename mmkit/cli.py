@@ -164,6 +164,56 @@ def plugins() -> None:
             click.echo(f"  {kind}: {', '.join(names)}")
 
 
+@cli.command()
+@click.argument("run_folder", type=click.Path(file_okay=False))
+@click.argument("sources", nargs=-1, required=True, type=click.Path())
+@click.option("--out", default="embeddings.safetensors", show_default=True, type=click.Path(dir_okay=False),
+              help="The index file to write.")
+@click.option("--on-error", type=click.Choice(["raise", "skip"]), default="raise", show_default=True,
+              help="An unreadable file stops the command, or is left out and listed.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="Where the encoders run (cpu, cuda).")
+def embed(run_folder: str, sources: tuple[str, ...], out: str, on_error: str, batch_size: int, device: str) -> None:
+    """Embed SOURCES with a finished run's encoders into one index file for `mmkit search`:
+    image and audio files, folders of them, and .txt files of one text a line."""
+    from pathlib import Path
+
+    from mmkit.search import EMBED_ARGUMENT, gather, write_index
+    from mmkit.trained import load_run
+
+    trained = load_run(run_folder, device)
+    items = gather([Path(s) for s in sources], on_error)
+    embedded = trained.embed(**{EMBED_ARGUMENT[m]: values for m, values in items.values.items()}, batch_size=batch_size)
+    write_index(Path(out), Path(run_folder), embedded, items.names, shared=hasattr(trained.task, "projections"))
+    counts = ", ".join(f"{len(names)} {m}" for m, names in items.names.items())
+    click.echo(f"embedded {counts} with {run_folder} into {out}")
+    if items.skipped:
+        click.echo(f"skipped {len(items.skipped)} unreadable file(s):")
+        for error in items.skipped:
+            click.echo(f"  {error.line()}")
+
+
+@cli.command()
+@click.argument("index", type=click.Path(dir_okay=False))
+@click.argument("query")
+@click.option("-k", "--top", type=click.IntRange(min=1), default=5, show_default=True, help="How many rows to show.")
+@click.option("--device", default="cpu", show_default=True, help="Where the query's encoder runs (cpu, cuda).")
+def search(index: str, query: str, top: int, device: str) -> None:
+    """The rows of INDEX (written by `mmkit embed`) nearest QUERY: a text, or the path of an
+    image or audio file; by cosine similarity, with the run the index was made with."""
+    from pathlib import Path
+
+    from mmkit.search import EMBED_ARGUMENT, nearest, query_value, read_index
+    from mmkit.trained import load_run
+
+    found = read_index(Path(index))
+    modality, value = query_value(query)
+    trained = load_run(found.run, device)
+    vector = trained.embed(**{EMBED_ARGUMENT[modality]: [value]})[modality][0]
+    for rank, (kind, name, score) in enumerate(nearest(found, vector, modality, top), 1):
+        click.echo(f"{rank:>3}  {score:.4f}  {kind:<5}  {name}")
+
+
 @cli.command(name="new-plugin")
 @click.argument("name")
 @click.option("--kind", default="image_encoders", show_default=True,
