@@ -5,6 +5,7 @@ Both sides import them from here, so a dataset never depends on an encoder modul
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -48,6 +49,21 @@ class DatasetInfo:
     def num_classes(self) -> int:
         """How many classes the labels index (0 for unlabelled data)."""
         return len(self.class_names)
+
+    def label_problem(self, label: Any) -> str | None:
+        """What is wrong with a sample's label, as the dataset declares its labels, or None: a
+        single label is a class index, a multi-label one a value of 0, 1 or NaN per class."""
+        classes = self.num_classes
+        if self.label_kind == "single":
+            value = label.item() if isinstance(label, torch.Tensor) and label.numel() == 1 and \
+                not label.is_floating_point() else label
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value < classes:
+                return f"label {label!r} is not a class index (0 to {classes - 1})"
+        elif self.label_kind == "multi":
+            if not isinstance(label, torch.Tensor) or not label.is_floating_point() or label.shape != (classes,) \
+                    or not bool(((label == 0) | (label == 1) | label.isnan()).all()):
+                return f"label {label!r} is not a float tensor of {classes} values, each 0, 1 or NaN (one per class)"
+        return None
 
 
 class SampleError(MMKitError):

@@ -207,3 +207,63 @@ def test_max_image_pixels_above_pillows_own_limit_lets_a_large_scan_through():
                                           r"= 90,000,000; raise it"):
         read_image(out.getvalue(), Where("scan.png"), max_pixels=90_000_000)
     assert Image.MAX_IMAGE_PIXELS == pillows  # Pillow's own limit is back for everyone else
+
+
+class Labelled:
+    """Samples with the labels given, as a dataset declaring ``kind`` labels of three classes."""
+
+    def __init__(self, labels: list, kind: str):
+        from mmkit.samples import DatasetInfo
+
+        self.labels, self.max_parts = labels, 1
+        self.info = DatasetInfo(keys=("id", "label"), class_names=("a", "b", "c"), label_kind=kind)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"id": f"s{index}", "label": self.labels[index]}
+
+    def records(self, epoch: int, part: int, parts: int, seed: int, start: int = 0):
+        return (self[i] for i in range(start, len(self)))
+
+    class Map:
+        """The same samples without ``records``: a map-style dataset."""
+
+        def __init__(self, data: Labelled):
+            self.data, self.info = data, data.info
+
+        def __len__(self) -> int:
+            return len(self.data)
+
+        def __getitem__(self, index: int) -> dict:
+            return self.data[index]
+
+
+@pytest.mark.parametrize("kind, labels, message", [
+    ("single", [0, 2, 3, np.int64(1)], "label 3 is not a class index (0 to 2)"),
+    ("single", [0, 2, -1, torch.tensor(1)], "label -1 is not a class index (0 to 2)"),
+    ("multi", [torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.0, float("nan"), 1.0]), torch.tensor([1.0, 2.0, 0.0]),
+               torch.tensor([0.0, 0.0, 1.0])], "is not a float tensor of 3 values, each 0, 1 or NaN"),
+    ("multi", [torch.zeros(3), torch.ones(3), torch.ones(2), torch.zeros(3)], "is not a float tensor of 3 values")])
+def test_a_label_outside_what_the_dataset_declares_is_a_bad_sample(kind, labels, message):
+    from mmkit.data.loader import PROBLEMS, StreamedOnce
+
+    data = Labelled(labels, kind)
+    held_out = Preprocessed(data, {}, fill=False)
+    assert [held_out[i]["id"] for i in (0, 1, 3)] == ["s0", "s1", "s3"]
+    problem = held_out[2][PROBLEMS][0]
+    assert (problem["kind"], problem["source"], problem["row"]) == ("bad value", "Labelled", 2)
+    assert message in problem["message"]
+    filled = Preprocessed(data, {}, fill=True)[2]  # training: the next sample takes its place, the bad one counted
+    assert filled["id"] == "s3" and message in filled[PROBLEMS][0]["message"]
+    streamed = list(StreamedOnce(data, {}, seed=0))
+    assert [item.get("id") for item in streamed] == ["s0", "s1", None, "s3"] and message in streamed[2][PROBLEMS][0]["message"]
+    assert streamed[2][PROBLEMS][0]["row"] == "s2"
+    training_stream = iter(Streamed(data, {}, seed=0))
+    first = [next(training_stream) for _ in range(3)]
+    assert [item["id"] for item in first] == ["s0", "s1", "s3"] and message in first[2][PROBLEMS][0]["message"]
+    from mmkit.data.check import check_dataset
+
+    for checked, row in ((check_dataset(data), "s2"), (check_dataset(Labelled.Map(data)), 2)):  # `mmkit data check`
+        assert checked.read == 4 and [(p.row, p.kind) for p in checked.problems] == [(row, "bad value")]

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from mmkit.data.loader import leave_signals_to_the_main_process
+from mmkit.data.loader import labelled, leave_signals_to_the_main_process
 from mmkit.errors import MMKitError, one_line
 from mmkit.recipe import Recipe
 from mmkit.registry import Registry
@@ -87,7 +87,7 @@ class _Probe(Dataset):
 
     def __getitem__(self, index: int) -> tuple[int, dict[str, Any] | None]:
         try:
-            self.dataset[index]
+            labelled(self.dataset[index], self.dataset, index)
         except SampleError as error:
             return index, error.record()
         return index, None
@@ -105,7 +105,14 @@ class _StreamProbe(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         for part in range(worker, self.parts, workers):
             for position, item in enumerate(self.stream.records(0, part, self.parts, seed=0)):
-                yield part, position, item.record() if isinstance(item, SampleError) else None
+                try:
+                    if isinstance(item, SampleError):
+                        raise item
+                    labelled(item, self.stream)
+                except SampleError as error:
+                    yield part, position, error.record()
+                    continue
+                yield part, position, None
 
 
 def _loader(probe: Dataset, workers: int) -> DataLoader:

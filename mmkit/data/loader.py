@@ -42,6 +42,17 @@ def transform(sample: dict[str, Any], transforms: Mapping[str, Callable[[Any], A
     return sample
 
 
+def labelled(sample: dict[str, Any], dataset: Any, index: int | None = None) -> dict[str, Any]:
+    """The sample, if its label is what its dataset declares (a class index, or a value of 0,
+    1 or NaN per class): a bad one is a bad sample, found in the workers before it trains
+    or is scored, not a crash (or silently wrong targets) in the loss."""
+    info = getattr(dataset, "info", None)
+    if info is not None and "label" in sample and (problem := info.label_problem(sample["label"])):
+        row = index if index is not None else sample.get("id")
+        raise SampleError("bad value", f"{problem}; see `mmkit info datasets`", type(dataset).__name__, row)
+    return sample
+
+
 class Preprocessed(Dataset):
     """A dataset whose samples pass through each modality's ``preprocess`` (in workers).
 
@@ -67,7 +78,7 @@ class Preprocessed(Dataset):
         for tried in range(len(self.dataset)):
             at = (index + tried) % len(self.dataset)
             try:
-                sample = transform(self.dataset[at], self.transforms, epoch_seed, at)
+                sample = transform(labelled(self.dataset[at], self.dataset, at), self.transforms, epoch_seed, at)
             except SampleError as error:
                 if tried == 0:  # the item itself; bad ones passed over for a replacement count when visited
                     problems.append({**error.record(), "index": at})
@@ -112,10 +123,13 @@ class Streamed(IterableDataset):
             yielded, whole = False, read == 0  # a resumed share may start at its epoch's end
             for record in self.stream.records(epoch, part, parts, self.seed, start=read):
                 read += 1
-                if isinstance(record, SampleError):
-                    problems.append(record.record())
+                try:
+                    if isinstance(record, SampleError):
+                        raise record
+                    sample = transform(labelled(record, self.stream), self.transforms, self.seed, epoch, part, read)
+                except SampleError as error:
+                    problems.append(error.record())
                     continue
-                sample = transform(record, self.transforms, self.seed, epoch, part, read)
                 yield {**sample, PROBLEMS: problems, POSITION: (share, epoch, read)}
                 problems, yielded = [], True
             if whole and not yielded:  # reported to the main process, which stops in one line
@@ -137,10 +151,12 @@ class StreamedOnce(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for read, record in enumerate(self.stream.records(0, self.rank, self.world, self.seed), 1):
-            if isinstance(record, SampleError):
-                yield {PROBLEMS: [record.record()]}
-            else:
-                yield transform(record, self.transforms, self.seed, 0, self.rank, read)
+            try:
+                if isinstance(record, SampleError):
+                    raise record
+                yield transform(labelled(record, self.stream), self.transforms, self.seed, 0, self.rank, read)
+            except SampleError as error:
+                yield {PROBLEMS: [error.record()]}
 
 
 MASK64 = (1 << 64) - 1
