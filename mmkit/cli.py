@@ -198,7 +198,8 @@ def embed(run_folder: str, sources: tuple[str, ...], out: str, on_error: str, ba
 @click.argument("query")
 @click.option("-k", "--top", type=click.IntRange(min=1), default=5, show_default=True, help="How many rows to show.")
 @click.option("--device", default="cpu", show_default=True, help="Where the query's encoder runs (cpu, cuda).")
-def search(index: str, query: str, top: int, device: str) -> None:
+@click.option("--text", is_flag=True, help="QUERY is words, even where they look like an image or audio file name.")
+def search(index: str, query: str, top: int, device: str, text: bool) -> None:
     """The rows of INDEX (written by `mmkit embed`) nearest QUERY: a text, or the path of an
     image or audio file; by cosine similarity, with the run the index was made with."""
     from pathlib import Path
@@ -207,7 +208,7 @@ def search(index: str, query: str, top: int, device: str) -> None:
     from mmkit.trained import load_run
 
     found = read_index(Path(index))
-    modality, value = query_value(query)
+    modality, value = query_value(query, text)
     trained = load_run(found.run, device)
     vector = trained.embed(**{EMBED_ARGUMENT[modality]: [value]})[modality][0]
     for rank, (kind, name, score) in enumerate(nearest(found, vector, modality, top), 1):
@@ -223,6 +224,7 @@ def search(index: str, query: str, top: int, device: str) -> None:
 def new_plugin(name: str, kind: str, parent: str) -> None:
     """Write a plugin package NAME (e.g. mmkit-myencoder) with one working component of KIND,
     its hook, entry point and test: install it and it is in `mmkit list` and in recipes."""
+    import shlex
     from pathlib import Path
 
     from mmkit.plugins import get_registry
@@ -232,7 +234,9 @@ def new_plugin(name: str, kind: str, parent: str) -> None:
     click.echo(f"wrote {folder}:")
     for path in written:
         click.echo(f"  {path.relative_to(folder)}")
-    click.echo(f"next:\n  pip install -e {folder}\n  mmkit list\n  {recipe}\n  python -m pytest {folder / 'tests'}")
+    quoted = shlex.quote(str(folder))
+    click.echo(f"next:\n  pip install -e {quoted}\n  mmkit list\n  {recipe}   # from a checkout of mmkit\n"
+               f"  python -m pytest {shlex.quote(str(folder / 'tests'))}")
 
 
 @cli.group()

@@ -190,7 +190,7 @@ def type_name(annotation: Any) -> str:
         return " | ".join(type_name(a) for a in args)
     if origin in (list, tuple):
         return f"list[{type_name(args[0])}]" if args else "list"
-    if origin is dict:
+    if origin in (dict, collections.abc.Mapping):
         return f"table of {type_name(args[1])}" if args and args[1] is not Any else "table"
     return getattr(annotation, "__name__", str(annotation))
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
+import keyword
 import re
 from dataclasses import dataclass
-from importlib import resources
+from importlib import metadata, resources
 from pathlib import Path
 from string import Template
 
@@ -41,16 +43,16 @@ def new_plugin(dist: str, kind: str, parent: Path, registry: Registry) -> tuple[
     if kind not in STARTERS:
         raise MMKitError(f"new-plugin makes {', '.join(STARTERS)}; a {KINDS[kind]} starts from "
                          "mmkit/tasks in mmkit's source, registered by a register_tasks hook")
-    if not DIST_NAME.match(dist):
-        raise MMKitError(f"{dist!r} is not a package name: use letters and digits joined by - or _ (mmkit-myencoder)")
-    name = re.sub(r"^mmkit[-_]", "", dist).replace("-", "_").lower()
+    module, name = names(dist)
     if registry.has(kind, name):
         owner = registry.get(kind, name).plugin
         raise MMKitError(f'{KINDS[kind]} "{name}" is registered already (by {owner}): choose another plugin name')
+    if name in {entry.name for entry in metadata.entry_points(group="mmkit")}:
+        raise MMKitError(f'a plugin named "{name}" is installed already: choose another plugin name')
     folder = parent / dist
     if folder.exists():
         raise MMKitError(f"{folder} exists: new-plugin writes a new folder and changes none")
-    starter, module = STARTERS[kind], dist.replace("-", "_").lower()
+    starter = STARTERS[kind]
     words = {"dist": dist, "module": module, "component": name, "kind": kind, "what": KINDS[kind],
              "file": starter.file, "cls": camel(name) + starter.suffix, "try": starter.recipe.format(name=name)}
     files = {"pyproject.toml": "pyproject.toml", "README.md": "README.md", f"{module}/__init__.py": "__init__.py",
@@ -63,6 +65,22 @@ def new_plugin(dist: str, kind: str, parent: Path, registry: Registry) -> tuple[
         path.write_text(Template((templates / f"{source}.tmpl").read_text()).substitute(words))
         written.append(path)
     return folder, written, words["try"]
+
+
+def names(dist: str) -> tuple[str, str]:
+    """The module (mmkit_myencoder) and component (myencoder) names of the package ``dist``,
+    refused where Python could not import them or they would hide an installed module."""
+    if not DIST_NAME.match(dist):
+        raise MMKitError(f"{dist!r} is not a package name: use letters and digits joined by - or _ (mmkit-myencoder)")
+    module = dist.replace("-", "_").lower()
+    name = re.sub(r"^mmkit_", "", module)
+    if not name[:1].isalpha() or keyword.iskeyword(module) or keyword.iskeyword(name):
+        raise MMKitError(f"{dist!r}: its module {module} and component {name} must be Python names that start with "
+                         "a letter (mmkit-edge2d, not mmkit-2d)")
+    if importlib.util.find_spec(module) is not None:
+        raise MMKitError(f"{dist!r}: a module {module} is installed already, and the plugin's would hide it or be "
+                         "hidden: choose another name")
+    return module, name
 
 
 def camel(name: str) -> str:

@@ -37,7 +37,8 @@ class Items:
 
 def gather(sources: Sequence[Path], on_error: Literal["raise", "skip"] = "raise") -> Items:
     """Image and audio files (a folder's, in path order, sub-folders too) and each non-blank
-    line of .txt files; an unreadable file stops with its path, or is skipped and counted."""
+    line of the .txt files named; an unreadable file stops with its path, or is skipped and
+    listed."""
     items = Items()
     for path in files_of(sources):
         where = Where(str(path), path=str(path))
@@ -62,16 +63,20 @@ def gather(sources: Sequence[Path], on_error: Literal["raise", "skip"] = "raise"
 
 
 def files_of(sources: Sequence[Path]) -> list[Path]:
-    """The files named, and those under the folders named whose suffix says what they hold."""
-    files = []
+    """The files named, and the image and audio files under the folders named (a folder's
+    .txt files are notes, not texts to embed: name them), each once."""
+    files: dict[Path, Path] = {}
     for source in sources:
         if source.is_dir():
-            files += sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
+            found = sorted(p for p in source.rglob("*") if p.is_file() and SUFFIXES.get(p.suffix.lower()) != "text"
+                           and p.suffix.lower() in SUFFIXES)
         elif source.suffix.lower() in SUFFIXES or not source.exists():
-            files.append(source)  # a missing file fails as a sample, with its path
+            found = [source]  # a missing file fails as a sample, with its path
         else:
             raise MMKitError(f"{source}: not an image, audio or .txt file (by its suffix); rename it or leave it out")
-    return files
+        for path in found:
+            files.setdefault(path.resolve(), path)
+    return list(files.values())
 
 
 def texts(data: bytes, where: Where) -> list[str]:
@@ -114,7 +119,7 @@ class Index:
 
 
 def read_index(path: Path) -> Index:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     if not path.is_file():
         raise MMKitError(f"{path}: no such index; write one with `mmkit embed RUN FILES... --out {path}`")
@@ -126,7 +131,7 @@ def read_index(path: Path) -> Index:
         names = {m: json.loads(metadata[f"names/{m}"]) for m in embeddings}
         shared = json.loads(metadata["shared"])
         stamp = metadata["weights"]
-    except (KeyError, OSError, ValueError, json.JSONDecodeError) as error:  # safetensors' own errors are too
+    except (KeyError, OSError, ValueError, SafetensorError) as error:  # JSONDecodeError is a ValueError
         raise MMKitError(f"{path}: not an index written by `mmkit embed` ({error})") from None
     if not (run / "model.safetensors").is_file():
         raise MMKitError(f"{path} was made with the run {run}, which has no model.safetensors now")
@@ -135,11 +140,14 @@ def read_index(path: Path) -> Index:
     return Index(run, embeddings, names, shared)
 
 
-def query_value(query: str) -> tuple[str, Any]:
-    """A query's modality and raw value: the image or audio file it names, else the text itself."""
+def query_value(query: str, text: bool = False) -> tuple[str, Any]:
+    """A query's modality and raw value: the text itself with ``text``, else the image or
+    audio file it names (by its suffix), else the text."""
     path = Path(query)
     modality = SUFFIXES.get(path.suffix.lower())
-    if modality in ("image", "audio") and path.is_file():
+    if not text and modality in ("image", "audio"):
+        if not path.is_file():
+            raise MMKitError(f"{query}: no such {modality} file; to search for these words, add --text")
         where = Where(query, path=query)
         try:
             data = file_bytes(path, where)

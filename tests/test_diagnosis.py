@@ -74,8 +74,9 @@ def test_the_images_show_the_findings():
 
 
 def test_every_finding_drawn_shows_none_painted_over_by_another():
-    drawn = ("effusion", "pneumothorax", "consolidation", "nodule")
-    for side, zone, size, count, *shown in itertools.product(SIDES, ZONES, (0.5, 1.0), (1, 2), *[(None, False, True)] * 4):
+    drawn = ("effusion", "pneumothorax", "consolidation", "nodule", "cardiomegaly")
+    for side, zone, size, count, *shown in itertools.product(SIDES, ZONES, (0.5, 1.0), (1, 2), *[(None, False, True)] * 4,
+                                                             (None, False)):
         findings = {name: {"side": side, "zone": zone, "size": size, "count": count, "faint": faint}
                     for name, faint in zip(drawn, shown) if faint is not None}  # any of them, faint or not, in one place
         scan = lambda shown: np.asarray(draw_scan(np.random.default_rng(1), np.random.default_rng(2), 64, shown),

@@ -11,6 +11,7 @@ import textwrap
 import pytest
 
 from conftest import run_mmkit
+from test_plugins import fake_installed
 from mmkit.errors import MMKitError
 from mmkit.plugins import get_registry
 from mmkit.scaffold import STARTERS, new_plugin
@@ -26,7 +27,8 @@ def test_each_kind_s_plugin_installs_registers_passes_its_test_and_trains(tmp_pa
         assert {p.relative_to(folder).as_posix() for p in written} >= {"pyproject.toml", f"tests/test_my_{kind}.py"}
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
-                    "--target", str(site), *(str(tmp_path / f"mmkit-my-{kind}") for kind in STARTERS)], check=True)
+                    "--target", str(site), *(str(tmp_path / f"mmkit-my-{kind}") for kind in STARTERS)], check=True,
+                   timeout=300)
     env = {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
            "MMKIT_PLUGINS": ",".join(f"my_{kind}" for kind in STARTERS)}
     listed = run_mmkit("plugins", env=env)
@@ -34,12 +36,12 @@ def test_each_kind_s_plugin_installs_registers_passes_its_test_and_trains(tmp_pa
         assert f"my_{kind} 0.1.0\n  {kind}: my_{kind}\n" in listed.stdout, listed.stdout + listed.stderr
     tested = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                              *(str(tmp_path / f"mmkit-my-{kind}" / "tests") for kind in STARTERS)],
-                            capture_output=True, text=True, env={**os.environ, **env}, cwd=tmp_path)
+                            capture_output=True, text=True, env={**os.environ, **env}, cwd=tmp_path, timeout=300)
     assert tested.returncode == 0 and f"{len(STARTERS)} passed" in tested.stdout, tested.stdout[-3000:]
     commands = [[*command.split()[2:], *TINY, f"run.output_dir={tmp_path / 'runs'}", f"run.name={kind}"]
                 for kind, command in tries.items()]
     trained = subprocess.run([sys.executable, "-c", TRAIN_EACH, repr(commands)], capture_output=True, text=True,
-                             env={**os.environ, **env}, cwd=os.path.dirname(os.path.dirname(__file__)))
+                             env={**os.environ, **env}, cwd=os.path.dirname(os.path.dirname(__file__)), timeout=600)
     assert trained.returncode == 0, trained.stderr[-3000:]
     for kind in STARTERS:
         assert (tmp_path / "runs" / kind / "model.safetensors").exists()
@@ -67,9 +69,16 @@ def test_new_plugin_is_a_cli_command_that_says_what_to_do_next(tmp_path):
     ("mmkit-gate", "tasks", "new-plugin makes image_encoders, text_encoders, audio_encoders, fusion_heads, datasets"),
     ("mmkit-timm", "image_encoders", r'image encoder "timm" is registered already \(by mmkit.encoders\)'),
     ("my encoder", "image_encoders", "'my encoder' is not a package name"),
+    ("mmkit-2d", "image_encoders", "component 2d must be Python names that start with a letter"),
+    ("lambda", "datasets", "module lambda and component lambda must be Python names"),
+    ("torch", "datasets", "a module torch is installed already"),
+    ("mmkit-lagged", "datasets", 'a plugin named "lagged" is installed already'),
     ("mmkit-edge", "image_encoders", "exists: new-plugin writes a new folder and changes none")])
-def test_a_plugin_that_would_clash_or_overwrite_is_refused(tmp_path, name, kind, message):
+def test_a_plugin_that_would_clash_or_overwrite_is_refused(tmp_path, monkeypatch, name, kind, message):
     (tmp_path / "mmkit-edge").mkdir()
+    site = tmp_path / "mmkit-edge"  # an installed plugin "lagged" of another kind: its entry point's name is taken
+    fake_installed(site, "lagging", "lagging_plugin", "", entry="lagged")
+    monkeypatch.syspath_prepend(str(site))
     with pytest.raises(MMKitError, match=message):
         new_plugin(name, kind, tmp_path, get_registry())
     assert [p.name for p in tmp_path.iterdir()] == ["mmkit-edge"]

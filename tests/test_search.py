@@ -49,7 +49,11 @@ def test_files_embedded_with_a_run_are_searched_by_text_and_by_image(tiny_recipe
     assert [line.split(None, 2)[2] for line in lines] == [name for name, _ in best]
     assert [float(line.split()[1]) for line in lines] == pytest.approx([score for _, score in best], abs=1e-4)
     by_image = run_mmkit("search", tmp_path / "index.st", paths[2], "-k", "1")
-    assert by_image.stdout.split() == ["1", "1.0000", "image", str(paths[2])]  # an image is its own nearest
+    assert by_image.stdout == f"  1  1.0000  image  {paths[2]}\n"  # an image is its own nearest
+    typo = run_mmkit("search", tmp_path / "index.st", tmp_path / "images" / "9.png")
+    assert typo.returncode == 2 and "9.png: no such image file; to search for these words, add --text" in typo.stderr
+    words = run_mmkit("search", tmp_path / "index.st", "9.png", "--text", "-k", "2")
+    assert words.returncode == 0 and len(words.stdout.splitlines()) == 2
 
     (run / "model.safetensors").write_bytes((run / "model.safetensors").read_bytes())  # weights written again
     stale = run_mmkit("search", tmp_path / "index.st", captions[0])
@@ -63,12 +67,23 @@ def test_unreadable_files_stop_embedding_with_their_path_or_are_skipped_and_list
         gather([tmp_path])
     items = gather([tmp_path], on_error="skip")
     assert items.names == {"image": [str(tmp_path / "good.png")]} and len(items.skipped) == 1
+    (tmp_path / "notes.txt").write_text("a note beside the images\n")  # a folder's .txt files are not walked
+    assert gather([tmp_path, tmp_path / "good.png"], on_error="skip").names == {"image": [str(tmp_path / "good.png")]}
+    assert gather([tmp_path / "notes.txt"]).names == {"text": ["a note beside the images"]}  # named: its lines
     (tmp_path / "notes.md").write_text("hello")
     with pytest.raises(MMKitError, match="notes.md: not an image, audio or .txt file"):
         gather([tmp_path / "notes.md"])
     (tmp_path / "empty").mkdir()
     with pytest.raises(MMKitError, match="nothing to embed in"):
         gather([tmp_path / "empty"])
+
+
+def test_a_file_that_is_not_an_index_is_refused_in_one_line(tmp_path):
+    from mmkit.search import read_index
+
+    (tmp_path / "notes.st").write_bytes(b"\xff" * 64)
+    with pytest.raises(MMKitError, match="notes.st: not an index written by `mmkit embed`"):
+        read_index(tmp_path / "notes.st")
 
 
 def test_nearest_ranks_by_cosine_across_modalities_only_in_a_shared_space():

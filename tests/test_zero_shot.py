@@ -88,10 +88,19 @@ def test_a_class_with_prompts_of_its_own_uses_them_in_place_of_the_templates():
 @pytest.mark.parametrize("params, message", [
     ({"prompts": {"nodules": ["a nodule"]}}, r"zero_shot prompts names classes the data does not have: \['nodules'\]; "
                                              r"its classes are nodule, effusion"),
-    ({"negative_prompts": {"effusion": []}}, r"zero_shot negative_prompts: \['effusion'\] need a prompt each")])
+    ({"negative_prompts": {"effusion": []}}, r"zero_shot negative_prompts: \['effusion'\] need a prompt each"),
+    ({"templates": [], "prompts": {"nodule": ["a nodule"]}},
+     r"zero_shot: \['effusion'\] have no prompt: give templates, or prompts for each of them")])
 def test_prompts_of_its_own_must_name_a_class_and_hold_a_prompt(params, message):
     with pytest.raises(MMKitError, match=message):
         tiny_task(FINDINGS, **params)
+
+
+def test_classes_with_prompts_of_their_own_need_no_templates_and_single_labels_no_negatives():
+    task = tiny_task(templates=[], prompts={name: [f"a {name} circle"] for name in COLOURS.class_names})
+    assert task.class_prompts == [["a red circle"], ["a blue circle"], ["a green circle"]]
+    with pytest.raises(MMKitError, match="negative_prompts say a finding is absent, for multi-label data"):
+        tiny_task(negative_prompts={"red": ["no red"]})
 
 
 def test_templates_need_one_place_for_the_name_and_data_needs_classes():

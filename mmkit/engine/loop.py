@@ -172,11 +172,15 @@ class Trainer:
         return saved
 
     def _evaluate(self, evaluate: Any) -> dict[str, float] | None:
-        """``evaluate(step)``; where it fails (a bad held-out sample, a metric refused), a
-        checkpoint of this step first, so the steps since the last one are not lost."""
+        """``evaluate(step)``; where it fails (a bad held-out sample, a metric refused) in a
+        single process, a checkpoint of this step first, so the steps since the last one are
+        not lost. With several processes the others may wait in the evaluation's gather, not
+        at a checkpoint's barrier, so the failing one ends at once and torchrun ends the rest."""
         try:
             return evaluate(self.step)
         except Exception:
+            if self.accelerator.num_processes > 1:
+                raise
             self._save()
             tqdm.write(f"the evaluation at step {self.step} did not finish; checkpoint step {self.step} written: "
                        "mend what it says below and run again with --resume to continue")

@@ -64,12 +64,13 @@ class ZeroShot(ClipRetrieval):
             raise MMKitError("zero_shot needs labelled data with named classes (see `mmkit info datasets <name>`)")
         if bad := [t for t in [*templates, *negative_templates] if t.count("{}") != 1]:
             raise MMKitError(f"each zero_shot template needs one {{}} for the class name: {bad}")
-        if not templates or (data.label_kind == "multi" and not negative_templates):
-            raise MMKitError("zero_shot: templates (and negative_templates, for multi-label data) need a prompt each")
         self.info, self.multi_label = data, data.label_kind == "multi"
+        if negative_prompts and not self.multi_label:
+            raise MMKitError("zero_shot negative_prompts say a finding is absent, for multi-label data; "
+                             "single-label classes take prompts only")
         self.class_prompts = per_class_prompts(data.class_names, templates, prompts or {}, "prompts")
         self.negative_class_prompts = per_class_prompts(data.class_names, negative_templates, negative_prompts or {},
-                                                        "negative_prompts")
+                                                        "negative_prompts") if self.multi_label else []
         # NaN until chosen on a training run's validation split; not saved, so the weights stay a clip_retrieval run's
         self.register_buffer("thresholds", torch.full((data.num_classes,), float("nan")), persistent=False)
 
@@ -158,7 +159,11 @@ def per_class_prompts(names: tuple[str, ...], templates: list[str], own: dict[st
                          f"{', '.join(names)}")
     if empty := [name for name, prompts in own.items() if not prompts]:
         raise MMKitError(f"zero_shot {key}: {empty} need a prompt each (or leave them out to use the templates)")
-    return [list(own[name]) if name in own else [template.format(name) for template in templates] for name in names]
+    chosen = [list(own[name]) if name in own else [template.format(name) for template in templates] for name in names]
+    if bare := [name for name, prompts in zip(names, chosen) if not prompts]:
+        raise MMKitError(f"zero_shot: {bare} have no prompt: give {key.replace('prompts', 'templates')}, or {key} "
+                         "for each of them")
+    return chosen
 
 
 def per_class_accuracy(scores: torch.Tensor, labels: torch.Tensor, names: tuple[str, ...]) -> dict[str, float]:
