@@ -184,7 +184,7 @@ def embed(run_folder: str, sources: tuple[str, ...], out: str, on_error: str, ba
     trained = load_run(run_folder, device)
     items = gather([Path(s) for s in sources], on_error)
     embedded = trained.embed(**{EMBED_ARGUMENT[m]: values for m, values in items.values.items()}, batch_size=batch_size)
-    write_index(Path(out), Path(run_folder), embedded, items.names, shared=hasattr(trained.task, "projections"))
+    write_index(Path(out), Path(run_folder), embedded, items.names, shared=trained.shared_space)
     counts = ", ".join(f"{len(names)} {m}" for m, names in items.names.items())
     click.echo(f"embedded {counts} with {run_folder} into {out}")
     if items.skipped:

@@ -11,12 +11,13 @@ from typing import Any, Literal, Sequence
 import torch
 import torch.nn.functional as F
 
+from mmkit.data.image_folder import IMAGE_EXTENSIONS
 from mmkit.data.read import Where, file_bytes, read_audio, read_image
 from mmkit.errors import MMKitError
 from mmkit.samples import SampleError
 
-SUFFIXES = {**dict.fromkeys((".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"), "image"),
-            **dict.fromkeys((".wav", ".flac", ".ogg"), "audio"), ".txt": "text"}
+SUFFIXES = {**dict.fromkeys(IMAGE_EXTENSIONS, "image"), **dict.fromkeys((".wav", ".flac", ".ogg"), "audio"),
+            ".txt": "text"}
 
 EMBED_ARGUMENT = {"image": "images", "text": "texts", "audio": "audio"}  # Trained.embed's argument for each
 
@@ -41,16 +42,13 @@ def gather(sources: Sequence[Path], on_error: Literal["raise", "skip"] = "raise"
     listed."""
     items = Items()
     for path in files_of(sources):
-        where = Where(str(path), path=str(path))
         try:
-            data = file_bytes(path, where)
-            if SUFFIXES[path.suffix.lower()] == "image":
-                items.add("image", str(path), read_image(data, where))
-            elif SUFFIXES[path.suffix.lower()] == "audio":
-                items.add("audio", str(path), read_audio(data, where))
-            else:
-                for line in texts(data, where):
+            modality, value = read_file(path)
+            if modality == "text":
+                for line in value:
                     items.add("text", line, line)
+            else:
+                items.add(modality, str(path), value)
         except SampleError as error:
             if on_error == "raise":
                 raise MMKitError(f"{error.line()}; --on-error skip leaves such files out") from None
@@ -77,6 +75,15 @@ def files_of(sources: Sequence[Path]) -> list[Path]:
         for path in found:
             files.setdefault(path.resolve(), path)
     return list(files.values())
+
+
+def read_file(path: Path) -> tuple[str, Any]:
+    """A file's modality (by its suffix) and what it holds: an image, a waveform, or a text
+    file's non-blank lines; a SampleError naming it where it cannot be read."""
+    where = Where(str(path), path=str(path))
+    modality, data = SUFFIXES[path.suffix.lower()], file_bytes(path, where)
+    readers = {"image": read_image, "audio": read_audio, "text": texts}
+    return modality, readers[modality](data, where)
 
 
 def texts(data: bytes, where: Where) -> list[str]:
@@ -148,10 +155,8 @@ def query_value(query: str, text: bool = False) -> tuple[str, Any]:
     if not text and modality in ("image", "audio"):
         if not path.is_file():
             raise MMKitError(f"{query}: no such {modality} file; to search for these words, add --text")
-        where = Where(query, path=query)
         try:
-            data = file_bytes(path, where)
-            return modality, read_image(data, where) if modality == "image" else read_audio(data, where)
+            return read_file(path)
         except SampleError as error:
             raise MMKitError(error.line()) from None
     return "text", query

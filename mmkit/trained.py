@@ -108,6 +108,11 @@ class Trained:
                 scores.append(self.task.scores(batch).float().cpu())
         return torch.cat(scores)
 
+    @property
+    def shared_space(self) -> bool:
+        """Whether the run embeds its modalities in one space (a contrastive run's projections)."""
+        return hasattr(self.task, "projections")
+
     @torch.no_grad()
     def embed(self, images: Sequence[Image.Image] | None = None, texts: Sequence[str] | None = None,
               audio: Sequence[Any] | None = None, batch_size: int = 64) -> dict[str, torch.Tensor]:
@@ -122,7 +127,7 @@ class Trained:
                 raise MMKitError(f"{self.name}: the run has no {modality} encoder (it has {', '.join(self.parts.encoders)})")
             if not values:
                 raise MMKitError(f"{self.name}: give at least one {modality} input to embed")
-            encoder, shared = self.parts.encoders[modality], hasattr(self.task, "projections")
+            encoder, shared = self.parts.encoders[modality], self.shared_space
             chunks = []
             with self._autocast():
                 for start in range(0, len(values), batch_size):

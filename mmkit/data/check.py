@@ -14,7 +14,7 @@ from typing import Any
 
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from mmkit.data.loader import labelled, leave_signals_to_the_main_process
+from mmkit.data.loader import labelled, leave_signals_to_the_main_process, streamed_sample
 from mmkit.errors import MMKitError, one_line
 from mmkit.recipe import Recipe
 from mmkit.registry import Registry
@@ -106,9 +106,7 @@ class _StreamProbe(IterableDataset):
         for part in range(worker, self.parts, workers):
             for position, item in enumerate(self.stream.records(0, part, self.parts, seed=0)):
                 try:
-                    if isinstance(item, SampleError):
-                        raise item
-                    labelled(item, self.stream)
+                    streamed_sample(item, self.stream)
                 except SampleError as error:
                     yield part, position, error.record()
                     continue

@@ -70,12 +70,11 @@ class SyntheticDiagnosis(Dataset):
         if not 0 <= index < self.num_samples:
             raise IndexError(index)
         patient, study = self.studies[index]
-        stream = self.stream
-        findings = draw_findings(stream(2, patient, study), self.prevalence)
+        findings = draw_findings(self.stream(2, patient, study), self.prevalence)
         # the noise and the wording draw from streams of their own: the report does not hang on the image size
-        image = draw_scan(stream(1, patient), stream(4, patient, study), self.image_size, findings)
+        image = draw_scan(self.stream(1, patient), self.stream(4, patient, study), self.image_size, findings)
         return {"id": f"{self.split}-{patient:05d}-{study}", "patient": f"{self.split}-{patient:05d}",
-                "image": image, "text": write_report(stream(3, patient, study), findings),
+                "image": image, "text": write_report(self.stream(3, patient, study), findings),
                 "label": torch.tensor([self.uncertain if hedged(name, findings) else float(name in findings)
                                        for name in FINDINGS])}
 

@@ -53,6 +53,14 @@ def labelled(sample: dict[str, Any], dataset: Any, index: int | None = None) -> 
     return sample
 
 
+def streamed_sample(record: dict[str, Any] | SampleError, stream: Any) -> dict[str, Any]:
+    """A stream's record as a labelled sample; a bad record (a SampleError the stream yields
+    in its place) or a bad label raises, so every reader of streams handles both alike."""
+    if isinstance(record, SampleError):
+        raise record
+    return labelled(record, stream)
+
+
 class Preprocessed(Dataset):
     """A dataset whose samples pass through each modality's ``preprocess`` (in workers).
 
@@ -124,9 +132,8 @@ class Streamed(IterableDataset):
             for record in self.stream.records(epoch, part, parts, self.seed, start=read):
                 read += 1
                 try:
-                    if isinstance(record, SampleError):
-                        raise record
-                    sample = transform(labelled(record, self.stream), self.transforms, self.seed, epoch, part, read)
+                    sample = transform(streamed_sample(record, self.stream), self.transforms, self.seed, epoch, part,
+                                       read)
                 except SampleError as error:
                     problems.append(error.record())
                     continue
@@ -152,9 +159,7 @@ class StreamedOnce(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for read, record in enumerate(self.stream.records(0, self.rank, self.world, self.seed), 1):
             try:
-                if isinstance(record, SampleError):
-                    raise record
-                yield transform(labelled(record, self.stream), self.transforms, self.seed, 0, self.rank, read)
+                yield transform(streamed_sample(record, self.stream), self.transforms, self.seed, 0, self.rank, read)
             except SampleError as error:
                 yield {PROBLEMS: [error.record()]}
 
