@@ -39,7 +39,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import data_folder, load_average, machine, write_results  # noqa: E402
@@ -333,6 +333,18 @@ def loss_plot(runs: dict[str, dict[str, Any]], path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
+def chosen_trainers(compiled: bool, only: list[str] | None) -> dict[str, tuple[Callable[..., dict[str, Any]], bool]]:
+    """The trainers to run, by name, in the order they run, each with whether it compiles: the
+    goals' three first, so a run cut short by a time limit loses mmkit eager; --only keeps some."""
+    trainers = {"open_clip_train": (run_open_clip, False)}
+    if compiled:
+        trainers |= {"open_clip_train --torchcompile": (run_open_clip, True), "mmkit train.compile": (run_mmkit, True)}
+    trainers["mmkit"] = (run_mmkit, False)
+    if unknown := sorted(set(only or ()) - set(trainers)):
+        raise SystemExit(f"--only {', '.join(unknown)}: not among this run's trainers ({', '.join(trainers)})")
+    return {name: trainer for name, trainer in trainers.items() if name in (only or trainers)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=sorted(PRESETS), default="cpu")
@@ -346,6 +358,8 @@ def main() -> None:
                         help="mmkit's train.compile when compiled; default: the preset (CUDA graphs on cuda)")
     parser.add_argument("--profile", type=int, help="steps at the end of each mmkit run to profile (0: none); "
                         "default: the preset")
+    parser.add_argument("--only", nargs="+", metavar="TRAINER", help="run these trainers alone, by the names the "
+                        'results use (quoted: "mmkit train.compile"); default: all the preset runs')
     parser.add_argument("--folder", help="keep the written data here and reuse it (default: a temporary folder)")
     parser.add_argument("--json", help="default: benchmarks/results/clip_throughput_<device>.json")
     args = parser.parse_args()
@@ -361,10 +375,7 @@ def main() -> None:
                      f"- --skip {args.skip} - 1: the rate needs a logged step after the skipped ones and before the "
                      "profiled ones)")
     args.json = args.json or f"benchmarks/results/clip_throughput_{args.device}.json"
-    trainers = {"open_clip_train": (run_open_clip, False)}
-    if args.compiled:  # the goals' three first: a run cut short by a time limit loses mmkit eager
-        trainers |= {"open_clip_train --torchcompile": (run_open_clip, True), "mmkit train.compile": (run_mmkit, True)}
-    trainers["mmkit"] = (run_mmkit, False)
+    trainers = chosen_trainers(args.compiled, args.only)
     runs: dict[str, dict[str, Any]] = {}
     failed: dict[str, str] = {}
     with data_folder(args.folder, "mmkit-throughput-") as folder:
@@ -401,7 +412,7 @@ def compared(runs: dict[str, dict[str, Any]], args: argparse.Namespace, before: 
     trainer's own count, eager and compiled alike), memory, losses."""
     rates = {name: run["rate"] for name, run in runs.items()}
     results = {**machine(), "load_average_before": before, "load_average_after": load_average(),
-               "settings": {k: v for k, v in vars(args).items() if k not in ("json", "folder")} | OPTIMIZER,
+               "settings": {k: v for k, v in vars(args).items() if k not in ("json", "folder", "only")} | OPTIMIZER,
                "samples_per_s": {name: round(rate, 1) for name, rate in rates.items()},
                "peak_memory_mib": {name: run["peak_mib"] for name, run in runs.items()},
                "wall_seconds": {name: round(run["seconds"], 1) for name, run in runs.items()},

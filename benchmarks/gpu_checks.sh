@@ -3,10 +3,10 @@
 # its partial output (the benchmark writes its JSON after every trainer):
 #   tests    the GPU tests of tests/test_engine.py: a bf16 run, compiled (CUDA graphs too) and
 #            eager give the same losses and profile their last steps on the device, a step never
-#            waits for the device, images normalised on the GPU as on the CPU (about 2 minutes)
+#            waits for the device, images normalised on the GPU as on the CPU (150 s on the H200)
 #   bench    clip_throughput.py --device cuda: open_clip_train eager and --torchcompile, mmkit
-#            train.compile ("reduce-overhead") and eager, in that order (395 s on an H100 with 16
-#            cores, 2026-11-27, with mmkit compiled in torch.compile's default mode); its
+#            train.compile ("reduce-overhead") and eager, in that order (310 s on an H200 with 16
+#            cores, 2026-11-27, the whole script 460 s); its
 #            "compile:" line must show cudagraph_skips 0, its "profile:" line how busy the device
 #            was in each mmkit run's last 6 steps (their ops tables land beside the JSON). After
 #            failed tests it profiles nothing: a profiler at odds with CUDA graphs must not cost

@@ -1,5 +1,5 @@
 """What benchmarks/clip_throughput.py computes from the trainers' logs: the per-step rates it
-reads, the steady rate it keeps, and MFU."""
+reads, the steady rate it keeps, MFU, and which trainers it runs."""
 
 from __future__ import annotations
 
@@ -75,3 +75,15 @@ def test_mmkit_profiles_the_last_profile_steps_and_with_none_no_step():
     module = throughput()
     assert module.profiled_steps(argparse.Namespace(steps=192, profile=6)) == (187, 192)  # 187, ..., 192: six
     assert module.profiled_steps(argparse.Namespace(steps=80, profile=0))[0] == 81  # past step 80, the last
+
+
+def test_only_keeps_the_named_trainers_in_the_runs_order_and_refuses_others():
+    module = throughput()
+    assert list(module.chosen_trainers(True, None)) == [
+        "open_clip_train", "open_clip_train --torchcompile", "mmkit train.compile", "mmkit"]
+    assert list(module.chosen_trainers(False, None)) == ["open_clip_train", "mmkit"]
+    kept = module.chosen_trainers(True, ["mmkit train.compile", "open_clip_train"])
+    assert list(kept) == ["open_clip_train", "mmkit train.compile"]
+    assert kept["mmkit train.compile"] == (module.run_mmkit, True)
+    with pytest.raises(SystemExit, match="--only mmkit train.compile: not among this run's trainers"):
+        module.chosen_trainers(False, ["mmkit train.compile"])
