@@ -392,7 +392,7 @@ def main() -> None:
                                                   for key in ("samples_per_s", "data_share"))
                 runs[name] = run
                 if name.startswith("mmkit"):  # the same count eager and compiled
-                    counted["mmkit"] = runs[name]["summary"]["flops_per_sample"]
+                    counted["mmkit"] = run["summary"]["flops_per_sample"]
             except SystemExit as failure:  # a trainer that fails costs its own numbers, not the others'
                 failed[name] = str(failure)
                 print(f"{name} failed: {failure}", file=sys.stderr)

@@ -54,10 +54,14 @@ def gather(sources: Sequence[Path], on_error: Literal["raise", "skip"] = "raise"
                 raise MMKitError(f"{error.line()}; --on-error skip leaves such files out") from None
             items.skipped.append(error)
     if not items.names:
-        raise MMKitError(f"nothing to embed in {', '.join(map(str, sources))}: give images "
-                         f"({', '.join(s for s, m in SUFFIXES.items() if m == 'image')}), audio "
-                         "(.wav, .flac, .ogg) or .txt files of one text a line, or folders of them")
+        raise MMKitError(f"nothing to embed in {', '.join(map(str, sources))}: give images ({suffixes('image')}), "
+                         f"audio ({suffixes('audio')}) or .txt files of one text a line, or folders of them")
     return items
+
+
+def suffixes(modality: str) -> str:
+    """The file suffixes read as ``modality``, for a message."""
+    return ", ".join(suffix for suffix, kind in SUFFIXES.items() if kind == modality)
 
 
 def files_of(sources: Sequence[Path]) -> list[Path]:
@@ -66,8 +70,8 @@ def files_of(sources: Sequence[Path]) -> list[Path]:
     files: dict[Path, Path] = {}
     for source in sources:
         if source.is_dir():
-            found = sorted(p for p in source.rglob("*") if p.is_file() and SUFFIXES.get(p.suffix.lower()) != "text"
-                           and p.suffix.lower() in SUFFIXES)
+            found = sorted(p for p in source.rglob("*")
+                           if p.is_file() and SUFFIXES.get(p.suffix.lower()) in ("image", "audio"))
         elif source.suffix.lower() in SUFFIXES or not source.exists():
             found = [source]  # a missing file fails as a sample, with its path
         else:

@@ -116,7 +116,9 @@ def test_roc_curve_equals_sklearns():
 
 def test_chance_is_what_always_predicting_the_majority_scores():
     labels = torch.tensor([2, 2, 2, 0, 1, 2, 0, 2])  # class 2 is 5 of 8
-    chance = single_label_metrics(chance_scores(labels, 3, multi_label=False), labels)
+    frequencies = chance_scores(labels, 3, multi_label=False)
+    assert frequencies.shape == (8, 3) and frequencies[0].tolist() == [2 / 8, 1 / 8, 5 / 8]  # each class's share
+    chance = single_label_metrics(frequencies, labels)
     assert chance["accuracy"] == pytest.approx(5 / 8)
     assert chance["recall_macro"] == pytest.approx(1 / 3)  # all of class 2 found, none of 0 and 1
     assert chance["f1_macro"] == pytest.approx((2 * (5 / 8) / (1 + 5 / 8)) / 3)

@@ -107,10 +107,10 @@ class _StreamProbe(IterableDataset):
             for position, item in enumerate(self.stream.records(0, part, self.parts, seed=0)):
                 try:
                     streamed_sample(item, self.stream)
+                    problem = None
                 except SampleError as error:
-                    yield part, position, error.record()
-                    continue
-                yield part, position, None
+                    problem = error.record()
+                yield part, position, problem
 
 
 def _loader(probe: Dataset, workers: int) -> DataLoader:

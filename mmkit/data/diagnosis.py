@@ -114,7 +114,7 @@ def lung_box(side: str, size: int) -> tuple[float, float, float, float]:
 
 def draw_scan(build: np.random.Generator, noise: np.random.Generator, size: int,
               findings: dict[str, dict[str, Any]]) -> Image.Image:
-    """The body, two dark lung fields, the heart, then each finding (in DRAWN_IN_ORDER, so
+    """The body, two dark lung fields, the heart, then each finding (in DRAWERS' order, so
     none hides another), blurred and noised."""
     image = Image.new("L", (size, size), 15)
     draw = ImageDraw.Draw(image)
@@ -124,9 +124,9 @@ def draw_scan(build: np.random.Generator, noise: np.random.Generator, size: int,
         draw.ellipse(lung_box(side, size), fill=45)
     heart = (0.34 if "cardiomegaly" in findings else 0.2 + float(build.uniform(0.0, 0.04))) * size
     draw.ellipse((size / 2 - heart / 2 - 0.04 * size, 0.5 * size, size / 2 + heart / 2, 0.86 * size), fill=175)
-    for name in DRAWN_IN_ORDER:
+    for name, drawer in DRAWERS.items():
         if name in findings:
-            DRAWERS[name](draw, size, findings[name])
+            drawer(draw, size, findings[name])
     pixels = np.asarray(image.filter(ImageFilter.GaussianBlur(size / 96)), dtype=np.float32)
     pixels += noise.normal(0, 6, pixels.shape)
     return Image.fromarray(pixels.clip(0, 255).astype(np.uint8), "L")
@@ -168,10 +168,10 @@ def draw_pneumothorax(draw: ImageDraw.ImageDraw, size: int, where: dict[str, Any
     draw.rectangle(box, fill=28 if where["faint"] else 5)
 
 
-DRAWERS = {"nodule": draw_nodule, "effusion": draw_effusion, "consolidation": draw_consolidation,
-           "pneumothorax": draw_pneumothorax}  # cardiomegaly: the heart is drawn wide
-# the broad ones first: a nodule drawn before an effusion or consolidation in its zone was painted over
-DRAWN_IN_ORDER = ("effusion", "pneumothorax", "consolidation", "nodule")
+# In the order drawn, the broad ones first: a nodule drawn before an effusion or consolidation in
+# its zone was painted over. Cardiomegaly has none: the heart is drawn wide.
+DRAWERS = {"effusion": draw_effusion, "pneumothorax": draw_pneumothorax, "consolidation": draw_consolidation,
+           "nodule": draw_nodule}
 
 
 def describe(name: str, where: dict[str, Any]) -> str:

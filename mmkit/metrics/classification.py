@@ -161,7 +161,10 @@ def chance_scores(labels: torch.Tensor, classes: int, multi_label: bool) -> torc
     (its argmax is the majority class; for multi-label, each label's prevalence among the
     known entries)."""
     check_labels(labels, classes, multi_label)
-    frequency = labels.double().nanmean(0).nan_to_num(0) if multi_label else torch.bincount(labels, minlength=classes).double() / len(labels)
+    if multi_label:
+        frequency = labels.double().nanmean(0).nan_to_num(0)
+    else:
+        frequency = torch.bincount(labels, minlength=classes).double() / len(labels)
     return frequency.expand(len(labels), classes)
 
 

@@ -22,9 +22,9 @@ DEFAULT_NEGATIVE_TEMPLATES = ("no {}.",)
 
 class ZeroShot(ClipRetrieval):
     """Zero-shot classification: each class name is put through the prompt templates (or a
-    class has prompts of its own), the prompts are embedded by the text tower and averaged into one unit vector per class (as
-    open_clip's zero-shot classifier), and an image (or clip) takes the class whose vector is
-    most similar. It trains as clip_retrieval does (same parameters), so a clip_retrieval run's
+    class has prompts of its own), the prompts are embedded by the text tower and averaged
+    into one unit vector per class (as open_clip's zero-shot classifier), and an image (or
+    clip) takes the class whose vector is most similar. It trains as clip_retrieval does (same parameters), so a clip_retrieval run's
     weights load into it: ``mmkit eval runs/clip_retrieval 'task={name="zero_shot", embed_dim=128}'``.
 
     Multi-label data (findings) is judged label by label, as CheXzero does: an item's
